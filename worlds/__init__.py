@@ -1,0 +1,1 @@
+"""Ground-truth game worlds: simulators, tile sets (the model's prompt) and checkpoints."""
