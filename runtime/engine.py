@@ -29,6 +29,7 @@ class Engine(Protocol):
     chunk_size: int
     frame_shape: tuple[int, int, int]
     stats: StepStats
+    info: dict[str, Any]  # written into meta.json (kind, checkpoint sha256, ...)
 
     def reset(self, seed: int) -> np.ndarray:
         """Start a new play-through; returns the first frame (H, W, 3) uint8."""
@@ -47,6 +48,7 @@ class SimulatorEngine:
         self.chunk_size = chunk_size
         self.frame_shape = (world.cfg.view, world.cfg.view, 3)
         self.stats = StepStats()
+        self.info = {"kind": "simulator", "checkpoint": None, "checkpoint_sha256": None}
 
     def reset(self, seed: int) -> np.ndarray:
         self.stats = StepStats()
@@ -62,3 +64,11 @@ class SimulatorEngine:
         self.stats.latency_ms = (time.perf_counter() - t0) * 1e3
         self.stats.frame_index += len(actions)
         return frames
+
+
+def build_engine(cfg, world) -> Engine:
+    """Build the engine chosen by `cfg.engine.kind` for an already built world."""
+    kind = cfg.engine.kind
+    if kind == "simulator":
+        return SimulatorEngine(world, chunk_size=int(cfg.engine.chunk_size))
+    raise ValueError(f"unknown engine.kind {kind!r}; expected 'simulator' or 'neural'")
