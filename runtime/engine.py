@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+import time
+
 import numpy as np
+import torch
+
+from runtime.attention import CachedSelfAttention, dense_cross_attn
+from runtime.cache import KVCache
 
 
 @dataclass
@@ -55,8 +61,6 @@ class SimulatorEngine:
         return self.world.reset(seed)
 
     def step(self, actions: Sequence[int]) -> np.ndarray:
-        import time
-
         if len(actions) != self.chunk_size:
             raise ValueError(f"expected {self.chunk_size} actions, got {len(actions)}")
         t0 = time.perf_counter()
@@ -66,9 +70,145 @@ class SimulatorEngine:
         return frames
 
 
+class NonFiniteFrameError(RuntimeError):
+    """The model produced NaN or Inf: reported instead of shown as garbage."""
+
+
+def to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    return frames_u8.movedim(-1, -3).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3)."""
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).movedim(-3, -1)
+
+
+class Rollout:
+    """Batched autoregressive generation with a KV cache: the neural engine's core.
+
+    One frame is one block of the block-causal model. Per frame:
+      1. start from noise (explicit generator), run the few-step sampler; every step
+         attends to [cache | the frame] without keeping anything;
+      2. quantize the clean frame to uint8 (what is shown is what is remembered);
+      3. the clean pass: run the model on the clean frame at t=0 and commit its keys
+         and values into the cache (the policy decides what is kept).
+    """
+
+    def __init__(self, model, sampler, cache: KVCache, attention=None):
+        self.model = model
+        self.sampler = sampler
+        self.cache = cache
+        self.attention = attention  # builds the self/cross-attention callables
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def _attn(self, commit: bool, step_index: int | None):
+        if self.attention is None:
+            return CachedSelfAttention(self.cache, commit), dense_cross_attn
+        return self.attention.build(self.cache, commit=commit, step_index=step_index, num_steps=len(self.sampler.times))
+
+    def _run(self, x, prev, t: float, actions, commit: bool, step_index: int | None) -> torch.Tensor:
+        b = x.shape[0]
+        tt = torch.full((b, 1), t, device=self.device, dtype=torch.float32)
+        idx = torch.tensor([self.frame_index], device=self.device)
+        sa, ca = self._attn(commit, step_index)
+        return self.model(x, prev, tt, actions[:, None], idx, sa, ca, self.prompt_kv)
+
+    @torch.no_grad()
+    def reset(self, first_frames_u8: torch.Tensor, prompt: torch.Tensor, seed: int) -> None:
+        """first_frames_u8: (B, H, W, 3); prompt: (B, T, E)."""
+        self.gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.cache.reset()
+        if self.attention is not None:
+            self.attention.reset()
+        self.prompt_kv = self.model.encode_prompt(prompt.to(self.device, self.dtype))
+        self.frame_index = 0
+        first = to_unit(first_frames_u8.to(self.device)).to(self.dtype)[:, None]  # (B, 1, 3, H, W)
+        self.prev = first
+        idle = torch.zeros(first.shape[0], dtype=torch.long, device=self.device)
+        self._run(first, first, 0.0, idle, commit=True, step_index=None)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, t: float, actions: torch.Tensor, step_index: int = 0) -> torch.Tensor:
+        """One denoising step of the next frame: x (B, 1, 3, H, W) at time t -> x0 estimate."""
+        return self._run(x, self.prev, t, actions, commit=False, step_index=step_index)
+
+    @torch.no_grad()
+    def append(self, clean: torch.Tensor, actions: torch.Tensor) -> None:
+        """The clean pass: write the clean next frame (B, 1, 3, H, W) into the cache."""
+        self._run(clean, self.prev, 0.0, actions, commit=True, step_index=None)
+        self.prev = clean
+
+    @torch.no_grad()
+    def step(self, actions: torch.Tensor) -> torch.Tensor:
+        """actions: (B,) int64 -> the next frame, uint8 (B, H, W, 3)."""
+        actions = actions.to(self.device)
+        self.frame_index += 1
+        noise = torch.randn(self.prev.shape, generator=self.gen, device=self.device, dtype=torch.float32).to(self.dtype)
+        x0 = self.sampler.sample(lambda x, t, i: self.predict(x, t, actions, i), noise)
+        if not bool(torch.isfinite(x0).all()):
+            raise NonFiniteFrameError(
+                f"the model produced non-finite values at frame {self.frame_index}; "
+                "check the checkpoint and the dtype (engine.dtype)"
+            )
+        # quantize: what is shown is what is remembered
+        frame_u8 = to_uint8(x0[:, 0])
+        self.append(to_unit(frame_u8)[:, None].to(self.dtype), actions)
+        return frame_u8
+
+
+class NeuralEngine:
+    """The neural world model behind the engine interface (`engine=neural`)."""
+
+    def __init__(self, world, rollout: Rollout, chunk_size: int = 1, info: dict | None = None):
+        if chunk_size < 1:
+            raise ValueError(f"engine.chunk_size must be >= 1, got {chunk_size}")
+        self.world = world
+        self.rollout = rollout
+        self.chunk_size = chunk_size
+        self.frame_shape = (world.cfg.view, world.cfg.view, 3)
+        self.stats = StepStats()
+        self.info = dict(info or {})
+        self.info.setdefault("kind", "neural")
+
+    def reset(self, seed: int) -> np.ndarray:
+        self.stats = StepStats()
+        first = self.world.reset(seed)
+        prompt = torch.from_numpy(np.asarray(self.world.prompt, dtype=np.float32))[None]
+        self.rollout.reset(torch.from_numpy(first)[None], prompt, seed)
+        self._update_stats(0.0)
+        return first
+
+    def step(self, actions: Sequence[int]) -> np.ndarray:
+        if len(actions) != self.chunk_size:
+            raise ValueError(f"expected {self.chunk_size} actions, got {len(actions)}")
+        t0 = time.perf_counter()
+        out = []
+        for a in actions:
+            frame = self.rollout.step(torch.tensor([int(a)], dtype=torch.long))
+            out.append(frame[0])
+        frames = torch.stack(out).cpu()
+        self._update_stats((time.perf_counter() - t0) * 1e3)
+        self.stats.frame_index += len(actions)
+        return frames.numpy()
+
+    def _update_stats(self, latency_ms: float) -> None:
+        cache = self.rollout.cache
+        self.stats.latency_ms = latency_ms
+        self.stats.cache_tokens = cache.num_tokens(0)
+        self.stats.memory_mb = cache.memory_bytes() / 2**20
+        if self.rollout.attention is not None:
+            self.stats.extra = self.rollout.attention.summary()
+
+
 def build_engine(cfg, world) -> Engine:
     """Build the engine chosen by `cfg.engine.kind` for an already built world."""
     kind = cfg.engine.kind
     if kind == "simulator":
         return SimulatorEngine(world, chunk_size=int(cfg.engine.chunk_size))
+    if kind == "neural":
+        from runtime.factory import build_neural_engine
+
+        return build_neural_engine(cfg, world)
     raise ValueError(f"unknown engine.kind {kind!r}; expected 'simulator' or 'neural'")

@@ -1,0 +1,82 @@
+"""Attention entry points: how a chunk's queries see keys, chosen once from config.
+
+The model calls `self_attn(layer, q, k, v)` and `cross_attn(layer, q, k, v)` with
+(B, H, L, D) tensors; the callables built here decide where the keys come from:
+
+    training      the whole doubled sequence at once, with a block-causal mask
+    cached        the chunk over [cache of past frames | the chunk itself]
+
+The training mask, for clean frames c0..c3 and noisy targets n1..n3 (one frame = one
+block of tokens; `x` = attends):
+
+              c0 c1 c2 c3 | n1 n2 n3
+        c0    x           |
+        c1    x  x        |
+        c2    x  x  x     |
+        c3    x  x  x  x  |
+        n1    x           | x
+        n2    x  x        |    x
+        n3    x  x  x     |       x
+
+so target n_j sees exactly what generation sees: the clean frames before it (the
+cache) and itself. This is what makes cached generation equal the uncached forward.
+Log-count biases (TempCache groups) are added in the query dtype: a float32 bias on
+the cuDNN path silently gives wrong results.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.cache import KVCache
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention, the reference. bias: broadcastable to (B, H, Lq, Lk) or None."""
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def dense_cross_attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
+    """Boolean mask (L, L), True = attend, for [clean 0..F-1 | noisy 1..F-1] (drawn above)."""
+    f = num_frames
+    fi = torch.arange(f, device=device)
+    clean_clean = fi[None, :] <= fi[:, None]  # (F, F)
+    tgt = fi[1:]  # noisy targets are frames 1..F-1
+    noisy_clean = fi[None, :] < tgt[:, None]  # (F-1, F)
+    noisy_noisy = torch.eye(f - 1, dtype=torch.bool, device=device)
+    top = torch.cat([clean_clean, torch.zeros(f, f - 1, dtype=torch.bool, device=device)], dim=1)
+    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
+    frame_mask = torch.cat([top, bottom], dim=0)  # (2F-1, 2F-1)
+    n = tokens_per_frame
+    return frame_mask.repeat_interleave(n, dim=0).repeat_interleave(n, dim=1)
+
+
+class MaskedSelfAttention:
+    """Full-sequence self-attention with a fixed boolean mask (training, reference)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, layer: int, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+class CachedSelfAttention:
+    """The chunk attends to [cache | itself]; the clean pass (`commit=True`) keeps it."""
+
+    def __init__(self, cache: KVCache, commit: bool):
+        self.cache = cache
+        self.commit = commit
+
+    def __call__(self, layer: int, q, k, v):
+        keys, values, bias = self.cache.stage(layer, k, v)
+        out = sdpa(q, keys, values, bias)
+        if self.commit:
+            self.cache.commit(layer)
+        return out

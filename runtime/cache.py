@@ -1,0 +1,153 @@
+"""The KV cache of past frames: a typed object with named verbs, owned by the engine.
+
+Each layer's cache holds keys and values of clean past frames, (B, H, capacity, D),
+already rotated (post-RoPE), and optionally a per-token log-count (TempCache groups).
+Attention of a chunk runs in two verbs:
+
+    K, V, bias = cache.stage(layer, k, v)   # put the chunk after the valid tokens,
+                                            # return views over [valid | chunk]
+    cache.commit(layer)                     # only for the clean pass: keep the chunk
+
+Staging writes the chunk into the slots right after the valid tokens, so attention reads
+one contiguous slice and nothing is concatenated in the hot loop. Denoising steps stage
+and never commit; the clean pass commits, and the policy decides what is kept:
+
+    dense   keeps everything; capacity grows by doubling (never per frame)
+    window  `sink_frames` first frames + a ring of the `window_frames` most recent ones;
+            fixed capacity, so shapes are static after the window fills
+
+    memory layout of `window` (S sink, R ring, C the staged chunk):
+        [ S S S | R R R R R R R R | C ]     full: the chunk is staged at the end and,
+                                             on commit, overwrites the oldest ring slot
+TempCache (merging near-duplicate keys) lives in runtime/tempcache.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CacheSpec:
+    num_layers: int
+    batch: int
+    heads: int
+    head_dim: int
+    tokens_per_frame: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+class KVCache:
+    """Base class: contiguous valid tokens per layer; subclasses choose what commit keeps."""
+
+    policy = "base"
+    uses_counts = False
+
+    def __init__(self, spec: CacheSpec, capacity_tokens: int):
+        self.spec = spec
+        self._capacity = capacity_tokens
+        self.reset()
+
+    # --- verbs
+    def reset(self) -> None:
+        s = self.spec
+        shape = (s.batch, s.heads, self._capacity + s.tokens_per_frame, s.head_dim)
+        self.k = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
+        self.v = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
+        self.length = [0] * s.num_layers  # valid tokens per layer
+        self.staged = [0] * s.num_layers
+        self.frames_seen = 0
+
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v: (B, H, M, D) -> (K, V, bias) over [valid | staged]; bias is None here."""
+        m = k.shape[2]
+        self._ensure(layer, m)
+        n = self.length[layer]
+        self.k[layer][:, :, n : n + m] = k
+        self.v[layer][:, :, n : n + m] = v
+        self.staged[layer] = m
+        return self.k[layer][:, :, : n + m], self.v[layer][:, :, : n + m], None
+
+    def commit(self, layer: int) -> None:
+        self.length[layer] += self.staged[layer]
+        self.staged[layer] = 0
+        if layer == self.spec.num_layers - 1:
+            self.frames_seen += 1
+
+    # --- facts
+    def num_tokens(self, layer: int = 0) -> int:
+        return self.length[layer]
+
+    def total_tokens(self) -> int:
+        return sum(self.length)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _ensure(self, layer: int, m: int) -> None:
+        need = self.length[layer] + m
+        buf = self.k[layer]
+        if need <= buf.shape[2]:
+            return
+        raise AssertionError(f"{self.policy} cache overflow: {need} > {buf.shape[2]}")
+
+
+class DenseCache(KVCache):
+    """Keeps every past token: the reference, and what grows without bound."""
+
+    policy = "dense"
+
+    def __init__(self, spec: CacheSpec, initial_frames: int = 64):
+        super().__init__(spec, initial_frames * spec.tokens_per_frame)
+
+    def _ensure(self, layer: int, m: int) -> None:
+        buf = self.k[layer]
+        need = self.length[layer] + m
+        if need <= buf.shape[2]:
+            return
+        # grow in large steps (double) so reallocation is rare, never per frame
+        new_cap = max(need, 2 * buf.shape[2])
+        n = self.length[layer]
+        for store in (self.k, self.v):
+            old = store[layer]
+            new = torch.zeros(*old.shape[:2], new_cap, old.shape[3], device=old.device, dtype=old.dtype)
+            new[:, :, :n] = old[:, :, :n]
+            store[layer] = new
+
+
+class WindowCache(KVCache):
+    """Sink frames + a sliding window of recent frames (Self-Forcing / LongLive style)."""
+
+    policy = "window"
+
+    def __init__(self, spec: CacheSpec, sink_frames: int = 1, window_frames: int = 15):
+        if sink_frames < 0 or window_frames < 1:
+            raise ValueError(
+                f"window cache needs sink_frames >= 0 and window_frames >= 1, got {sink_frames}, {window_frames}"
+            )
+        self.sink_tokens = sink_frames * spec.tokens_per_frame
+        self.ring_tokens = window_frames * spec.tokens_per_frame
+        super().__init__(spec, self.sink_tokens + self.ring_tokens)
+        self._next = [0] * spec.num_layers  # next ring slot to overwrite once full
+
+    def reset(self) -> None:
+        super().reset()
+        self._next = [0] * self.spec.num_layers
+
+    def commit(self, layer: int) -> None:
+        cap = self._capacity
+        n, m = self.length[layer], self.staged[layer]
+        if n + m <= cap:
+            super().commit(layer)
+            return
+        # full: move the staged chunk (at [cap, cap+m)) over the oldest ring slots
+        assert m <= self.ring_tokens, "a chunk larger than the window cannot be cached"
+        start = self.sink_tokens + self._next[layer]
+        for store in (self.k, self.v):
+            store[layer][:, :, start : start + m] = store[layer][:, :, cap : cap + m]
+        self._next[layer] = (self._next[layer] + m) % self.ring_tokens
+        self.staged[layer] = 0
+        if layer == self.spec.num_layers - 1:
+            self.frames_seen += 1

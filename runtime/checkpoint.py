@@ -1,0 +1,80 @@
+"""Safetensors checkpoints: weights plus the model config and provenance as metadata.
+
+No pickle anywhere. Loading checks everything a user can get wrong and says what was
+expected: a missing file, a truncated or corrupt file, a file without our metadata,
+tensors of the wrong shape, or a checkpoint trained for another prompt layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from runtime.model import ModelConfig, WorldModel
+
+FORMAT = "neural-game-engine/world-model/v1"
+
+
+def save_checkpoint(path: str | Path, model: WorldModel, info: dict | None = None, dtype=torch.bfloat16) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "model_config": json.dumps(model.cfg.to_dict()), "info": json.dumps(info or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one or set engine.checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({e}); expected a safetensors file") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}; expected {FORMAT!r}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32) -> tuple[WorldModel, dict]:
+    """Returns (model in eval mode, info dict)."""
+    meta = read_metadata(path)
+    cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
+    model = WorldModel(cfg)
+    try:
+        state = load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({e})") from e
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"checkpoint {str(path)!r}: tensor {name!r} has shape {tuple(t.shape)}, "
+                f"expected {tuple(expected[name].shape)} for model config {cfg}"
+            )
+        if not torch.isfinite(t.float()).all():
+            raise ValueError(f"checkpoint {str(path)!r}: tensor {name!r} holds non-finite values")
+    model.load_state_dict(state)
+    model.to(device=device, dtype=dtype).eval()
+    return model, json.loads(meta.get("info", "{}"))

@@ -1,0 +1,287 @@
+"""The world model: a block-causal diffusion transformer over patch tokens of frames.
+
+Each frame is cut into P x P patches (64 tokens for a 64x64 frame with patch 8). A token
+carries its patch of the (noisy) frame being generated *and* the same patch of the
+previous clean frame; the network predicts a residual, and the clean-frame estimate is
+x0 = previous frame + residual. Every block is
+
+    x += gate1 * SelfAttn(modulate(norm(x)))      # over [cached past frames + this chunk]
+    x += CrossAttn(norm(x), prompt)               # the world's tile set
+    x += gate2 * MLP(modulate(norm(x)))
+
+with adaptive-norm modulation from (diffusion time + action) per frame, qk-RMSNorm, and
+3-D rotary positions (frame, row, column) applied to queries and keys.
+
+The model does not know about caches policies or samplers: self-attention goes through
+a `SelfAttentionContext` handed in by the caller (see `runtime/attention.py`), which
+decides which past keys the chunk sees.
+
+Shape legend: B batch, F frames, N tokens per frame, L tokens (F*N), H heads,
+D head dim, W width, T prompt tokens, E prompt token features.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    frame_size: int = 64
+    channels: int = 3
+    patch: int = 8
+    width: int = 256
+    depth: int = 8
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_actions: int = 6
+    prompt_tokens: int = 256
+    prompt_dim: int = 12
+    rope_frame_dims: int = 16   # of each head's dims, rotated by the frame index
+    rope_base: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.frame_size % self.patch:
+            raise ValueError(f"model.frame_size={self.frame_size} is not a multiple of model.patch={self.patch}")
+        if self.width % self.heads:
+            raise ValueError(f"model.width={self.width} is not divisible by model.heads={self.heads}")
+        hd = self.width // self.heads
+        spatial = hd - self.rope_frame_dims
+        if self.rope_frame_dims % 2 or spatial % 4 or spatial <= 0:
+            raise ValueError(
+                f"model.rope_frame_dims={self.rope_frame_dims} must be even and leave a multiple of 4 "
+                f"of the head dim {hd} for rows and columns"
+            )
+
+    @property
+    def grid(self) -> int:
+        return self.frame_size // self.patch
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch * self.patch
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def patchify(frames: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, F, C, S, S) -> (B, F, N, C*P*P), patches in row-major order."""
+    b, f, c, s, _ = frames.shape
+    g = s // patch
+    x = frames.reshape(b, f, c, g, patch, g, patch)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f, g * g, c * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """(B, F, N, C*P*P) -> (B, F, C, S, S)."""
+    b, f, n, _ = tokens.shape
+    g = int(math.isqrt(n))
+    x = tokens.reshape(b, f, g, g, channels, patch, patch)
+    return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(b, f, channels, g * patch, g * patch)
+
+
+def rope_angles(cfg: ModelConfig, frame_index: torch.Tensor) -> torch.Tensor:
+    """Rotation angles for every token of the given frames.
+
+    frame_index: (F,) float or int frame numbers. Returns (F*N, D/2) float32 angles:
+    the first rope_frame_dims/2 pairs turn with the frame index, the rest split evenly
+    between row and column.
+    """
+    hd = cfg.head_dim
+    nf = cfg.rope_frame_dims // 2
+    ns = (hd // 2 - nf) // 2
+    dev = frame_index.device
+
+    def freqs(n: int) -> torch.Tensor:
+        return cfg.rope_base ** (-torch.arange(n, device=dev, dtype=torch.float32) / max(n, 1))
+
+    g = cfg.grid
+    rows = torch.arange(g, device=dev, dtype=torch.float32).repeat_interleave(g)  # (N,)
+    cols = torch.arange(g, device=dev, dtype=torch.float32).repeat(g)  # (N,)
+    fi = frame_index.to(torch.float32)
+    a_f = fi[:, None, None] * freqs(nf)[None, None, :]  # (F, 1, nf)
+    a_f = a_f.expand(-1, g * g, -1)
+    a_r = (rows[:, None] * freqs(ns)[None, :])[None].expand(fi.shape[0], -1, -1)
+    a_c = (cols[:, None] * freqs(ns)[None, :])[None].expand(fi.shape[0], -1, -1)
+    return torch.cat([a_f, a_r, a_c], dim=-1).reshape(-1, hd // 2)  # (F*N, D/2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); cos/sin: (L, D/2). Rotates interleaved pairs (x0,x1), (x2,x3)..."""
+    x1 = x[..., 0::2]
+    x2 = x[..., 1::2]
+    c = cos.to(x.dtype)
+    s = sin.to(x.dtype)
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return out.flatten(-2)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion times t in [0, 1]: (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.to(torch.float32) * 1000.0)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w, h = cfg.width, cfg.heads
+        self.heads = h
+        self.norm1 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(w, 3 * w)
+        self.q_norm = RMSNorm(cfg.head_dim)
+        self.k_norm = RMSNorm(cfg.head_dim)
+        self.proj = nn.Linear(w, w)
+        self.norm_x = nn.LayerNorm(w, eps=1e-6)
+        self.xq = nn.Linear(w, w)
+        self.xkv = nn.Linear(w, 2 * w)
+        self.xq_norm = RMSNorm(cfg.head_dim)
+        self.xk_norm = RMSNorm(cfg.head_dim)
+        self.xproj = nn.Linear(w, w)
+        self.norm2 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        hidden = int(w * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(w, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, w))
+        self.ada = nn.Linear(w, 6 * w)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+        nn.init.zeros_(self.xproj.weight)
+        nn.init.zeros_(self.xproj.bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, w = x.shape
+        return x.view(b, l, self.heads, w // self.heads).transpose(1, 2)  # (B, H, L, D)
+
+    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt: (B, T, W) embedded prompt -> keys, values (B, H, T, D)."""
+        k, v = self.xkv(prompt).chunk(2, dim=-1)
+        return self.xk_norm(self.split_heads(k)), self.split_heads(v)
+
+    def forward(self, x, cond, cos, sin, self_attn, layer: int, cross_attn, prompt_k, prompt_v):
+        """x: (B, L, W) with L = F*N; cond: (B, F, W) per-frame conditioning (time + action)."""
+        b, l, w = x.shape
+        f = cond.shape[1]
+        # modulation is per frame: compute it once per frame, broadcast over its N tokens
+        mod = self.ada(cond)[:, :, None, :]  # (B, F, 1, 6W)
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+        x = x.view(b, f, l // f, w)
+        hx = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(hx).view(b, l, 3 * w).chunk(3, dim=-1)
+        q = self.q_norm(self.split_heads(q))
+        k = self.k_norm(self.split_heads(k))
+        v = self.split_heads(v)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        a = self_attn(layer, q, k, v)  # (B, H, L, D)
+        x = x + g1 * self.proj(a.transpose(1, 2).reshape(b, f, l // f, w))
+        xq = self.xq_norm(self.split_heads(self.xq(self.norm_x(x)).view(b, l, w)))
+        xa = cross_attn(layer, xq, prompt_k, prompt_v)
+        x = x + self.xproj(xa.transpose(1, 2).reshape(b, f, l // f, w))
+        hx = self.norm2(x) * (1 + sc2) + sh2
+        return (x + g2 * self.mlp(hx)).view(b, l, w)
+
+
+class WorldModel(nn.Module):
+    """Predicts clean frames from noisy ones, given the previous frame, action and time."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.embed = nn.Linear(2 * cfg.patch_dim, w)
+        self.t_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.a_embed = nn.Embedding(cfg.num_actions, w)
+        self.prompt_embed = nn.Linear(cfg.prompt_dim, w)
+        self.prompt_pos = nn.Parameter(torch.randn(cfg.prompt_tokens, w) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(w, 2 * w)
+        self.out = nn.Linear(w, cfg.patch_dim)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    # --- prompt: computed once per world, reused by every step
+    def encode_prompt(self, prompt: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """prompt: (B, T, E) -> per layer (keys, values), each (B, H, T, D)."""
+        if prompt.shape[-2:] != (self.cfg.prompt_tokens, self.cfg.prompt_dim):
+            raise ValueError(
+                f"prompt shape {tuple(prompt.shape)} does not match the model's "
+                f"({self.cfg.prompt_tokens}, {self.cfg.prompt_dim})"
+            )
+        p = self.prompt_embed(prompt) + self.prompt_pos  # (B, T, W)
+        return [blk.prompt_kv(p) for blk in self.blocks]
+
+    def forward(
+        self,
+        noisy: torch.Tensor,       # (B, F, C, S, S) frames being denoised (or clean ones)
+        prev: torch.Tensor,        # (B, F, C, S, S) each frame's previous clean frame
+        t: torch.Tensor,           # (B, F) diffusion time of each frame (0 = clean)
+        actions: torch.Tensor,     # (B, F) int action that produced each frame
+        frame_index: torch.Tensor, # (F,) absolute frame numbers (RoPE)
+        self_attn,                 # callable(layer, q, k, v) -> (B, H, L, D)
+        cross_attn,                # callable(layer, q, k, v) -> (B, H, L, D)
+        prompt_kv,                 # per-layer prompt (keys, values), or the raw prompt (B, T, E)
+    ) -> torch.Tensor:
+        """Returns the clean-frame estimate x0, (B, F, C, S, S)."""
+        cfg = self.cfg
+        if isinstance(prompt_kv, torch.Tensor):
+            prompt_kv = self.encode_prompt(prompt_kv)
+        b, f = noisy.shape[:2]
+        n = cfg.tokens_per_frame
+        xp = patchify(noisy, cfg.patch)
+        pp = patchify(prev, cfg.patch)
+        x = self.embed(torch.cat([xp, pp], dim=-1)).reshape(b, f * n, -1)  # (B, L, W)
+        c = self.t_embed(timestep_embedding(t, cfg.width).to(x.dtype)) + self.a_embed(actions)  # (B, F, W)
+        cond = F.silu(c)  # (B, F, W)
+        ang = rope_angles(cfg, frame_index)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        for i, blk in enumerate(self.blocks):
+            pk, pv = prompt_kv[i]
+            x = blk(x, cond, cos, sin, self_attn, i, cross_attn, pk, pv)
+        sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, F, 1, W)
+        x = self.norm_out(x.view(b, f, n, -1)) * (1 + sc) + sh
+        res = self.out(x)  # (B, F, N, C*P*P)
+        return prev + unpatchify(res, cfg.patch, cfg.channels)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

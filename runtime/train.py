@@ -1,0 +1,226 @@
+"""Training: `python -m runtime.train [key=value ...]` (Hydra, conf/train.yaml).
+
+Teacher forcing on a doubled sequence (see the mask in runtime/attention.py): F clean
+context frames and F-1 noisy targets, each target attending to the clean frames before
+it and to itself, exactly as generation does with a KV cache. Flow matching with
+x0-prediction; context-noise augmentation on half of the sequences (the clean frames
+get a small noise level, which the model is told) so free-running rollouts, whose
+context is the model's own output, do not drift.
+
+Runs on CPU (the tests' smoke run) and on GPUs (bf16 autocast). Several processes
+through torchrun use DDP: NCCL on GPUs, gloo on CPU. Checkpoints are safetensors (EMA
+weights + config); a log line per interval goes to OUT/log.jsonl.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from runtime.attention import MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
+from runtime.checkpoint import save_checkpoint
+from runtime.data import DataConfig, WindowDataset, load_world_config
+from runtime.engine import to_unit
+from runtime.model import ModelConfig, WorldModel
+from runtime.sampler import FlowSampler, SamplerConfig
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
+    """Per-frame PSNR in dB of [-1, 1] images, capped: (..., C, H, W) -> (...)."""
+    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).clamp(max=cap)
+
+
+def build_inputs(batch: dict, ctx_sigma: torch.Tensor, t_tgt: torch.Tensor, gen: torch.Generator | None, device):
+    """Assemble the doubled sequence. Returns (noisy, prev, t, actions, frame_index, targets)."""
+    x = to_unit(batch["frames"].to(device))  # (B, F+1, 3, S, S): x_{-1}, x_0 .. x_{F-1}
+    acts = batch["actions"].to(device)  # (B, F+1)
+    b, f1 = x.shape[:2]
+    f = f1 - 1
+    eps_c = torch.randn(x.shape, generator=gen, device=device)
+    s = ctx_sigma.view(b, 1, 1, 1, 1)
+    ctx = (1 - s) * x + s * eps_c  # context noise on every clean frame (and x_{-1})
+    targets = x[:, 2:]  # x_1 .. x_{F-1}
+    eps_t = torch.randn(targets.shape, generator=gen, device=device)
+    tt = t_tgt.view(b, f - 1, 1, 1, 1)
+    noisy_tgt = (1 - tt) * targets + tt * eps_t
+    noisy = torch.cat([ctx[:, 1:], noisy_tgt], dim=1)  # (B, 2F-1, 3, S, S)
+    prev = torch.cat([ctx[:, :-1], ctx[:, 1:-1]], dim=1)
+    t = torch.cat([ctx_sigma.view(b, 1).expand(b, f), t_tgt], dim=1)
+    actions = torch.cat([acts[:, 1:], acts[:, 2:]], dim=1)
+    frame_index = torch.cat([torch.arange(f, device=device), torch.arange(1, f, device=device)])
+    return noisy, prev, t, actions, frame_index, targets
+
+
+def sample_times(b: int, n: int, sampler_times: list[float], gen, device) -> torch.Tensor:
+    """Half uniform in (0, 1], half on the sampler's own grid (few-step sampling)."""
+    u = 1 - torch.rand(b, n, generator=gen, device=device)
+    grid = torch.tensor(sampler_times, device=device)
+    g = grid[torch.randint(len(sampler_times), (b, n), generator=gen, device=device)]
+    pick = torch.rand(b, n, generator=gen, device=device) < 0.5
+    return torch.where(pick, g, u)
+
+
+def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, mask):
+    noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device)
+    prompt = batch["prompt"].to(device)
+    out = model(noisy, prev, t, actions, frame_index, MaskedSelfAttention(mask), dense_cross_attn, prompt)
+    f = (noisy.shape[1] + 1) // 2
+    return out[:, f:], targets
+
+
+@torch.no_grad()
+def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> float:
+    """Next-frame PSNR from the true context, sampling every target with the sampler."""
+    b, f1 = batch["frames"].shape[:2]
+    n = f1 - 2
+    gen = torch.Generator(device=device).manual_seed(1234)
+    noise = torch.randn((b, n, 3) + tuple(batch["frames"].shape[2:4]), generator=gen, device=device)
+    zeros = torch.zeros(b, device=device)
+
+    def denoise(x, t, i):
+        # rebuild the sequence with the current noisy targets
+        xx = to_unit(batch["frames"].to(device))
+        noisy = torch.cat([xx[:, 1:], x], dim=1)
+        prev = torch.cat([xx[:, :-1], xx[:, 1:-1]], dim=1)
+        tt = torch.cat([zeros.view(b, 1).expand(b, n + 1), torch.full((b, n), t, device=device)], dim=1)
+        acts = batch["actions"].to(device)
+        actions = torch.cat([acts[:, 1:], acts[:, 2:]], dim=1)
+        fi = torch.cat([torch.arange(n + 1, device=device), torch.arange(1, n + 1, device=device)])
+        pkv = model.encode_prompt(batch["prompt"].to(device))
+        return model(noisy, prev, tt, actions, fi, MaskedSelfAttention(mask), dense_cross_attn, pkv)[:, n + 1 :]
+
+    x0 = sampler.sample(denoise, noise)
+    x0 = ((x0.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return float(psnr(x0, to_unit(batch["frames"][:, 2:].to(device))).mean())
+
+
+def setup_distributed(device_cfg: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device_cfg in ("auto", "cuda") and torch.cuda.is_available() or device_cfg.startswith("cuda:")
+    if want_cuda:
+        device = torch.device(device_cfg if device_cfg.startswith("cuda:") else f"cuda:{local}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def train(cfg: DictConfig) -> dict:
+    rank, world, device = setup_distributed(str(cfg.device))
+    torch.manual_seed(int(cfg.seed) + rank)
+    mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True) | {})
+    scfg = SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True))
+    sampler = FlowSampler(scfg)
+    tc = cfg.train
+    dcfg = DataConfig(**OmegaConf.to_container(tc.data, resolve=True))
+    world_cfgs = [load_world_config(name) for name in tc.worlds]
+    model = WorldModel(mcfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if rank == 0:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} x{world}", flush=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), betas=(0.9, 0.95), weight_decay=float(tc.weight_decay))
+    loader = torch.utils.data.DataLoader(
+        WindowDataset(world_cfgs, dcfg, rank=rank),
+        batch_size=None,
+        num_workers=int(tc.workers),
+        pin_memory=device.type == "cuda",
+        persistent_workers=int(tc.workers) > 0,
+        prefetch_factor=4 if int(tc.workers) > 0 else None,
+    )
+    micro = int(tc.batch_size) // dcfg.env_batch
+    if micro * dcfg.env_batch != int(tc.batch_size):
+        raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of train.data.env_batch={dcfg.env_batch}")
+    mask = teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device=device)
+    eval_batch = next(iter(torch.utils.data.DataLoader(
+        WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch)})),
+        batch_size=None)))
+    out = Path(str(cfg.out))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "train_config.yaml")
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(tc.bf16))
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1000 + rank)
+    steps = int(tc.steps)
+    t_start = time.time()
+    it = iter(loader)
+    log = []
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=steps, desc="train", dynamic_ncols=True, disable=not bool(tc.progress))
+    step = 0
+    last_metrics: dict = {}
+    while step < steps:
+        lr = float(tc.lr) * min(1.0, (step + 1) / max(1, int(tc.warmup))) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(micro):
+            batch = next(it)
+            b = batch["frames"].shape[0]
+            ctx_sigma = torch.rand(b, generator=gen, device=device) * float(tc.context_noise_max)
+            ctx_sigma = ctx_sigma * (torch.rand(b, generator=gen, device=device) < float(tc.context_noise_prob))
+            t_tgt = sample_times(b, dcfg.frames - 1, sampler.times, gen, device)
+            with amp:
+                pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, mask)
+                loss = F.mse_loss(pred.float(), target) / micro
+            loss.backward()
+            total += float(loss.detach())
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+        opt.step()
+        with torch.no_grad():
+            d = float(tc.ema) if step > int(tc.warmup) else 0.0
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        step += 1
+        elapsed = time.time() - t_start
+        stop = elapsed > float(tc.time_limit_s)
+        if rank == 0:
+            progress.update(1)
+            progress.set_postfix(loss=f"{total:.5f}", lr=f"{lr:.1e}")
+            if step % int(tc.eval_every) == 0 or step == steps or stop:
+                with amp:
+                    tf = teacher_forced_psnr(ema, eval_batch, sampler, device, teacher_forcing_mask(eval_batch["frames"].shape[1] - 1, mcfg.tokens_per_frame, device))
+                last_metrics = {"step": step, "loss": total, "grad_norm": float(gn), "lr": lr, "elapsed_s": round(elapsed, 1), "tf_psnr": round(tf, 2)}
+                log.append(last_metrics)
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(last_metrics) + "\n")
+                progress.write(json.dumps(last_metrics))
+            if step % int(tc.ckpt_every) == 0 or step == steps or stop:
+                info = {"step": step, "elapsed_s": round(elapsed, 1), "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+                        "processes": world, "sampler": OmegaConf.to_container(cfg.sampler), "train": OmegaConf.to_container(tc), "metrics": last_metrics}
+                save_checkpoint(out / "model.safetensors", ema, info)
+        if stop:
+            break
+    if progress is not None:
+        progress.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"steps": step, "metrics": last_metrics, "elapsed_s": time.time() - t_start}
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The model and its cache: cached generation equals the uncached causal forward."""
+from __future__ import annotations
+
+import torch
+
+from runtime.attention import MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
+from runtime.cache import CacheSpec, DenseCache, WindowCache
+from runtime.engine import Rollout, to_unit
+from runtime.model import ModelConfig, WorldModel
+from runtime.sampler import FlowSampler, SamplerConfig
+
+TINY = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8)
+
+
+def random_model(seed: int = 0, cfg: ModelConfig = TINY) -> WorldModel:
+    """A model whose zero-initialised gates are randomised too, so every path matters."""
+    torch.manual_seed(seed)
+    m = WorldModel(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def make_cache(cfg: ModelConfig, kind: str = "dense", **kw):
+    spec = CacheSpec(cfg.depth, 1, cfg.heads, cfg.head_dim, cfg.tokens_per_frame, torch.device("cpu"), torch.float32)
+    return DenseCache(spec, initial_frames=2) if kind == "dense" else WindowCache(spec, **kw)
+
+
+def random_clip(num_frames: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (1, num_frames, 64, 64, 3), generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, 6, (1, num_frames), generator=g)
+    prompt = torch.randn(1, 256, 12, generator=g)
+    return frames, actions, prompt
+
+
+def uncached_predictions(model, frames, actions, prompt, noisy_targets, t):
+    """The training-style forward over [clean 0..F-1 | noisy 1..F-1] with the mask."""
+    x = to_unit(frames)  # (1, F, 3, S, S)
+    f = x.shape[1]
+    noisy = torch.cat([x, noisy_targets], dim=1)
+    prev = torch.cat([x[:, :1], x[:, :-1], x[:, :-1]], dim=1)  # frame 0's previous frame is itself
+    acts = actions.clone()
+    acts[:, 0] = 0  # frame 0 comes from reset: idle
+    tt = torch.cat([torch.zeros(1, f), torch.full((1, f - 1), t)], dim=1)
+    act = torch.cat([acts, acts[:, 1:]], dim=1)
+    fi = torch.cat([torch.arange(f), torch.arange(1, f)])
+    mask = teacher_forcing_mask(f, model.cfg.tokens_per_frame)
+    with torch.no_grad():
+        out = model(noisy, prev, tt, act, fi, MaskedSelfAttention(mask), dense_cross_attn, prompt)
+    return out[:, f:]
+
+
+def cached_predictions(model, cache, frames, actions, prompt, noisy_targets, t):
+    r = Rollout(model, FlowSampler(SamplerConfig(steps=1)), cache)
+    r.reset(frames[:, 0], prompt, seed=0)
+    x = to_unit(frames)
+    outs = []
+    for j in range(1, frames.shape[1]):
+        r.frame_index = j
+        outs.append(r.predict(noisy_targets[:, j - 1 : j], t, actions[:, j]))
+        r.append(x[:, j : j + 1], actions[:, j])
+    return torch.cat(outs, dim=1)
+
+
+def test_cached_generation_equals_uncached_forward():
+    model = random_model()
+    frames, actions, prompt = random_clip(6)
+    noisy = torch.randn(1, 5, 3, 64, 64)
+    ref = uncached_predictions(model, frames, actions, prompt, noisy, 0.7)
+    got = cached_predictions(model, make_cache(TINY), frames, actions, prompt, noisy, 0.7)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_window_cache_equals_dense_until_full_then_differs():
+    model = random_model()
+    frames, actions, prompt = random_clip(8)
+    noisy = torch.randn(1, 7, 3, 64, 64)
+    dense = cached_predictions(model, make_cache(TINY), frames, actions, prompt, noisy, 0.5)
+    # sink 1 + window 4 holds frames 0..4: predictions of frames 1..5 see everything
+    window = cached_predictions(model, make_cache(TINY, "window", sink_frames=1, window_frames=4), frames, actions, prompt, noisy, 0.5)
+    assert torch.allclose(window[:, :5], dense[:, :5], atol=1e-5)
+    assert not torch.allclose(window[:, 5:], dense[:, 5:], atol=1e-4)
+
+
+def test_window_cache_memory_is_bounded():
+    cache = make_cache(TINY, "window", sink_frames=1, window_frames=3)
+    model = random_model()
+    frames, actions, prompt = random_clip(10)
+    cached_predictions(model, cache, frames, actions, prompt, torch.randn(1, 9, 3, 64, 64), 0.5)
+    assert cache.num_tokens(0) == 4 * TINY.tokens_per_frame
+    assert cache.frames_seen == 10
+
+
+def test_dense_cache_grows_in_large_steps():
+    cache = make_cache(TINY)
+    model = random_model()
+    frames, actions, prompt = random_clip(9)
+    cached_predictions(model, cache, frames, actions, prompt, torch.randn(1, 8, 3, 64, 64), 0.5)
+    assert cache.num_tokens(0) == 9 * TINY.tokens_per_frame
+    capacity = cache.k[0].shape[2]
+    assert capacity >= 9 * TINY.tokens_per_frame and capacity % TINY.tokens_per_frame == 0
+
+
+def test_same_seed_same_frames_and_prompt_matters():
+    model = random_model()
+    frames, actions, prompt = random_clip(1)
+
+    def run(seed, p):
+        r = Rollout(model, FlowSampler(SamplerConfig(steps=2)), make_cache(TINY))
+        r.reset(frames[:, 0], p, seed=seed)
+        return torch.stack([r.step(torch.tensor([a])) for a in (1, 1, 4, 5)])
+
+    a, b = run(3, prompt), run(3, prompt)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(4, prompt))
+    assert not torch.equal(a, run(3, prompt.flip(1)))
+
+
+def test_model_config_rejects_bad_values():
+    import pytest
+
+    with pytest.raises(ValueError, match="frame_size"):
+        ModelConfig(frame_size=60, patch=8)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"widht": 3})
