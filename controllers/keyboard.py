@@ -43,12 +43,21 @@ class KeyboardController:
         self.cfg = cfg or KeyboardConfig()
         self.keymap = Keymap(self.cfg.keymap, allowed=ACTIONS, where="controller.keymap")
         self._lock = threading.Lock()
-        self.reset()
+        self._held: list[str] = []  # held keys bound to directions, oldest first
+        self._tapped: int | None = None  # direction pressed since the last chunk
+        self._place_pending = False
 
     def reset(self) -> None:
+        """A new play-through: forget pending presses (keys still held stay held)."""
         with self._lock:
-            self._held: list[str] = []  # held keys bound to directions, oldest first
-            self._tapped: int | None = None  # direction pressed since the last chunk
+            self._tapped = None
+            self._place_pending = False
+
+    def release_all(self) -> None:
+        """Forget every held key (the window lost focus, so key-ups will not arrive)."""
+        with self._lock:
+            self._held.clear()
+            self._tapped = None
             self._place_pending = False
 
     def handle_event(self, event: Any) -> bool:

@@ -237,19 +237,27 @@ class Window:
         return path
 
     # ---- the loop ----------------------------------------------------------------
-    def tick(self) -> bool:
-        """One presenter tick (no waiting): input, take a frame, draw, flip. False: stop."""
+    def prepare(self) -> bool:
+        """Input, take a frame, draw it off-screen. False: stop."""
         self.handle_events()
         if self.quit_requested:
             return False
         self.take_frame()
         self.draw()
+        return True
+
+    def present(self) -> bool:
+        """Show what `prepare` drew. False: max_frames reached."""
         self.pg.display.flip()
         now = time.perf_counter()
         self.meter.tick(now)
         if self.on_present is not None:
             self.on_present(now)
         return self.max_frames is None or self.num_presented < self.max_frames
+
+    def tick(self) -> bool:
+        """One presenter tick with no waiting (tests drive the window with this)."""
+        return self.prepare() and self.present()
 
     def start(self) -> "Window":
         self.producer.start()
@@ -260,8 +268,11 @@ class Window:
         self.start()
         clock = FixedClock(self.cfg.fps)
         try:
-            while not should_stop() and self.tick():
+            # prepare the next picture, then flip it exactly on the clock's deadline
+            while not should_stop() and self.prepare():
                 clock.wait()
+                if not self.present():
+                    break
         finally:
             self.close()
         return self.num_presented

@@ -1,0 +1,44 @@
+"""Shared test set-up: headless SDL, the repository on sys.path, config helpers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Tests never open a real display or audio device (the Xvfb test opts back in).
+os.environ["SDL_VIDEODRIVER"] = "dummy"
+os.environ["SDL_AUDIODRIVER"] = "dummy"
+os.environ["PYGAME_HIDE_SUPPORT_PROMPT"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+
+
+def compose(overrides: list[str] | None = None):
+    """The root config as play.py would see it, with command-line style overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def run_play(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python play.py ARGS` in a subprocess (cwd keeps Hydra's outputs/ out of the repo)."""
+    return subprocess.run([sys.executable, str(REPO / "play.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def read_video(path: Path) -> list:
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(path) as reader:
+        return [frame for frame in reader]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,87 @@
+"""Every conf/ preset composes; typos and bad values fail at start-up with clear errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose, run_play
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from controllers import strict_dataclass
+
+GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir())
+PRESETS = [(g, f.stem) for g in GROUPS for f in sorted((REPO / "conf" / g).glob("*.yaml"))]
+
+
+def test_groups_are_the_documented_ones():
+    for group in ("world", "engine", "model", "attention", "sampler", "controller", "window"):
+        assert group in GROUPS
+
+
+@pytest.mark.parametrize("group, option", PRESETS, ids=[f"{g}={o}" for g, o in PRESETS])
+def test_every_preset_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    assert OmegaConf.is_struct(cfg)  # unknown keys are rejected
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("option", [p.stem for p in (REPO / "conf" / "window").glob("*.yaml")])
+def test_window_presets_match_their_dataclass(option):
+    from runtime.loop import HeadlessConfig
+    from runtime.window import WindowConfig
+
+    cfg = compose([f"window={option}"])
+    cls = {"pygame": WindowConfig, "headless": HeadlessConfig}[cfg.window.kind]
+    strict_dataclass(cls, cfg.window, f"window ({option})")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("max_frame=3", "max_frame"),
+    ("controller.scrpt=R", "scrpt"),
+    ("window.fsp=60", "fsp"),
+    ("recrod.path=x", "recrod"),
+])
+def test_misspelled_keys_fail(override, needle):
+    with pytest.raises(ConfigCompositionException, match=needle):
+        compose(["controller=scripted", override])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("controller=keybord", "controller/keybord"),
+    ("window=headles", "window/headles"),
+])
+def test_unknown_options_fail_listing_the_choices(override, needle):
+    with pytest.raises(MissingConfigException, match=needle) as err:
+        compose([override])
+    assert "Available options" in str(err.value)
+
+
+def test_unknown_sub_config_keys_and_bad_values_fail_in_play():
+    import play
+
+    for overrides, needle in [
+        (["window=pygame", "+window.vsync=true"], "'vsync'"),
+        (["window=headless", "+window.fps=3"], "'fps'"),
+        (["window=headless", "controller=scripted", "+controller.speed=2"], "'speed'"),
+        (["window=headless", "controller=scripted", "controller.script=R*2 Z"], "'Z'"),
+        (["window=headless", "controller=keyboard"], "needs a window"),
+        (["window=headless", "controller=replay"], "controller.path"),
+        (["window=pygame", "window.scale=0"], "window.scale"),
+        (["window=headless", "controller=scripted", "max_frames=-1"], "max_frames"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            play.play(compose(overrides))
+
+
+def test_cli_reports_a_bad_script(tmp_path: Path):
+    result = run_play(["window=headless", "controller=scripted", "controller.script=R*3 R*x",
+                       "max_frames=3"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "'R*x'" in result.stderr
+
+
+def test_cli_reports_a_misspelled_key(tmp_path: Path):
+    result = run_play(["window=headless", "controller=scripted", "max_frams=3"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "max_frams" in result.stderr

@@ -1,0 +1,128 @@
+"""Recordings: the headless contract, replay, and recordings that survive Ctrl-C and errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, compose, read_video, run_play
+
+from runtime.recorder import Recorder
+from worlds.actions import ACTIONS, DOWN, LEFT, RIGHT, UP
+
+SCRIPT = "R*30 D*30 L*30 U*30"
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "actions.jsonl").read_text().splitlines()]
+
+
+def _simulated_frames(actions: list[int], seed: int) -> np.ndarray:
+    from worlds import build_world
+
+    world = build_world(compose().world)
+    world.reset(seed)
+    return np.stack([world.step(a) for a in actions])
+
+
+def test_headless_scripted_recording_then_replay(tmp_path: Path):
+    rec, rec2 = tmp_path / "rec", tmp_path / "rec2"
+    result = run_play(["window=headless", "controller=scripted", f"controller.script={SCRIPT}",
+                       "max_frames=120", f"record.path={rec}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    frames = read_video(rec / "video.mp4")
+    lines = _lines(rec)
+    assert len(frames) == 120 and len(lines) == 120
+    expected = [RIGHT] * 30 + [DOWN] * 30 + [LEFT] * 30 + [UP] * 30
+    assert [row["frame"] for row in lines] == list(range(120))
+    assert [row["action_id"] for row in lines] == expected
+    assert [row["action"] for row in lines] == [ACTIONS[a] for a in expected]
+
+    meta = json.loads((rec / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["num_frames"] == 120 and meta["complete"]
+    assert meta["config"]["controller"]["script"] == SCRIPT
+    assert "checkpoint_sha256" in meta and meta["chunk_size"] >= 1
+    assert meta["frame_shape"] == list(frames[0].shape)
+
+    # frame i is the frame made by action i (the reset frame is not recorded)
+    truth = _simulated_frames(expected, seed=0)
+    errors = np.abs(np.stack(frames).astype(float) - truth).mean(axis=(1, 2, 3))
+    assert errors.max() < 4.0, errors.max()
+
+    result = run_play(["window=headless", "controller=replay", f"controller.path={rec}",
+                       f"record.path={rec2}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    replayed = read_video(rec2 / "video.mp4")
+    assert len(replayed) == 120
+    assert all(np.array_equal(a, b) for a, b in zip(frames, replayed))
+    assert _lines(rec2) == lines
+    assert json.loads((rec2 / "meta.json").read_text())["seed"] == 0
+
+
+def test_replay_uses_the_recorded_seed(tmp_path: Path):
+    import play
+
+    rec, rec2 = tmp_path / "rec", tmp_path / "rec2"
+    play.play(compose(["window=headless", "controller=scripted", "controller.script=R*5 D*5",
+                       "max_frames=12", "seed=5", f"record.path={rec}"]))
+    play.play(compose(["window=headless", "controller=replay", f"controller.path={rec}",
+                       f"record.path={rec2}"]))
+    assert json.loads((rec2 / "meta.json").read_text())["seed"] == 5
+    a, b = read_video(rec / "video.mp4"), read_video(rec2 / "video.mp4")
+    assert len(a) == len(b) == 12
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_sigint_leaves_a_playable_recording(tmp_path: Path):
+    rec = tmp_path / "rec"
+    env = dict(os.environ)
+    # Like Ctrl-C in a terminal: the signal goes to the whole process group.
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "play.py"), "window=headless", "controller=scripted",
+         f"controller.script={SCRIPT}", "controller.loop=true", "max_frames=1000000",
+         f"record.path={rec}"],
+        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (rec / "actions.jsonl").exists() and len(_lines_raw(rec)) >= 40:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    lines = _lines(rec)
+    frames = read_video(rec / "video.mp4")
+    assert len(lines) >= 40
+    assert len(frames) == len(lines)
+    assert json.loads((rec / "meta.json").read_text())["num_frames"] == len(lines)
+
+
+def _lines_raw(rec: Path) -> list[str]:
+    return [line for line in (rec / "actions.jsonl").read_text().splitlines() if line.endswith("}")]
+
+
+def test_an_exception_still_closes_the_recording(tmp_path: Path):
+    frame = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Recorder(tmp_path / "rec", fps=30, meta={"seed": 1}) as recorder:
+            for i in range(7):
+                frame[:, :, 0] = i * 30
+                recorder.write(RIGHT, frame)
+            raise RuntimeError("boom")
+    assert len(read_video(tmp_path / "rec" / "video.mp4")) == 7
+    assert len(_lines(tmp_path / "rec")) == 7
+    meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
+    assert meta["num_frames"] == 7 and meta["seed"] == 1
