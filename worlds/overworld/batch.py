@@ -1,0 +1,157 @@
+"""BatchOverworld: B overworlds stepped together with vectorized numpy.
+
+This is the simulator proper (the data source for training and the ground truth).
+One step, for every world at once:
+1. move the player by `scroll` pixels unless its box would overlap a solid tile;
+2. `place` turns the walkable tile under the player's centre into a marker;
+3. advance the frame counter; every `creature_period` frames the creatures move;
+4. render: terrain (water drawn as water_a or water_b by the frame counter's phase),
+   creatures, then the player at the centre of the view.
+
+Positions are kept in pixels of a padded map (the map plus a ring of void tiles wide
+enough that the camera never leaves the array); the public properties report them
+in map pixels. A body's position is the top-left pixel (y, x) of its tile-sized box.
+Only `reset` loops over worlds (map generation); stepping and rendering do not.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from worlds.actions import MOVES, NUM_ACTIONS, PLACE
+from worlds.overworld.collision import box_blocked
+from worlds.overworld.config import OverworldConfig
+from worlds.overworld.creatures import Creatures, spawn_creatures, step_creatures
+from worlds.overworld.mapgen import generate_map
+from worlds.overworld.render import draw_sprites, render_terrain, upscale_tiles
+from worlds.overworld.tiles import (
+    CREATURE, MARKER, PLAYER, VOID, WATER_A, WATER_B, blocking_table, placeable_table,
+)
+from worlds.overworld.tileset import build_atlas, check_atlas, sprite_mask
+
+_MOVES = np.array(MOVES, dtype=np.int64)  # (NUM_ACTIONS, 2) (dy, dx)
+
+
+class BatchOverworld:
+    """`batch_size` overworlds; frames are (B, view, view, 3) uint8."""
+
+    def __init__(self, cfg: OverworldConfig | Any, batch_size: int):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.cfg = OverworldConfig.coerce(cfg)
+        self.batch_size = batch_size
+        self.default_atlas = build_atlas(self.cfg.tileset)  # (16, 8, 8, 3)
+        tile, view = self.cfg.tile, self.cfg.view
+        self._pad = view // (2 * tile) + 1  # tiles of void around the map
+        self._player_view = view // 2 - tile // 2  # the player's top-left pixel in the view
+        self._blocking = blocking_table()
+        self._placeable = placeable_table()
+        self.frame_index = 0
+        self._maps: np.ndarray | None = None  # (B, Mp, Mp) uint8
+
+    # ----------------------------------------------------------------- state
+    def reset(self, seeds: Sequence[int], atlases: np.ndarray | None = None) -> np.ndarray:
+        """Generate each seed's map and spawn; returns the first frames (B, V, V, 3) uint8."""
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} seeds, got {len(seeds)}")
+        cfg, pad = self.cfg, self._pad
+        size = cfg.map_size + 2 * pad
+        maps = np.full((self.batch_size, size, size), VOID, dtype=np.uint8)
+        spawns = np.zeros((self.batch_size, 2), dtype=np.int64)
+        parts = []
+        for i, seed in enumerate(seeds):
+            layout = generate_map(seed, cfg.map_size, cfg.num_houses)
+            maps[i, pad:pad + cfg.map_size, pad:pad + cfg.map_size] = layout.tiles
+            spawns[i] = layout.spawn
+            spawn = (layout.spawn[0] + pad, layout.spawn[1] + pad)
+            parts.append(spawn_creatures(seed, self._blocking[maps[i]], spawn, cfg.num_creatures, cfg.tile))
+        self._maps = maps
+        self._solid = self._blocking[maps]  # (B, Mp, Mp); markers never change what blocks
+        self._pos = (spawns + pad) * cfg.tile  # (B, 2)
+        self._creatures = Creatures.stack(parts)
+        self.frame_index = 0
+        self.set_atlases(np.broadcast_to(self.default_atlas, (self.batch_size, *self.default_atlas.shape))
+                         if atlases is None else atlases)
+        return self.render()
+
+    def set_atlases(self, atlases: np.ndarray) -> None:
+        """Restyle every world: atlases (B, 16, 8, 8, 3) uint8; takes effect from the next render."""
+        atlases = check_atlas(atlases, batch=self.batch_size)
+        self._atlases = np.array(atlases)  # (B, 16, 8, 8, 3), a private copy
+        even = np.ascontiguousarray(upscale_tiles(self._atlases, self.cfg.tile))  # (B, 16, T, T, 3)
+        odd = even.copy()
+        odd[:, WATER_A] = even[:, WATER_B]
+        self._drawn = (even, odd)  # what is drawn in each water phase
+        self._opaque = sprite_mask(even)  # (B, 16, T, T)
+
+    def step(self, actions: np.ndarray) -> np.ndarray:
+        """Apply one action per world; returns the next frames (B, V, V, 3) uint8."""
+        if self._maps is None:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions)
+        if actions.shape != (self.batch_size,) or not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(f"actions must be integers of shape ({self.batch_size},), got {actions.dtype} {actions.shape}")
+        if actions.min() < 0 or actions.max() >= NUM_ACTIONS:
+            raise ValueError(f"actions must lie in [0, {NUM_ACTIONS}), got {actions}")
+        tile = self.cfg.tile
+
+        # 1. move the player unless the new box overlaps a solid tile
+        target = self._pos + _MOVES[actions] * self.cfg.scroll  # (B, 2)
+        blocked = box_blocked(self._solid, target[:, None], tile)[:, 0]  # (B,)
+        self._pos = np.where(blocked[:, None], self._pos, target)
+
+        # 2. place a marker on the walkable tile under the player's centre
+        placing = np.nonzero(actions == PLACE)[0]
+        if len(placing):
+            r, c = ((self._pos[placing] + tile // 2) // tile).T
+            ok = self._placeable[self._maps[placing, r, c]]
+            self._maps[placing[ok], r[ok], c[ok]] = MARKER
+
+        # 3. the clock and the creatures
+        self.frame_index += 1
+        if self.frame_index % self.cfg.creature_period == 0:
+            step_creatures(self._creatures, self._solid, tile)
+        return self.render()
+
+    # ---------------------------------------------------------------- render
+    def render(self) -> np.ndarray:
+        """Frames of the current state, (B, V, V, 3) uint8."""
+        view = self.cfg.view
+        cam = self._pos - self._player_view  # (B, 2) padded-map pixel of the view's top-left
+        atlas = self._drawn[(self.frame_index // self.cfg.water_period) % 2]  # (B, 16, T, T, 3)
+        frames = render_terrain(self._maps, atlas, cam, view)  # (B, V, V, 3)
+        for k in range(self.cfg.num_creatures):
+            draw_sprites(frames, atlas[:, CREATURE], self._opaque[:, CREATURE], self._creatures.pos[:, k] - cam)
+        p = slice(self._player_view, self._player_view + self.cfg.tile)
+        frames[:, p, p] = np.where(self._opaque[:, PLAYER, ..., None], atlas[:, PLAYER], frames[:, p, p])
+        return frames
+
+    # ------------------------------------------------------------ properties
+    @property
+    def _origin(self) -> int:
+        return self._pad * self.cfg.tile
+
+    @property
+    def player_pos(self) -> np.ndarray:
+        """(B, 2) int64 map pixel (y, x) of the top-left of the player's box."""
+        return self._pos - self._origin
+
+    @property
+    def creature_pos(self) -> np.ndarray:
+        """(B, K, 2) int64 map pixel (y, x) of the top-left of each creature's box."""
+        return self._creatures.pos - self._origin
+
+    @property
+    def tiles(self) -> np.ndarray:
+        """(B, map_size, map_size) uint8 current tile ids (markers included), read-only view."""
+        p, m = self._pad, self.cfg.map_size
+        out = self._maps[:, p:p + m, p:p + m]
+        out.flags.writeable = False
+        return out
+
+    @property
+    def atlases(self) -> np.ndarray:
+        """(B, 16, 8, 8, 3) uint8 current tile sets."""
+        return self._atlases.copy()
