@@ -206,7 +206,8 @@ def test_water_animates():
     period = cfg.water_period
     while world.frame_index % (2 * period):
         world.step(IDLE)
-    frames = [world.render()] + [world.step(IDLE) for _ in range(2 * period)]  # frames[i]: frame index i (mod 2 periods)
+    # frames[i] is frame index i (modulo two periods)
+    frames = [world.render()] + [world.step(IDLE) for _ in range(2 * period)]
     np.testing.assert_array_equal(frames[0], frames[period - 1])  # same phase, nothing else moves
     assert not np.array_equal(frames[0], frames[period])  # the other phase
     np.testing.assert_array_equal(frames[period], frames[2 * period - 1])

@@ -15,6 +15,7 @@ Only `reset` loops over worlds (map generation); stepping and rendering do not.
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,10 +38,10 @@ class BatchOverworld:
     """`batch_size` overworlds; frames are (B, view, view, 3) uint8."""
 
     def __init__(self, cfg: OverworldConfig | Any, batch_size: int):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.cfg = OverworldConfig.coerce(cfg)
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.default_atlas = build_atlas(self.cfg.tileset)  # (16, 8, 8, 3)
         tile, view = self.cfg.tile, self.cfg.view
         self._pad = view // (2 * tile) + 1  # tiles of void around the map
@@ -92,7 +93,9 @@ class BatchOverworld:
             raise RuntimeError("call reset() before step()")
         actions = np.asarray(actions)
         if actions.shape != (self.batch_size,) or not np.issubdtype(actions.dtype, np.integer):
-            raise ValueError(f"actions must be integers of shape ({self.batch_size},), got {actions.dtype} {actions.shape}")
+            raise ValueError(
+                f"actions must be integers of shape ({self.batch_size},), got {actions.dtype} {actions.shape}"
+            )
         if actions.min() < 0 or actions.max() >= NUM_ACTIONS:
             raise ValueError(f"actions must lie in [0, {NUM_ACTIONS}), got {actions}")
         tile = self.cfg.tile

@@ -63,7 +63,8 @@ def main() -> None:
 
     print(f"world={world.cfg.name} batch={args.batch} episode={args.episode} frames={int(frames)} "
           f"view={world.cfg.view} cores={'all' if args.all_cores else 1}")
-    print(f"overall:  {frames / total_s:10.0f} frames/s  (resets with map generation + random tile sets: {reset_s:.2f} s)")
+    print(f"overall:  {frames / total_s:10.0f} frames/s  "
+          f"(resets with map generation + random tile sets: {reset_s:.2f} s)")
     print(f"stepping: {frames / step_s:10.0f} frames/s  ({step_s:.2f} s)")
 
 
