@@ -12,6 +12,8 @@ naming the bad value at start-up.
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -55,46 +57,73 @@ def frame_limit(cfg: DictConfig, controller: Any) -> int | None:
     return limit
 
 
-def play(cfg: DictConfig) -> int:
-    """Run one session as configured; returns the number of generated frames shown."""
+@dataclass
+class Session:
+    """Everything a run needs, built and validated before anything is shown or written."""
+
+    cfg: DictConfig
+    engine: Any
+    controller: Any
+    seed: int
+    limit: int | None
+    recording: Recording
+    window_cfg: Any  # runtime.window.WindowConfig, or None for window=headless
+
+
+def build(cfg: DictConfig) -> Session:
+    """Validate the config and build world, engine and controller; ValueError on mistakes."""
     window_kind = cfg.window.get("kind")
     if window_kind not in WINDOW_KINDS:
         raise ValueError(f"unknown window.kind {window_kind!r}; expected one of {list(WINDOW_KINDS)}")
+    window_cfg = None
     if window_kind == "pygame":
-        from runtime.window import WindowConfig
+        from controllers.keymap import Keymap, check_disjoint
+        from runtime.window import COMMANDS, WindowConfig
 
         window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")
+        window_keys = Keymap(window_cfg.keys, allowed=COMMANDS, where="window.keys")
     else:
         from runtime.loop import HeadlessConfig
 
         strict_dataclass(HeadlessConfig, cfg.window, "window (headless)")
+    if not isinstance(cfg.record.fps, (int, float)) or cfg.record.fps <= 0:
+        raise ValueError(f"record.fps must be a number > 0, got {cfg.record.fps!r}")
     controller = build_controller(cfg)
-    if window_kind == "headless" and controller.needs_window:
+    if window_cfg is None and controller.needs_window:
         raise ValueError(f"controller={cfg.controller.kind} needs a window; use window=pygame or "
                          "controller=scripted|random|replay with window=headless")
+    if window_cfg is not None and getattr(controller, "keymap", None) is not None:
+        check_disjoint(controller.keymap, "controller.keymap", window_keys, "window.keys")
+    limit = frame_limit(cfg, controller)
 
     world = build_world(cfg.world)
     engine = build_engine(cfg, world)
     seed = int(getattr(controller, "seed", cfg.seed))  # a replay brings its recorded seed
-    limit = frame_limit(cfg, controller)
     recording = Recording(cfg.record.fps, lambda: run_meta(cfg, engine, seed), root=cfg.record.dir)
+    return Session(cfg, engine, controller, seed, limit, recording, window_cfg)
 
+
+def run(s: Session) -> int:
+    """Play until max_frames, the end of a replay, quit or Ctrl-C; returns frames generated."""
+    window = None
+    if s.window_cfg is not None:
+        from runtime.window import Window
+
+        window = Window(s.window_cfg, s.engine, s.controller, s.seed, s.recording, s.limit)
     with GracefulInterrupt() as interrupt:
         try:
-            if cfg.record.path:
-                recording.start(cfg.record.path)
-            if window_kind == "headless":
-                shown = run_headless(engine, controller, seed, limit,
-                                     lambda index, action, frame: recording.on_frame(action, frame),
+            if s.cfg.record.path:
+                s.recording.start(s.cfg.record.path)
+            if window is None:
+                shown = run_headless(s.engine, s.controller, s.seed, s.limit,
+                                     lambda index, action, frame: s.recording.on_frame(action, frame),
                                      should_stop=interrupt)
+                print(f"generated {shown} frames", flush=True)
             else:
-                from runtime.window import Window
-
-                window = Window(window_cfg, engine, controller, seed, recording, limit)
                 shown = window.run(should_stop=interrupt)
         finally:
-            path = recording.recorder.path if recording.active else None
-            count = recording.stop()
+            path = s.recording.recorder.path if s.recording.active else None
+            count = s.recording.stop()
             if path is not None:
                 print(f"recorded {count} frames to {path}", flush=True)
     if interrupt.requested:
@@ -103,9 +132,19 @@ def play(cfg: DictConfig) -> int:
     return shown
 
 
+def play(cfg: DictConfig) -> int:
+    """Build and run one session; returns the number of generated frames shown."""
+    return run(build(cfg))
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    play(cfg)
+    try:
+        session = build(cfg)
+    except ValueError as err:  # a mistake in the config or the command line
+        print(f"play.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    run(session)
 
 
 if __name__ == "__main__":
