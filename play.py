@@ -67,7 +67,7 @@ class Session:
     seed: int
     limit: int | None
     recording: Recording
-    window_cfg: Any  # runtime.window.WindowConfig, or None for window=headless
+    window: Any  # runtime.window.Window (open, not yet running), or None for window=headless
 
 
 def build(cfg: DictConfig) -> Session:
@@ -100,16 +100,17 @@ def build(cfg: DictConfig) -> Session:
     engine = build_engine(cfg, world)
     seed = int(getattr(controller, "seed", cfg.seed))  # a replay brings its recorded seed
     recording = Recording(cfg.record.fps, lambda: run_meta(cfg, engine, seed), root=cfg.record.dir)
-    return Session(cfg, engine, controller, seed, limit, recording, window_cfg)
+    window = None
+    if window_cfg is not None:
+        from runtime.window import Window
+
+        window = Window(window_cfg, engine, controller, seed, recording, limit)
+    return Session(cfg, engine, controller, seed, limit, recording, window)
 
 
 def run(s: Session) -> int:
     """Play until max_frames, the end of a replay, quit or Ctrl-C; returns frames generated."""
-    window = None
-    if s.window_cfg is not None:
-        from runtime.window import Window
-
-        window = Window(s.window_cfg, s.engine, s.controller, s.seed, s.recording, s.limit)
+    window = s.window
     with GracefulInterrupt() as interrupt:
         try:
             if s.cfg.record.path:

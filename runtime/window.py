@@ -85,6 +85,13 @@ class Window:
         # Let the presenter thread take the GIL back promptly from a Python-heavy producer.
         sys.setswitchinterval(0.0005)
         pygame.display.init()
+        driver = pygame.display.get_driver()
+        if driver in ("offscreen", "dummy") and os.environ.get("SDL_VIDEODRIVER") != driver:
+            pygame.display.quit()
+            raise ValueError(
+                f"window=pygame needs a display, but SDL found none (it fell back to the {driver!r} "
+                "driver; is DISPLAY set?); run with window=headless, or set SDL_VIDEODRIVER=dummy "
+                "to draw off-screen on purpose")
         self.screen = pygame.display.set_mode(self.size)
         pygame.display.set_caption(cfg.title)
         self.hud = Hud()
