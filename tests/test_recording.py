@@ -145,3 +145,16 @@ def test_chunked_engine_gives_the_same_frames():
     one, four = rollout(1), rollout(4)  # 4 does not divide 10: the last chunk is cut
     assert [(i, a) for i, a, _ in one] == [(i, a) for i, a, _ in four] == [(i, RIGHT) for i in range(10)]
     assert all(np.array_equal(x, y) for (_, _, x), (_, _, y) in zip(one, four))
+
+
+def test_headless_runs_without_pygame(tmp_path: Path):
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['play.py', 'window=headless', 'controller=scripted', 'max_frames=3']\n"
+        f"runpy.run_path({str(REPO / 'play.py')!r}, run_name='__main__')\n"
+        "assert 'pygame' not in sys.modules, 'pygame was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    assert "generated 3 frames" in result.stdout
