@@ -34,8 +34,8 @@ Backends, and what each trades (measured on clustered keys, D=64, Nk=4096, see
          depends on how clustered the keys are. block_scores and key_mask need no
          Nq x Nk product at all (bucket histograms / bucket membership).
   quant  Symmetric per-vector `bits`-bit quantization of queries and keys, a full
-         low-precision Nq x Nk product (bf16 on CPU, int8 `_int_mm` or fp16 on CUDA,
-         all exact on the integer values), top `candidates` re-ranked exactly.
+         low-precision Nq x Nk product (bf16 on CPU, fp16 on CUDA, both exact on the
+         integer values), top `candidates` re-ranked exactly.
          Near-exact recall at 8 bits for ~half the cost of exact on CPU; memory is
          bounded by chunking over queries.
   faiss  faiss-cpu per head: IndexFlatIP (exact), IndexHNSWFlat or IndexIVFFlat.
@@ -163,15 +163,10 @@ class AnnBackend:
     validated, non-empty inputs."""
 
     metric: Metric = "ip"
-    # Neighbours per query behind key_mask (and faiss block_scores): a key is kept if
-    # it is among some query's `mask_k` nearest.
-    mask_k: int = 16
 
     def __post_init__(self) -> None:
         if self.metric not in ("ip", "cosine"):
             raise ValueError(f"metric must be 'ip' or 'cosine', got {self.metric!r}")
-        if self.mask_k < 1:
-            raise ValueError(f"mask_k must be >= 1, got {self.mask_k}")
 
     # ---- public API
     def topk(self, queries: Tensor, keys: Tensor, k: int) -> AnnResult:
@@ -215,7 +210,28 @@ class AnnBackend:
             raise ValueError(f"expected float tensors, got {queries.dtype} and {keys.dtype}")
         return queries.shape[0], queries.shape[1], keys.shape[1]
 
-    # ---- defaults shared by the backends that rank by (approximate) top-k
+    def _topk(self, queries: Tensor, keys: Tensor, k: int) -> AnnResult:
+        raise NotImplementedError
+
+    def _block_scores(self, queries: Tensor, keys: Tensor, q_block: int, k_block: int) -> Tensor:
+        raise NotImplementedError
+
+    def _key_mask(self, queries: Tensor, keys: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class _NeighbourBackend(AnnBackend):
+    """Backends whose key_mask (and by default block_scores) derive from `topk`."""
+
+    # a key is kept by key_mask if it is among some query's `mask_k` nearest
+    mask_k: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask_k < 1:
+            raise ValueError(f"mask_k must be >= 1, got {self.mask_k}")
+
     def _key_mask(self, queries: Tensor, keys: Tensor) -> Tensor:
         return _mask_from_indices(self._topk(queries, keys, self.mask_k).indices, keys.shape[1])
 
@@ -231,12 +247,9 @@ class AnnBackend:
         hits.scatter_add_(1, cell.reshape(H, -1), torch.ones(cell.shape, device=idx.device).view(H, -1))
         return hits[:, :-1].view(H, nqb, nkb)
 
-    def _topk(self, queries: Tensor, keys: Tensor, k: int) -> AnnResult:
-        raise NotImplementedError
-
 
 @dataclass
-class _ScoredBackend(AnnBackend):
+class _ScoredBackend(_NeighbourBackend):
     """Backends that score every (query, key) pair (exactly or quantized) in chunks
     over queries; block scores pool those scores per block pair."""
 
@@ -286,7 +299,7 @@ class QuantAnn(_ScoredBackend):
     then exact re-rank."""
 
     bits: int = 8
-    candidates: int = 64  # re-rank depth; at least k is always used
+    candidates: int = 32  # re-rank depth; at least k is always used
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -296,52 +309,46 @@ class QuantAnn(_ScoredBackend):
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (H, N, D) f32 -> integer values (H, N, D) as f32 and scale (H, N, 1)."""
+        """x (H, N, D) f32 -> (values, scale (H, N, 1) f32), values * scale ~ x.
+
+        Values are the integers in [-qmax, qmax], held exactly in the dtype the
+        product runs in: bf16 on CPU (its matrix units), fp16 on CUDA, there divided
+        by 2**(bits-1) so that sums of D products stay far below the fp16 maximum.
+        Both matmuls accumulate in fp32, so the integer products are exact until the
+        final rounding of each output to 16 bits.
+        """
         qmax = 2 ** (self.bits - 1) - 1
         scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / qmax
-        return torch.round(x / scale).clamp_(-qmax, qmax), scale
+        values = torch.round(x / scale).clamp_(-qmax, qmax)
+        if not x.is_cuda:
+            return values.bfloat16(), scale
+        shift = 2.0 ** (self.bits - 1)
+        return (values / shift).half(), scale * shift
 
     def _prepared_keys(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        values, scale = self._quantize(keys)
-        return self._low_precision(values), scale
-
-    def _low_precision(self, values: Tensor) -> Tensor:
-        """Integer values in the dtype the product runs in; all exact representations."""
-        if values.is_cuda:
-            if self._use_int_mm(values):
-                return values.to(torch.int8)
-            return (values * 2.0 ** (1 - self.bits)).half()  # |v| < 1: no fp16 overflow
-        return values.bfloat16()  # |v| <= 127 is exact in bf16; fast matrix units on CPU
-
-    @staticmethod
-    def _use_int_mm(values: Tensor) -> bool:
-        # torch._int_mm needs the reduction and output widths to be multiples of 8.
-        return values.shape[-1] % 8 == 0 and values.shape[-1] >= 16
+        return self._quantize(keys)
 
     def _scores(self, q: Tensor, keys: tuple[Tensor, Tensor]) -> Tensor:
-        kv, k_scale = keys  # (H, Nk, D) low precision, (H, Nk, 1)
+        kv, k_scale = keys  # (H, Nk, D) 16-bit integer values, (H, Nk, 1)
         qv, q_scale = self._quantize(q)
-        qv = self._low_precision(qv)
-        if qv.dtype == torch.int8 and qv.shape[1] > 16 and kv.shape[1] % 8 == 0:
-            prod = torch.stack([torch._int_mm(qv[h], kv[h].t()) for h in range(qv.shape[0])]).float()
-        elif qv.dtype == torch.int8:  # shapes _int_mm rejects: same values in fp16
-            prod = (qv.half() @ kv.half().transpose(1, 2)).float()
-        else:
-            prod = (qv @ kv.transpose(1, 2)).float()
-            if qv.dtype == torch.float16:
-                prod = prod * 2.0 ** (2 * self.bits - 2)
-        return prod * q_scale * k_scale.transpose(1, 2)  # dequantized (H, n, Nk)
+        prod = (qv @ kv.transpose(1, 2)).float()  # (H, n, Nk)
+        return prod.mul_(q_scale).mul_(k_scale.transpose(1, 2))  # dequantized
 
     def _topk(self, queries: Tensor, keys: Tensor, k: int) -> AnnResult:
         q, kf = _prepare(queries, self.metric), _prepare(keys, self.metric)
-        kq = self._prepared_keys(kf)
+        kv, k_scale = self._quantize(kf)
+        # ranking a query's keys ignores its own (positive) scale; bf16 has the range
+        # of fp32, fp16 products times the key scale could overflow
+        rank_dtype = torch.bfloat16 if kv.dtype == torch.bfloat16 else torch.float32
+        k_scale = k_scale.transpose(1, 2).to(rank_dtype)  # (H, 1, Nk)
         H, Nq, Nk = q.shape[0], q.shape[1], kf.shape[1]
         num_cand = min(max(self.candidates, k), Nk)
         rows = _rows_per_chunk(Nq, H * max(Nk, num_cand * q.shape[2]))
         parts = []
         for s in range(0, Nq, rows):
-            cand = self._scores(q[:, s:s + rows], kq).topk(num_cand, dim=-1).indices
-            parts.append(_rerank(q[:, s:s + rows], kf, cand, k))
+            qc = q[:, s:s + rows]
+            rank = (self._quantize(qc)[0] @ kv.transpose(1, 2)).to(rank_dtype).mul_(k_scale)
+            parts.append(_rerank(qc, kf, rank.topk(num_cand, dim=-1).indices, k))
         return AnnResult(torch.cat([p.scores for p in parts], 1), torch.cat([p.indices for p in parts], 1))
 
 
@@ -355,6 +362,9 @@ class LshAnn(AnnBackend):
     bucket_cap: int = 32  # keys read from one probed bucket
     max_candidates: int = 128  # distinct candidates re-ranked exactly (at least k)
     block_bits: int = 8  # leading bits that define buckets for block_scores
+    # key_mask keeps a key that shares a (probed) bucket with some query in at least
+    # this many tables; 1 is the published rule, larger is more selective
+    mask_min_tables: int = 1
     seed: int = 0
     _planes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -365,6 +375,9 @@ class LshAnn(AnnBackend):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_bits > 32:
             raise ValueError(f"num_bits must be <= 32, got {self.num_bits}")
+        if not 1 <= self.mask_min_tables <= self.num_tables:
+            raise ValueError(f"mask_min_tables must be in [1, num_tables={self.num_tables}], "
+                             f"got {self.mask_min_tables}")
         if not 0 <= self.probes <= self.num_bits:
             raise ValueError(f"probes must be in [0, num_bits={self.num_bits}], got {self.probes}")
         if self.block_bits > 16:
@@ -414,23 +427,21 @@ class LshAnn(AnnBackend):
         start = torch.searchsorted(sorted_keys, codes << _MIX_BITS)
         end = torch.searchsorted(sorted_keys, (codes + 1) << _MIX_BITS)
         pos = start.unsqueeze(-1) + torch.arange(cap, device=q.device)  # (H, L, n*P1, cap)
-        cand = perm.gather(-1, pos.clamp_max(Nk - 1).view(H, L, -1)).view(pos.shape)
-        cand = cand.masked_fill(pos >= end.unsqueeze(-1), -1)
-        cand = cand.view(H, L, n, P1, cap).permute(0, 2, 1, 3, 4).reshape(H, n, -1)
-        # votes: 2 for a hit in the query's own bucket, 1 for a probed bucket
-        vote = torch.ones(P1, cap, device=q.device)
-        vote[0] = 2.0
-        vote = vote.reshape(-1).repeat(L).expand(H, n, -1)
-        # deduplicate: sort, sum the votes of each run of equal ids onto the run
-        cand, order = cand.sort(dim=-1)
-        vote = vote.gather(-1, order)
-        first = torch.ones_like(cand, dtype=torch.bool)
-        first[..., 1:] = cand[..., 1:] != cand[..., :-1]
-        run = first.long().cumsum(-1) - 1
-        total = torch.zeros_like(vote).scatter_add_(-1, run, vote)
-        rank = torch.where(first & (cand >= 0), total.gather(-1, run), -1.0)
+        cand = perm.gather(-1, pos.clamp_max(Nk - 1).view(H, L, -1))
+        # Sort key id*2 + is_probe (holes last) so that equal ids form runs; the run's
+        # votes (2 for the query's own bucket, 1 for a probed one) rank the candidates.
+        is_probe = (torch.arange(P1, device=q.device) > 0).view(1, 1, P1, 1).int()
+        code = torch.where(pos < end.unsqueeze(-1), cand.view(pos.shape).int() * 2, 2 * Nk)
+        code = (code.view(H, L, n, P1, cap) + is_probe).permute(0, 2, 1, 3, 4).reshape(H, n, -1)
+        code = code.sort(dim=-1).values  # (H, n, L*P1*cap)
+        ids = code >> 1
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+        run = first.cumsum(-1) - 1
+        votes = torch.zeros_like(code).scatter_add_(-1, run, 2 - (code & 1))
+        rank = torch.where(first & (ids < Nk), votes.gather(-1, run), -1)
         top_v, top_i = rank.topk(min(self.max_candidates, rank.shape[-1]), dim=-1)
-        return cand.gather(-1, top_i).masked_fill(top_v < 0, -1)
+        return ids.gather(-1, top_i).long().masked_fill(top_v < 0, -1)
 
     def _topk(self, queries: Tensor, keys: Tensor, k: int) -> AnnResult:
         q, kf = _prepare(queries, self.metric), _prepare(keys, self.metric)
@@ -450,7 +461,8 @@ class LshAnn(AnnBackend):
         q_codes = self._hash(queries, self.probes).flatten(2).sort(dim=-1).values  # (H, L, Nq*P1)
         k_codes = self._hash(keys, 0).squeeze(-1)  # (H, L, Nk)
         pos = torch.searchsorted(q_codes, k_codes).clamp_max(q_codes.shape[-1] - 1)
-        return (q_codes.gather(-1, pos) == k_codes).any(dim=1)
+        shared = q_codes.gather(-1, pos) == k_codes  # (H, L, Nk)
+        return shared.sum(dim=1) >= self.mask_min_tables
 
     def _block_scores(self, queries: Tensor, keys: Tensor, q_block: int, k_block: int) -> Tensor:
         # Bucket collisions between the queries of a block and the keys of a block,
@@ -484,7 +496,7 @@ def _import_faiss():
 
 
 @dataclass
-class FaissAnn(AnnBackend):
+class FaissAnn(_NeighbourBackend):
     """faiss per head: 'flat' (exact), 'hnsw' or 'ivf'; scores re-computed in torch."""
 
     index: Literal["flat", "hnsw", "ivf"] = "flat"
@@ -589,7 +601,8 @@ def clustered_qk(H: int, Nq: int, Nk: int, D: int, num_centroids: int = 256, noi
                  run: int = 1, seed: int = 0, device: str = "cpu") -> tuple[Tensor, Tensor]:
     """Synthetic keys = noisy copies of `num_centroids` centroids, in runs of `run`
     consecutive keys sharing a centroid (spatial locality); queries = noisy copies of
-    random keys. Entries have unit RMS, like qk-normed attention inputs."""
+    random keys, taken in key order when run > 1 so query blocks are local too.
+    Entries have unit RMS, like qk-normed attention inputs."""
     g = torch.Generator().manual_seed(seed)
     centroids = F.normalize(torch.randn(H, num_centroids, D, generator=g), dim=-1)
     assign = torch.randint(0, num_centroids, (H, math.ceil(Nk / run)), generator=g)
@@ -597,21 +610,24 @@ def clustered_qk(H: int, Nq: int, Nk: int, D: int, num_centroids: int = 256, noi
     keys = centroids.gather(1, assign.unsqueeze(-1).expand(-1, -1, D))
     keys = F.normalize(keys + noise * torch.randn(H, Nk, D, generator=g) / D ** 0.5, dim=-1)
     pick = torch.randint(0, Nk, (H, Nq), generator=g)
+    if run > 1:
+        pick = pick.sort(dim=1).values
     queries = keys.gather(1, pick.unsqueeze(-1).expand(-1, -1, D))
     queries = F.normalize(queries + noise * torch.randn(H, Nq, D, generator=g) / D ** 0.5, dim=-1)
     return (queries * D ** 0.5).to(device), (keys * D ** 0.5).to(device)
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
+def _time(fn, device: torch.device, repeats: int):
+    """(ms per call, last result) of fn() after one warm-up call."""
+    out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        fn()
+        out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / repeats * 1e3
+    return (time.perf_counter() - t0) / repeats * 1e3, out
 
 
 def _benchmark(shape: tuple[int, int, int, int], device: torch.device, repeats: int,
@@ -620,25 +636,25 @@ def _benchmark(shape: tuple[int, int, int, int], device: torch.device, repeats: 
     q, keys = clustered_qk(H, Nq, Nk, D, run=16, device=str(device))
     q, keys = q.to(torch.bfloat16), keys.to(torch.bfloat16)
     ref = ExactAnn().topk(q, keys, k).indices
-    print(f"\nH={H} Nq={Nq} Nk={Nk} D={D} bf16 on {device}; k={k}, blocks {block}x{block}")
+    keep = max(1, math.ceil(Nk / block) // 8)
+    print(f"\nH={H} Nq={Nq} Nk={Nk} D={D} bf16 on {device}; k={k}; blocks {block}x{block}, "
+          f"keeping the best {keep} key blocks (1/8) per query block")
     print(f"{'backend':28s} {'topk ms':>9s} {'blocks ms':>10s} {'mask ms':>9s} "
-          f"{'R@{}'.format(k):>6s} {'R@1':>6s} {'blk mass':>8s} {'kept':>6s}")
+          f"{'R@' + str(k):>6s} {'R@1':>6s} {'blk mass':>8s} {'mask kept':>9s}")
     for kind, opts in kinds:
+        name = kind + "".join(f" {a}={b}" for a, b in opts.items())
         try:
             ann = build_ann(kind, **opts)
         except ImportError as err:
-            print(f"{kind:28s} skipped: {err}")
+            print(f"{name:28s} skipped: {err}")
             continue
-        res = ann.topk(q, keys, k)
-        t_topk = _time(lambda: ann.topk(q, keys, k), device, repeats)
-        t_blk = _time(lambda: ann.block_scores(q, keys, block, block), device, repeats)
-        t_mask = _time(lambda: ann.key_mask(q, keys), device, repeats)
-        keep = keep_top_blocks(ann.block_scores(q, keys, block, block), max(1, math.ceil(Nk / block) // 8))
-        blk_mass = attention_mass_recall(q, keys, dense_block_mask(keep, block, block, Nq, Nk))
-        kept = ann.key_mask(q, keys).float().mean().item()
-        name = kind + ("" if not opts else " " + ",".join(f"{a}={b}" for a, b in opts.items()))
+        t_topk, res = _time(lambda: ann.topk(q, keys, k), device, repeats)
+        t_blk, blocks = _time(lambda: ann.block_scores(q, keys, block, block), device, repeats)
+        t_mask, mask = _time(lambda: ann.key_mask(q, keys), device, repeats)
+        kept = dense_block_mask(keep_top_blocks(blocks, keep), block, block, Nq, Nk)
         print(f"{name:28s} {t_topk:9.2f} {t_blk:10.2f} {t_mask:9.2f} {recall_at_k(res.indices, ref):6.3f} "
-              f"{recall_at_k(res.indices[..., :1], ref[..., :1]):6.3f} {blk_mass:8.3f} {kept:6.3f}")
+              f"{recall_at_k(res.indices[..., :1], ref[..., :1]):6.3f} "
+              f"{attention_mass_recall(q, keys, kept):8.3f} {mask.float().mean().item():9.3f}")
 
 
 def main() -> None:
@@ -646,10 +662,20 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also run H=12 Nq=4680 Nk=32760 D=128")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip", nargs="*", default=[], help="backend names to leave out, e.g. faiss-hnsw")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and faiss (0: default)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            _import_faiss().omp_set_num_threads(args.threads)
+        except ImportError:
+            pass  # the faiss rows report the missing package themselves
     kinds = [("exact", {}), ("quant", {}), ("quant", {"bits": 4}), ("lsh", {}),
              ("faiss", {}), ("faiss", {"index": "hnsw"}), ("faiss", {"index": "ivf"})]
+    kinds = [(kind, opts) for kind, opts in kinds
+             if "-".join([kind, *map(str, opts.values())]) not in args.skip]
     _benchmark((4, 64, 4096, 64), device, args.repeats, kinds)
     if args.large:
         _benchmark((12, 4680, 32760, 128), device, max(1, args.repeats // 5), kinds, block=128)

@@ -80,3 +80,35 @@ class CachedSelfAttention:
         if self.commit:
             self.cache.commit(layer)
         return out
+
+
+def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int, device):
+    """The same mask as `teacher_forcing_mask`, as a FlexAttention mask_mod."""
+    n, f = tokens_per_frame, num_frames
+    tok = torch.arange((2 * f - 1) * n, device=device)
+    frame = tok // n
+    noisy = frame >= f
+    fidx = torch.where(noisy, frame - f + 1, frame)  # clean frame i -> i, noisy target j -> j
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qn, kn = noisy[q_idx], noisy[kv_idx]
+        qf, kf = fidx[q_idx], fidx[kv_idx]
+        clean_q = ~kn & (kf <= qf)
+        noisy_q = (~kn & (kf < qf)) | (kn & (kf == qf))
+        return torch.where(qn, noisy_q, clean_q)
+
+    return mask_mod, tok.numel()
+
+
+class FlexSelfAttention:
+    """Block-sparse training attention on GPUs (FlexAttention; used inside compiled blocks)."""
+
+    def __init__(self, num_frames: int, tokens_per_frame: int, device):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        mask_mod, length = teacher_forcing_mask_mod(num_frames, tokens_per_frame, device)
+        self.block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
+        self.flex = flex_attention
+
+    def __call__(self, layer: int, q, k, v):
+        return self.flex(q, k, v, block_mask=self.block_mask)

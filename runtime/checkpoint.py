@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from runtime.model import ModelConfig, WorldModel
@@ -46,7 +46,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({e}); expected a safetensors file") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}; expected {FORMAT!r}")
@@ -60,7 +60,7 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32) -> tupl
     model = WorldModel(cfg)
     try:
         state = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({e})") from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -14,13 +14,12 @@ A window holds
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from controllers.random_agent import explore_actions
-from worlds.overworld import BatchOverworld, OverworldConfig, atlas_to_prompt, make_atlas, random_tileset
+from worlds.overworld import BatchOverworld, OverworldConfig, atlas_to_prompt, build_atlas, random_tileset
 
 
 @dataclass
@@ -31,17 +30,6 @@ class DataConfig:
     random_tileset_prob: float = 0.5
     reset_like_prob: float = 0.1  # windows whose first frame looks like a reset (prev = itself, idle)
     seed_base: int = 1_000_000
-
-
-def load_world_config(name: str) -> OverworldConfig:
-    """The world config conf/world/NAME.yaml as an OverworldConfig."""
-    from omegaconf import OmegaConf
-
-    path = Path(__file__).resolve().parent.parent / "conf" / "world" / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown world {name!r}; expected one of {options}")
-    return OverworldConfig.from_dict(OmegaConf.load(path))
 
 
 class WindowStream:
@@ -64,7 +52,7 @@ class WindowStream:
                 atlases.append(random_tileset(self.rng))
             else:
                 wc = self.world_cfgs[self.rng.integers(len(self.world_cfgs))]
-                atlases.append(make_atlas(wc.tileset))
+                atlases.append(build_atlas(wc.tileset))
         self.atlases = np.stack(atlases)
         self.prompts = np.stack([atlas_to_prompt(a) for a in self.atlases])
         self.last = self.world.reset([int(s) for s in seeds], self.atlases)

@@ -27,12 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.attention import MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
+from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
 from runtime.checkpoint import save_checkpoint
-from runtime.data import DataConfig, WindowDataset, load_world_config
+from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_unit
 from runtime.model import ModelConfig, WorldModel
 from runtime.sampler import FlowSampler, SamplerConfig
+from worlds.overworld import load_config
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
@@ -71,10 +72,10 @@ def sample_times(b: int, n: int, sampler_times: list[float], gen, device) -> tor
     return torch.where(pick, g, u)
 
 
-def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, mask):
+def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
     noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device)
     prompt = batch["prompt"].to(device)
-    out = model(noisy, prev, t, actions, frame_index, MaskedSelfAttention(mask), dense_cross_attn, prompt)
+    out = model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt)
     f = (noisy.shape[1] + 1) // 2
     return out[:, f:], targets
 
@@ -122,14 +123,23 @@ def setup_distributed(device_cfg: str):
 
 def train(cfg: DictConfig) -> dict:
     rank, world, device = setup_distributed(str(cfg.device))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(int(cfg.seed) + rank)
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True) | {})
     scfg = SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True))
     sampler = FlowSampler(scfg)
     tc = cfg.train
     dcfg = DataConfig(**OmegaConf.to_container(tc.data, resolve=True))
-    world_cfgs = [load_world_config(name) for name in tc.worlds]
+    world_cfgs = [load_config(name) for name in tc.worlds]
     model = WorldModel(mcfg).to(device)
+    if tc.get("init"):
+        from runtime.checkpoint import load_checkpoint
+
+        init, _ = load_checkpoint(str(tc.init))
+        if init.cfg != mcfg:
+            raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg}")
+        model.load_state_dict(init.state_dict())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if rank == 0:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} x{world}", flush=True)
@@ -146,7 +156,15 @@ def train(cfg: DictConfig) -> dict:
     micro = int(tc.batch_size) // dcfg.env_batch
     if micro * dcfg.env_batch != int(tc.batch_size):
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of train.data.env_batch={dcfg.env_batch}")
-    mask = teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device=device)
+    if str(tc.attention) == "flex" and device.type == "cuda":
+        train_attn = FlexSelfAttention(dcfg.frames, mcfg.tokens_per_frame, device)
+    elif str(tc.attention) in ("flex", "sdpa"):
+        train_attn = MaskedSelfAttention(teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device=device))
+    else:
+        raise ValueError(f"train.attention={tc.attention!r}; expected 'flex' (GPU) or 'sdpa'")
+    if bool(tc.compile):
+        for blk in model.blocks:  # regional compilation: one compiled block reused by all layers
+            blk.compile(dynamic=False)
     eval_batch = next(iter(torch.utils.data.DataLoader(
         WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch)})),
         batch_size=None)))
@@ -168,7 +186,9 @@ def train(cfg: DictConfig) -> dict:
     step = 0
     last_metrics: dict = {}
     while step < steps:
-        lr = float(tc.lr) * min(1.0, (step + 1) / max(1, int(tc.warmup))) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        # cosine decay over whichever runs out first: the step budget or the time budget
+        progress_frac = min(1.0, max(step / steps, (time.time() - t_start) / float(tc.time_limit_s)))
+        lr = float(tc.lr) * min(1.0, (step + 1) / max(1, int(tc.warmup))) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -180,14 +200,14 @@ def train(cfg: DictConfig) -> dict:
             ctx_sigma = ctx_sigma * (torch.rand(b, generator=gen, device=device) < float(tc.context_noise_prob))
             t_tgt = sample_times(b, dcfg.frames - 1, sampler.times, gen, device)
             with amp:
-                pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, mask)
+                pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn)
                 loss = F.mse_loss(pred.float(), target) / micro
             loss.backward()
             total += float(loss.detach())
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
         opt.step()
         with torch.no_grad():
-            d = float(tc.ema) if step > int(tc.warmup) else 0.0
+            d = min(float(tc.ema), (1 + step) / (10 + step))  # short runs: the average ramps up
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
         step += 1
@@ -205,7 +225,7 @@ def train(cfg: DictConfig) -> dict:
                     f.write(json.dumps(last_metrics) + "\n")
                 progress.write(json.dumps(last_metrics))
             if step % int(tc.ckpt_every) == 0 or step == steps or stop:
-                info = {"step": step, "elapsed_s": round(elapsed, 1), "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+                info = {"world_family": "overworld", "step": step, "elapsed_s": round(elapsed, 1), "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                         "processes": world, "sampler": OmegaConf.to_container(cfg.sampler), "train": OmegaConf.to_container(tc), "metrics": last_metrics}
                 save_checkpoint(out / "model.safetensors", ema, info)
         if stop:
