@@ -68,17 +68,33 @@ class MaskedSelfAttention:
 
 
 class CachedSelfAttention:
-    """The chunk attends to [cache | itself]; the clean pass (`commit=True`) keeps it."""
+    """The chunk attends to [cache | itself]; `commit` tokens of it are then kept.
 
-    def __init__(self, cache: KVCache, commit: bool):
+    With `commit` = N (one frame) and a chunk of two frames [clean | noisy], this is the
+    merged pass: the pending clean frame is written into the cache in the same forward
+    as the first denoising step of the next frame. Clean queries must not see the noisy
+    frame:
+                         cache   clean  noisy
+              clean q     x x x   x x
+              noisy q     x x x   x x    x x
+    """
+
+    def __init__(self, cache: KVCache, commit: int = 0):
         self.cache = cache
         self.commit = commit
 
     def __call__(self, layer: int, q, k, v):
         keys, values, bias = self.cache.stage(layer, k, v)
+        m, c = k.shape[2], self.commit
+        if 0 < c < m:
+            lk = keys.shape[2]
+            hide = torch.zeros(m, lk, dtype=torch.bool, device=q.device)
+            hide[:c, lk - (m - c) :] = True  # clean queries do not see the noisy frame
+            mask = torch.zeros(m, lk, dtype=q.dtype, device=q.device).masked_fill_(hide, float("-inf"))
+            bias = mask if bias is None else bias.to(q.dtype) + mask
         out = sdpa(q, keys, values, bias)
-        if self.commit:
-            self.cache.commit(layer)
+        if c:
+            self.cache.commit(layer, c)
         return out
 
 

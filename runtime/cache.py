@@ -53,7 +53,9 @@ class KVCache:
     # --- verbs
     def reset(self) -> None:
         s = self.spec
-        shape = (s.batch, s.heads, self._capacity + s.tokens_per_frame, s.head_dim)
+        # room after the valid tokens for a staged chunk: up to two frames (the pending
+        # clean frame and the frame being denoised run in one pass)
+        shape = (s.batch, s.heads, self._capacity + 2 * s.tokens_per_frame, s.head_dim)
         self.k = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
         self.v = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
         self.length = [0] * s.num_layers  # valid tokens per layer
@@ -70,8 +72,9 @@ class KVCache:
         self.staged[layer] = m
         return self.k[layer][:, :, : n + m], self.v[layer][:, :, : n + m], None
 
-    def commit(self, layer: int) -> None:
-        self.length[layer] += self.staged[layer]
+    def commit(self, layer: int, count: int | None = None) -> None:
+        """Keep the first `count` staged tokens (all by default): one clean frame."""
+        self.length[layer] += self.staged[layer] if count is None else count
         self.staged[layer] = 0
         if layer == self.spec.num_layers - 1:
             self.frames_seen += 1
@@ -136,13 +139,14 @@ class WindowCache(KVCache):
         super().reset()
         self._next = [0] * self.spec.num_layers
 
-    def commit(self, layer: int) -> None:
+    def commit(self, layer: int, count: int | None = None) -> None:
         cap = self._capacity
-        n, m = self.length[layer], self.staged[layer]
+        n = self.length[layer]
+        m = self.staged[layer] if count is None else count
         if n + m <= cap:
-            super().commit(layer)
+            super().commit(layer, m)
             return
-        # full: move the staged chunk (at [cap, cap+m)) over the oldest ring slots
+        # full: move the committed part of the chunk (at [cap, cap+m)) over the oldest ring slots
         assert m <= self.ring_tokens, "a chunk larger than the window cannot be cached"
         start = self.sink_tokens + self._next[layer]
         for store in (self.k, self.v):

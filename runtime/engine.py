@@ -93,6 +93,9 @@ class Rollout:
       2. quantize the clean frame to uint8 (what is shown is what is remembered);
       3. the clean pass: run the model on the clean frame at t=0 and commit its keys
          and values into the cache (the policy decides what is kept).
+    Step 3 is deferred: the clean frame stays *pending* and runs in the same forward as
+    the first denoising step of the next frame (one pass of two frames instead of two
+    passes of one; identical results, see CachedSelfAttention). `flush()` runs it alone.
     """
 
     def __init__(self, model, sampler, cache: KVCache, attention=None):
@@ -102,18 +105,20 @@ class Rollout:
         self.attention = attention  # builds the self/cross-attention callables
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.pending = None
 
-    def _attn(self, commit: bool, step_index: int | None):
+    def _attn(self, commit: int, step_index: int | None):
         if self.attention is None:
             return CachedSelfAttention(self.cache, commit), dense_cross_attn
         return self.attention.build(self.cache, commit=commit, step_index=step_index, num_steps=len(self.sampler.times))
 
-    def _run(self, x, prev, t: float, actions, commit: bool, step_index: int | None) -> torch.Tensor:
+    def _forward(self, x, prev, times: list[float], actions, indices: list[int], commit: int, step_index):
+        """x, prev: (B, F, 3, H, W); actions (B, F); one time and frame index per frame."""
         b = x.shape[0]
-        tt = torch.full((b, 1), t, device=self.device, dtype=torch.float32)
-        idx = torch.tensor([self.frame_index], device=self.device)
+        tt = torch.tensor(times, device=self.device, dtype=torch.float32).expand(b, -1)
+        idx = torch.tensor(indices, device=self.device)
         sa, ca = self._attn(commit, step_index)
-        return self.model(x, prev, tt, actions[:, None], idx, sa, ca, self.prompt_kv)
+        return self.model(x, prev, tt, actions, idx, sa, ca, self.prompt_kv)
 
     @torch.no_grad()
     def reset(self, first_frames_u8: torch.Tensor, prompt: torch.Tensor, seed: int) -> None:
@@ -125,20 +130,40 @@ class Rollout:
         self.prompt_kv = self.model.encode_prompt(prompt.to(self.device, self.dtype))
         self.frame_index = 0
         first = to_unit(first_frames_u8.to(self.device)).to(self.dtype)[:, None]  # (B, 1, 3, H, W)
-        self.prev = first
         idle = torch.zeros(first.shape[0], dtype=torch.long, device=self.device)
-        self._run(first, first, 0.0, idle, commit=True, step_index=None)
+        # the first frame comes from reset: its previous frame is itself, its action idle
+        self.prev = first
+        self.pending = (first, first, idle, 0)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: float, actions: torch.Tensor, step_index: int = 0) -> torch.Tensor:
-        """One denoising step of the next frame: x (B, 1, 3, H, W) at time t -> x0 estimate."""
-        return self._run(x, self.prev, t, actions, commit=False, step_index=step_index)
+        """One denoising step of frame `frame_index`: x (B, 1, 3, H, W) at time t -> x0 estimate."""
+        a = actions.to(self.device)[:, None]
+        if self.pending is None:
+            return self._forward(x, self.prev, [t], a, [self.frame_index], 0, step_index)
+        clean, prev, act, index = self.pending
+        self.pending = None
+        out = self._forward(
+            torch.cat([clean, x], 1), torch.cat([prev, self.prev], 1), [0.0, t],
+            torch.cat([act[:, None], a], 1), [index, self.frame_index], self.model.cfg.tokens_per_frame, step_index,
+        )
+        return out[:, 1:]
 
     @torch.no_grad()
     def append(self, clean: torch.Tensor, actions: torch.Tensor) -> None:
-        """The clean pass: write the clean next frame (B, 1, 3, H, W) into the cache."""
-        self._run(clean, self.prev, 0.0, actions, commit=True, step_index=None)
+        """Queue the clean frame (B, 1, 3, H, W) made by `actions` for the cache."""
+        self.flush()
+        self.pending = (clean, self.prev, actions.to(self.device), self.frame_index)
         self.prev = clean
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write a pending clean frame into the cache now (a clean pass of its own)."""
+        if self.pending is None:
+            return
+        clean, prev, act, index = self.pending
+        self.pending = None
+        self._forward(clean, prev, [0.0], act[:, None], [index], self.model.cfg.tokens_per_frame, None)
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor) -> torch.Tensor:

@@ -186,14 +186,18 @@ class Block(nn.Module):
         nn.init.zeros_(self.xproj.weight)
         nn.init.zeros_(self.xproj.bias)
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """(B, L, W) -> (B, H, L, D); the optional per-head norm runs on the contiguous view."""
         b, l, w = x.shape
-        return x.view(b, l, self.heads, w // self.heads).transpose(1, 2)  # (B, H, L, D)
+        x = x.view(b, l, self.heads, w // self.heads)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
 
     def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """prompt: (B, T, W) embedded prompt -> keys, values (B, H, T, D)."""
         k, v = self.xkv(prompt).chunk(2, dim=-1)
-        return self.xk_norm(self.split_heads(k)), self.split_heads(v)
+        return self.split_heads(k, self.xk_norm), self.split_heads(v)
 
     def forward(self, x, cond, cos, sin, self_attn, layer: int, cross_attn, prompt_k, prompt_v):
         """x: (B, L, W) with L = F*N; cond: (B, F, W) per-frame conditioning (time + action)."""
@@ -205,14 +209,14 @@ class Block(nn.Module):
         x = x.view(b, f, l // f, w)
         hx = self.norm1(x) * (1 + sc1) + sh1
         q, k, v = self.qkv(hx).view(b, l, 3 * w).chunk(3, dim=-1)
-        q = self.q_norm(self.split_heads(q))
-        k = self.k_norm(self.split_heads(k))
+        q = self.split_heads(q, self.q_norm)
+        k = self.split_heads(k, self.k_norm)
         v = self.split_heads(v)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         a = self_attn(layer, q, k, v)  # (B, H, L, D)
         x = x + g1 * self.proj(a.transpose(1, 2).reshape(b, f, l // f, w))
-        xq = self.xq_norm(self.split_heads(self.xq(self.norm_x(x)).view(b, l, w)))
+        xq = self.split_heads(self.xq(self.norm_x(x)).view(b, l, w), self.xq_norm)
         xa = cross_attn(layer, xq, prompt_k, prompt_v)
         x = x + self.xproj(xa.transpose(1, 2).reshape(b, f, l // f, w))
         hx = self.norm2(x) * (1 + sc2) + sh2
