@@ -57,13 +57,19 @@ def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device=None) ->
     return frame_mask.repeat_interleave(n, dim=0).repeat_interleave(n, dim=1)
 
 
+def merge_mask(bias: torch.Tensor | None, hide: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias (query dtype) that also hides the True entries of `hide`."""
+    mask = torch.zeros(hide.shape, dtype=dtype, device=hide.device).masked_fill_(hide, float("-inf"))
+    return mask if bias is None else bias.to(dtype) + mask
+
+
 class MaskedSelfAttention:
     """Full-sequence self-attention with a fixed boolean mask (training, reference)."""
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
 
-    def __call__(self, layer: int, q, k, v):
+    def __call__(self, layer: int, q, k, v, k_pre=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
@@ -83,15 +89,14 @@ class CachedSelfAttention:
         self.cache = cache
         self.commit = commit
 
-    def __call__(self, layer: int, q, k, v):
-        keys, values, bias = self.cache.stage(layer, k, v)
+    def __call__(self, layer: int, q, k, v, k_pre=None):
+        keys, values, bias = self.cache.stage(layer, k, v, k_pre)
         m, c = k.shape[2], self.commit
         if 0 < c < m:
             lk = keys.shape[2]
             hide = torch.zeros(m, lk, dtype=torch.bool, device=q.device)
             hide[:c, lk - (m - c) :] = True  # clean queries do not see the noisy frame
-            mask = torch.zeros(m, lk, dtype=q.dtype, device=q.device).masked_fill_(hide, float("-inf"))
-            bias = mask if bias is None else bias.to(q.dtype) + mask
+            bias = merge_mask(bias, hide, q.dtype)
         out = sdpa(q, keys, values, bias)
         if c:
             self.cache.commit(layer, c)
@@ -126,5 +131,5 @@ class FlexSelfAttention:
         self.block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
         self.flex = flex_attention
 
-    def __call__(self, layer: int, q, k, v):
+    def __call__(self, layer: int, q, k, v, k_pre=None):
         return self.flex(q, k, v, block_mask=self.block_mask)

@@ -62,8 +62,10 @@ class KVCache:
         self.staged = [0] * s.num_layers
         self.frames_seen = 0
 
-    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: (B, H, M, D) -> (K, V, bias) over [valid | staged]; bias is None here."""
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None):
+        """k, v: (B, H, M, D) -> (K, V, bias) over [valid | staged]; bias is None here.
+
+        k_pre (pre-RoPE keys) is only used by policies that match content (TempCache)."""
         m = k.shape[2]
         self._ensure(layer, m)
         n = self.length[layer]

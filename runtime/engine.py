@@ -128,6 +128,8 @@ class Rollout:
         if self.attention is not None:
             self.attention.reset()
         self.prompt_kv = self.model.encode_prompt(prompt.to(self.device, self.dtype))
+        if self.attention is not None:
+            self.prompt_kv = self.attention.prepare_prompt(self.prompt_kv)
         self.frame_index = 0
         first = to_unit(first_frames_u8.to(self.device)).to(self.dtype)[:, None]  # (B, 1, 3, H, W)
         idle = torch.zeros(first.shape[0], dtype=torch.long, device=self.device)

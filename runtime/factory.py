@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
+from runtime.cache import CacheSpec
 from runtime.checkpoint import file_sha256, load_checkpoint
 from runtime.engine import NeuralEngine, Rollout
-from runtime.model import ModelConfig
 from runtime.sampler import FlowSampler, SamplerConfig
+from runtime.sparse import AttentionConfig, AttentionRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,21 +45,15 @@ def resolve_path(path: str) -> Path:
     return p
 
 
-def build_cache(att_cfg, model_cfg: ModelConfig, batch: int, device, dtype) -> KVCache:
-    spec = CacheSpec(model_cfg.depth, batch, model_cfg.heads, model_cfg.head_dim, model_cfg.tokens_per_frame, device, dtype)
-    policy = att_cfg.get("policy", "dense")
-    if policy == "dense":
-        return DenseCache(spec, initial_frames=int(att_cfg.get("initial_frames", 64)))
-    if policy == "window":
-        return WindowCache(spec, sink_frames=int(att_cfg.sink_frames), window_frames=int(att_cfg.window_frames))
-    raise ValueError(f"attention.policy={policy!r}; expected 'dense' or 'window'")
-
-
 def build_rollout(model, cfg, batch: int = 1) -> Rollout:
+    """The rollout for `model` with the cache policy and attention of `cfg.attention`."""
     p = next(model.parameters())
-    cache = build_cache(cfg.attention, model.cfg, batch, p.device, p.dtype)
+    mc = model.cfg
+    spec = CacheSpec(mc.depth, batch, mc.heads, mc.head_dim, mc.tokens_per_frame, p.device, p.dtype)
+    runtime = AttentionRuntime(AttentionConfig.from_dict(cfg.attention))
+    cache = runtime.build_cache(spec)
     sampler = FlowSampler(SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)))
-    return Rollout(model, sampler, cache)
+    return Rollout(model, sampler, cache, attention=runtime)
 
 
 def build_neural_engine(cfg, world) -> NeuralEngine:

@@ -212,9 +212,10 @@ class Block(nn.Module):
         q = self.split_heads(q, self.q_norm)
         k = self.split_heads(k, self.k_norm)
         v = self.split_heads(v)
+        k_pre = k  # pre-RoPE keys: what TempCache may match content on
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        a = self_attn(layer, q, k, v)  # (B, H, L, D)
+        a = self_attn(layer, q, k, v, k_pre)  # (B, H, L, D)
         x = x + g1 * self.proj(a.transpose(1, 2).reshape(b, f, l // f, w))
         xq = self.split_heads(self.xq(self.norm_x(x)).view(b, l, w), self.xq_norm)
         xa = cross_attn(layer, xq, prompt_k, prompt_v)
@@ -262,7 +263,7 @@ class WorldModel(nn.Module):
         t: torch.Tensor,           # (B, F) diffusion time of each frame (0 = clean)
         actions: torch.Tensor,     # (B, F) int action that produced each frame
         frame_index: torch.Tensor, # (F,) absolute frame numbers (RoPE)
-        self_attn,                 # callable(layer, q, k, v) -> (B, H, L, D)
+        self_attn,                 # callable(layer, q, k, v, k_pre) -> (B, H, L, D)
         cross_attn,                # callable(layer, q, k, v) -> (B, H, L, D)
         prompt_kv,                 # per-layer prompt (keys, values), or the raw prompt (B, T, E)
     ) -> torch.Tensor:

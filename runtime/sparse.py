@@ -1,0 +1,310 @@
+"""The attention runtime: cache policy + AnnSA + AnnCA, chosen once from `attention=NAME`.
+
+    dense      every cached frame (the reference; grows without bound)
+    window     sink frames + recent frames (runtime/cache.py)
+    tempcache  merged near-duplicate keys under a hard budget (runtime/tempcache.py)
+    annsa      sparse self-attention: each query block attends to the key blocks the ANN
+               ranks highest (plus sinks, recent frames and the current chunk)
+    annca      sparse cross-attention: per frame, only the prompt tokens some query of
+               the frame lands near (plus exact merging of identical prompt tokens)
+    fastar     tempcache + annsa + annca
+
+AnnSA, per query block of `block` tokens over the cached tokens (blocks of `block` slots):
+
+    scores = ANN block_scores(q, cached keys)         cheap relevance per block pair
+    scores[sink and recent blocks] = +inf             always kept
+    scores[blocks with no valid slot] = -inf          empty TempCache slots
+    keep the top ceil(density * num_blocks) blocks, gather them, and attend over
+    [kept blocks | the current chunk] with the cache's log-count bias
+
+Sparsity is skipped (dense) for the first floor(dense_fraction * steps) denoising steps
+and whenever the kept fraction would exceed `max_density` (where sparsity stops paying).
+The gather path runs on any device; it is exact when every block is kept (tested).
+
+Statistics per module and layer: density (fraction of query-key pairs computed), and
+with `stats_recall: true` recall (fraction of the dense softmax mass on kept keys).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from runtime.ann import build_ann
+from runtime.attention import CachedSelfAttention, merge_mask, sdpa
+from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
+from runtime.tempcache import TempCache
+
+POLICIES = ("dense", "window", "tempcache")
+
+
+@dataclass
+class AttentionConfig:
+    name: str = "dense"
+    policy: str = "dense"
+    initial_frames: int = 64        # dense: first capacity (then doubled)
+    sink_frames: int = 1            # window / tempcache
+    window_frames: int = 15         # window
+    budget_frames: int = 16         # tempcache: hard budget in frames of tokens
+    threshold: float = 0.9          # tempcache: cosine similarity to merge
+    match: str = "pre"              # tempcache: match pre- or post-RoPE keys
+    representative: str = "recent"  # tempcache: newest key, or the mean key
+    merge_ann: str = "exact"        # tempcache: ANN backend for the top-1 correspondence
+    annsa: bool = False
+    annca: bool = False
+    ann: str = "quant"              # AnnSA / AnnCA backend: exact | lsh | quant | faiss
+    ann_options: dict = field(default_factory=dict)
+    block: int = 64                 # AnnSA block size (tokens)
+    density: float = 0.5            # AnnSA: fraction of cached blocks kept
+    recent_frames: int = 2          # AnnSA: always keep the most recent frames
+    dense_fraction: float = 0.3     # AnnSA: dense for the first floor(fraction * steps) steps
+    max_density: float = 0.9        # AnnSA: above this kept fraction, run dense
+    stats_recall: bool = False      # measure attention recall (costs a dense pass)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"attention.policy={self.policy!r}; expected one of {list(POLICIES)}")
+        if not 0 < self.density <= 1:
+            raise ValueError(f"attention.density={self.density} must be in (0, 1]")
+        if not 0 <= self.dense_fraction <= 1:
+            raise ValueError(f"attention.dense_fraction={self.dense_fraction} must be in [0, 1]")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"attention.threshold={self.threshold} must be a cosine similarity in (0, 1]")
+        if self.block < 1:
+            raise ValueError(f"attention.block={self.block} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d) -> "AttentionConfig":
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(d, DictConfig):
+            d = OmegaConf.to_container(d, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown attention config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+class LayerStats:
+    """Running means per layer of one module's density and recall."""
+
+    def __init__(self):
+        self.sums: dict[int, list[float]] = {}
+
+    def add(self, layer: int, density: float, recall: float | None) -> None:
+        s = self.sums.setdefault(layer, [0.0, 0.0, 0, 0])
+        s[0] += density
+        s[2] += 1
+        if recall is not None:
+            s[1] += recall
+            s[3] += 1
+
+    def summary(self) -> dict:
+        per = {l: {"density": s[0] / s[2], "recall": (s[1] / s[3]) if s[3] else None} for l, s in sorted(self.sums.items())}
+        dens = [p["density"] for p in per.values()]
+        recs = [p["recall"] for p in per.values() if p["recall"] is not None]
+        return {"density": sum(dens) / len(dens) if dens else None, "recall": sum(recs) / len(recs) if recs else None,
+                "per_layer": per}
+
+
+def mass_recall(q, keys, bias, kept) -> float:
+    """Fraction of dense softmax mass on kept keys. kept: bool broadcastable to scores."""
+    s = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.float()
+    p = torch.softmax(s, dim=-1)
+    return float((p * kept).sum(-1).mean())
+
+
+class AnnSelfAttention:
+    """Block-sparse self-attention over [cache | chunk] through the ANN's block scores."""
+
+    def __init__(self, rt: "AttentionRuntime", cache: KVCache, commit: int, sparse: bool):
+        self.rt, self.cache, self.commit, self.sparse = rt, cache, commit, sparse
+
+    def __call__(self, layer: int, q, k, v, k_pre=None):
+        cfg = self.rt.cfg
+        keys, values, bias = self.cache.stage(layer, k, v, k_pre)
+        b, h, m, d = q.shape
+        lk = keys.shape[2]
+        lc = lk - m  # cached tokens
+        c = self.commit
+        hide = None
+        if 0 < c < m:
+            hide = torch.zeros(m, lk, dtype=torch.bool, device=q.device)
+            hide[:c, lk - (m - c):] = True
+        blk = cfg.block
+        nkb = lc // blk
+        keep_n = min(nkb, math.ceil(cfg.density * nkb))
+        if not self.sparse or nkb == 0 or lc % blk or m % blk or keep_n / max(nkb, 1) > cfg.max_density:
+            out = sdpa(q, keys, values, merge_mask(bias, hide, q.dtype) if hide is not None else bias)
+            self.rt.sa_stats.add(layer, 1.0, 1.0 if cfg.stats_recall else None)
+        else:
+            out = self._sparse(layer, q, keys, values, bias, hide, lc, nkb, keep_n)
+        if c:
+            self.cache.commit(layer, c)
+        return out
+
+    def _sparse(self, layer, q, keys, values, bias, hide, lc, nkb, keep_n):
+        cfg = self.rt.cfg
+        b, h, m, d = q.shape
+        blk = cfg.block
+        nqb = m // blk
+        bh = b * h
+        qf = q.reshape(bh, m, d)
+        kc = keys[:, :, :lc].reshape(bh, lc, d)
+        scores = self.rt.ann_backend.block_scores(qf, kc, blk, blk)  # (BH, nQB, nKB)
+        if bias is not None:
+            valid = torch.isfinite(bias[:, :, 0, :lc]).reshape(bh, nkb, blk).any(-1)  # (BH, nKB)
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        forced = self._forced_blocks(layer, lc, nkb, b, h)
+        if forced is not None:
+            scores = scores.masked_fill(forced[:, None, :], float("inf"))
+        sel = scores.topk(keep_n, dim=-1).indices  # (BH, nQB, K)
+        kb = kc.view(bh, nkb, blk, d)
+        vb = values[:, :, :lc].reshape(bh, nkb, blk, d)
+        gi = sel[..., None, None].expand(-1, -1, -1, blk, d)
+        gk = torch.gather(kb[:, None].expand(-1, nqb, -1, -1, -1), 2, gi).reshape(bh, nqb, keep_n * blk, d)
+        gv = torch.gather(vb[:, None].expand(-1, nqb, -1, -1, -1), 2, gi).reshape(bh, nqb, keep_n * blk, d)
+        own_k = keys[:, :, lc:].reshape(bh, 1, m, d).expand(-1, nqb, -1, -1)
+        own_v = values[:, :, lc:].reshape(bh, 1, m, d).expand(-1, nqb, -1, -1)
+        kk = torch.cat([gk, own_k], dim=2)
+        vv = torch.cat([gv, own_v], dim=2)
+        # bias: the kept slots' log counts, then zeros (or the merged-pass mask) for the chunk
+        if bias is not None:
+            bb = bias[:, :, 0, :lc].reshape(bh, nkb, blk)
+            gb = torch.gather(bb[:, None].expand(-1, nqb, -1, -1), 2, sel[..., None].expand(-1, -1, -1, blk))
+            gb = gb.reshape(bh, nqb, 1, keep_n * blk).expand(-1, -1, blk, -1)
+        else:
+            gb = torch.zeros(bh, nqb, blk, keep_n * blk, device=q.device)
+        own_b = torch.zeros(m, m, device=q.device)
+        if hide is not None:
+            own_b = own_b.masked_fill(hide[:, lc:], float("-inf"))
+        own_b = own_b.view(nqb, blk, m)[None].expand(bh, -1, -1, -1)
+        ab = torch.cat([gb.float(), own_b], dim=-1).to(q.dtype)
+        qb = qf.view(bh, nqb, blk, d)
+        out = F.scaled_dot_product_attention(qb, kk, vv, attn_mask=ab).reshape(b, h, m, d)
+        recall = None
+        if cfg.stats_recall:
+            kept = torch.zeros(bh, nqb, nkb, dtype=torch.bool, device=q.device).scatter_(-1, sel, True)
+            kept = kept.repeat_interleave(blk, 1).repeat_interleave(blk, 2)  # (BH, m, lc)
+            kept = torch.cat([kept, torch.ones(bh, m, m, dtype=torch.bool, device=q.device)], -1).view(b, h, m, -1)
+            full_bias = merge_mask(bias, hide, torch.float32) if hide is not None else bias
+            recall = mass_recall(q, keys, full_bias, kept)
+        self.rt.sa_stats.add(layer, (keep_n * blk + m) / (lc + m), recall)
+        return out
+
+    def _forced_blocks(self, layer, lc, nkb, b, h):
+        """(BH, nKB) blocks that are always kept: sinks and the most recent frames."""
+        cfg = self.rt.cfg
+        slots = self.cache.recent_slots(layer, cfg.recent_frames) if hasattr(self.cache, "recent_slots") else None
+        if slots is None:
+            return None
+        return slots[..., :lc].reshape(b * h, nkb, cfg.block).any(-1)
+
+
+class AnnCrossAttention:
+    """Cross-attention to the prompt, per frame only over the tokens its queries land near."""
+
+    def __init__(self, rt: "AttentionRuntime", tokens_per_frame: int):
+        self.rt, self.n = rt, tokens_per_frame
+
+    def __call__(self, layer: int, q, pk, pv):
+        rt = self.rt
+        bias = rt.prompt_logc[layer] if rt.prompt_logc else None  # (B, H, 1, T) or None
+        if not rt.cfg.annca:
+            return sdpa(q, pk, pv, bias)
+        b, h, l, d = q.shape
+        t = pk.shape[2]
+        frames = l // self.n
+        keep = []
+        for f in range(frames):  # one or two frames per pass
+            qf = q[:, :, f * self.n : (f + 1) * self.n].reshape(b * h, self.n, d)
+            keep.append(rt.ann_backend.key_mask(qf, pk.reshape(b * h, t, d)).view(b, h, 1, t))
+        keep = torch.cat(keep, dim=2).repeat_interleave(self.n, dim=2)  # (B, H, L, T)
+        if bias is not None:
+            keep = keep & torch.isfinite(bias)
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+        full = mask if bias is None else mask + bias.to(q.dtype)
+        out = sdpa(q, pk, pv, full)
+        recall = mass_recall(q, pk, bias, keep) if rt.cfg.stats_recall else None
+        valid = float(torch.isfinite(bias).float().mean()) if bias is not None else 1.0
+        rt.ca_stats.add(layer, float(keep.float().mean()) / max(valid, 1e-9) * valid, recall)
+        return out
+
+
+class AttentionRuntime:
+    """Owns the attention choices of one engine: builds the cache and the callables."""
+
+    def __init__(self, cfg: AttentionConfig):
+        self.cfg = cfg
+        self.ann_backend = build_ann(cfg.ann, **cfg.ann_options) if (cfg.annsa or cfg.annca) else None
+        self.cache: KVCache | None = None
+        self.reset()
+
+    def build_cache(self, spec: CacheSpec) -> KVCache:
+        c = self.cfg
+        if c.policy == "dense":
+            cache = DenseCache(spec, initial_frames=c.initial_frames)
+        elif c.policy == "window":
+            cache = WindowCache(spec, sink_frames=c.sink_frames, window_frames=c.window_frames)
+        else:
+            cache = TempCache(spec, budget_frames=c.budget_frames, sink_frames=c.sink_frames, threshold=c.threshold,
+                              match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="cosine"))
+        self.cache = cache
+        self.tokens_per_frame = spec.tokens_per_frame
+        return cache
+
+    def reset(self) -> None:
+        self.sa_stats = LayerStats()
+        self.ca_stats = LayerStats()
+        self.prompt_logc: list[torch.Tensor] = []
+
+    def prepare_prompt(self, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Merge exactly identical prompt tokens (same key and value) with a log-count bias."""
+        if not self.cfg.annca:
+            return prompt_kv
+        out, self.prompt_logc = [], []
+        for pk, pv in prompt_kv:
+            k2, v2, lc = dedupe_tokens(pk, pv)
+            out.append((k2, v2))
+            self.prompt_logc.append(lc)
+        return out
+
+    def build(self, cache: KVCache, commit: int, step_index: int | None, num_steps: int):
+        c = self.cfg
+        dense_steps = math.floor(c.dense_fraction * num_steps)
+        sparse = c.annsa and (step_index is None or step_index >= dense_steps)
+        sa = AnnSelfAttention(self, cache, commit, sparse) if c.annsa else CachedSelfAttention(cache, commit)
+        return sa, AnnCrossAttention(self, self.tokens_per_frame)
+
+    def summary(self) -> dict:
+        out = {"attention": self.cfg.name, "self_attn": self.sa_stats.summary(), "cross_attn": self.ca_stats.summary()}
+        if isinstance(self.cache, TempCache):
+            out["merge_rate"] = self.cache.merge_rate()
+            out["last_merge_rate"] = sum(self.cache.last_merge_rate) / len(self.cache.last_merge_rate)
+        return out
+
+
+def dedupe_tokens(pk: torch.Tensor, pv: torch.Tensor):
+    """(B, H, T, D) keys/values -> unique (key, value) rows per head, padded, and log counts
+    (B, H, 1, T') with -inf on padding. Exact: identical tokens get one row + log(count)."""
+    b, h, t, d = pk.shape
+    rows = torch.cat([pk, pv], dim=-1).reshape(b * h, t, 2 * d)
+    uniq, counts = [], []
+    for r in rows:  # at reset only: B*H small
+        u, cnt = torch.unique(r.float(), dim=0, return_counts=True)
+        uniq.append(u)
+        counts.append(cnt)
+    tmax = max(u.shape[0] for u in uniq)
+    k2 = torch.zeros(b * h, tmax, d, dtype=pk.dtype, device=pk.device)
+    v2 = torch.zeros_like(k2)
+    lc = torch.full((b * h, tmax), float("-inf"), device=pk.device)
+    for i, (u, cnt) in enumerate(zip(uniq, counts)):
+        k2[i, : u.shape[0]] = u[:, :d].to(pk.dtype)
+        v2[i, : u.shape[0]] = u[:, d:].to(pk.dtype)
+        lc[i, : u.shape[0]] = cnt.float().log()
+    return k2.view(b, h, tmax, d), v2.view(b, h, tmax, d), lc.view(b, h, 1, tmax)

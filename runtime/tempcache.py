@@ -1,0 +1,197 @@
+"""TempCache: a KV cache that merges near-duplicate keys across frames, with a hard budget.
+
+Each layer holds at most `budget_frames * N` groups per head (N tokens per frame). A
+group is (representative key, mean value, count); attention adds log(count) to the
+group's logit, which is exact when the group's keys are identical:
+
+    sum_i e^{q.k} v_i / Z  =  e^{q.k + log m} * mean(v) / Z     (m identical keys)
+
+Commit of a clean frame, per head, for each new token:
+  1. find its corresponding group: ANN top-1 over the groups' match keys (cosine);
+  2. similarity >= `threshold`: merge (count += 1, value mean updated, the representative
+     becomes the newest key by default, `representative: mean` keeps the mean key);
+  3. otherwise append it to a free slot; when none is free (the budget is reached) it
+     replaces the least recently updated group (LRU). Groups that keep absorbing new
+     tokens stay fresh; content not seen for the longest time goes first.
+The first `sink_frames` frames are sinks: appended unmerged, never matched, never
+evicted (attention sinks anchor long rollouts).
+
+Matching uses pre-RoPE keys by default (`match: pre`): RoPE turns part of each key by
+the frame index (and the rest by screen position), so the same content in two frames
+gives different post-RoPE keys; pre-RoPE keys compare content wherever it moved on
+screen, which is what a scrolling world needs. The stored representative is the
+post-RoPE key of the newest member, i.e. the content at its latest position.
+
+Memory layout per layer (static after reset; S sink slots, G group slots, C staged):
+    [ S S | G G G G G G G G G G | C C ]      count 0 = empty slot, bias -inf
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.ann import AnnBackend, build_ann
+from runtime.cache import CacheSpec, KVCache
+
+
+class TempCache(KVCache):
+    policy = "tempcache"
+    uses_counts = True
+
+    def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
+                 match: str = "pre", representative: str = "recent", ann: AnnBackend | None = None):
+        if budget_frames <= sink_frames:
+            raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"tempcache threshold={threshold} must be a cosine similarity in [-1, 1]")
+        if match not in ("pre", "post"):
+            raise ValueError(f"tempcache match={match!r}; expected 'pre' or 'post'")
+        if representative not in ("recent", "mean"):
+            raise ValueError(f"tempcache representative={representative!r}; expected 'recent' or 'mean'")
+        self.sink_frames = sink_frames
+        self.threshold = threshold
+        self.match = match
+        self.representative = representative
+        self.ann = ann or build_ann("exact", metric="cosine")
+        super().__init__(spec, budget_frames * spec.tokens_per_frame)
+
+    def reset(self) -> None:
+        super().reset()
+        s, cap = self.spec, self._capacity
+        full = cap + 2 * s.tokens_per_frame
+        shape = (s.batch, s.heads, full)
+        self.count = [torch.zeros(shape, device=s.device, dtype=torch.float32) for _ in range(s.num_layers)]
+        self.logc = [self._logc(c) for c in self.count]
+        self.mkey = [torch.zeros(shape + (s.head_dim,), device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
+        self.stamp = [torch.full(shape[:2] + (cap,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
+        self.staged_match = [None] * s.num_layers
+        self.commits = [0] * s.num_layers
+        self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
+        self.new_tokens = [0] * s.num_layers
+        self.last_merge_rate = [0.0] * s.num_layers
+
+    def _logc(self, count: torch.Tensor) -> torch.Tensor:
+        return torch.where(count > 0, count.clamp_min(1e-30).log(), torch.full_like(count, float("-inf")))
+
+    # --- verbs
+    def stage(self, layer: int, k, v, k_pre=None):
+        cap, m = self._capacity, k.shape[2]
+        self.k[layer][:, :, cap : cap + m] = k
+        self.v[layer][:, :, cap : cap + m] = v
+        self.logc[layer][:, :, cap : cap + m] = 0.0
+        self.staged[layer] = m
+        src = k_pre if (self.match == "pre" and k_pre is not None) else k
+        self.staged_match[layer] = src
+        bias = self.logc[layer][:, :, None, : cap + m]  # (B, H, 1, cap + m)
+        return self.k[layer][:, :, : cap + m], self.v[layer][:, :, : cap + m], bias
+
+    def commit(self, layer: int, count: int | None = None) -> None:
+        cap = self._capacity
+        c = self.staged[layer] if count is None else count
+        k_new = self.k[layer][:, :, cap : cap + c]
+        v_new = self.v[layer][:, :, cap : cap + c]
+        m_new = F.normalize(self.staged_match[layer][:, :, :c].float(), dim=-1).to(self.spec.dtype)
+        step = self.commits[layer]
+        if step < self.sink_frames:
+            merged = torch.zeros(k_new.shape[:3], dtype=torch.bool, device=k_new.device)
+            self._append(layer, k_new, v_new, None, merged, step, sink=True)
+        else:
+            merged = self._merge(layer, k_new, v_new, m_new, step)
+            self._append(layer, k_new, v_new, m_new, merged, step, sink=False)
+        self.logc[layer][:, :, :cap] = self._logc(self.count[layer][:, :, :cap])
+        self.staged[layer] = 0
+        self.commits[layer] += 1
+        rate = merged.float().mean()
+        self.merged_tokens[layer] += float(rate) * c  # one sync per layer and frame, for statistics
+        self.new_tokens[layer] += c
+        self.last_merge_rate[layer] = float(rate)
+        self.length[layer] = int((self.count[layer][:, :, :cap] > 0).sum(-1).max())
+        if layer == self.spec.num_layers - 1:
+            self.frames_seen += 1
+
+    def _merge(self, layer, k_new, v_new, m_new, step) -> torch.Tensor:
+        """Merge tokens whose best group passes the threshold; returns which merged (B, H, c)."""
+        b, h, c, d = k_new.shape
+        cap = self._capacity
+        groups = self.mkey[layer][:, :, :cap]  # sinks and empty slots hold zero vectors
+        res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, cap, d), 1)
+        sim = res.scores[..., 0].view(b, h, c)
+        idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
+        merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
+        if not bool(merged.any()):
+            return merged
+        w = merged.to(torch.float32)  # (B, H, c)
+        count = self.count[layer]
+        old = count[:, :, :cap].clone()
+        add = torch.zeros_like(old).scatter_add_(2, idx, w)
+        new_count = old + add
+        # value mean: (old_mean * old_count + sum of merged values) / new_count
+        vsum = torch.zeros(b, h, cap, d, device=v_new.device, dtype=torch.float32)
+        vsum.scatter_add_(2, idx[..., None].expand(-1, -1, -1, d), v_new.float() * w[..., None])
+        touched = add > 0
+        vals = self.v[layer][:, :, :cap].float()
+        mean = (vals * old[..., None] + vsum) / new_count.clamp_min(1)[..., None]
+        self.v[layer][:, :, :cap] = torch.where(touched[..., None], mean, vals).to(self.spec.dtype)
+        if self.representative == "recent":
+            # the newest merging token of each group: the highest token index wins
+            order = torch.where(merged, torch.arange(c, device=k_new.device).expand(b, h, c), torch.full_like(idx, -1))
+            last = torch.full((b, h, cap), -1, device=k_new.device, dtype=torch.long).scatter_reduce_(2, idx, order, "amax")
+            src = last.clamp_min(0)[..., None].expand(-1, -1, -1, d)
+            rep_k = torch.gather(k_new, 2, src)
+            rep_m = torch.gather(m_new, 2, src)
+        else:
+            ksum = torch.zeros(b, h, cap, d, device=k_new.device, dtype=torch.float32)
+            ksum.scatter_add_(2, idx[..., None].expand(-1, -1, -1, d), k_new.float() * w[..., None])
+            rep_k = ((self.k[layer][:, :, :cap].float() * old[..., None] + ksum) / new_count.clamp_min(1)[..., None]).to(self.spec.dtype)
+            rep_m = F.normalize(rep_k.float(), dim=-1).to(self.spec.dtype) if self.match == "post" else self.mkey[layer][:, :, :cap]
+        t = touched[..., None]
+        self.k[layer][:, :, :cap] = torch.where(t, rep_k, self.k[layer][:, :, :cap])
+        self.mkey[layer][:, :, :cap] = torch.where(t, rep_m, self.mkey[layer][:, :, :cap])
+        count[:, :, :cap] = new_count
+        self.stamp[layer] = torch.where(touched, torch.full_like(self.stamp[layer], step), self.stamp[layer])
+        return merged
+
+    def _append(self, layer, k_new, v_new, m_new, merged, step, sink: bool) -> None:
+        """Put unmerged tokens into free slots, else over the least recently updated groups."""
+        b, h, c, d = k_new.shape
+        cap = self._capacity
+        count = self.count[layer][:, :, :cap]
+        stamp = self.stamp[layer]
+        is_sink = stamp == -2
+        # eviction order: empty slots first (in slot order), then the oldest stamp; never sinks
+        big = torch.iinfo(torch.long).max // 4
+        slot = torch.arange(cap, device=k_new.device)
+        prio = torch.where(count > 0, stamp * cap + slot + cap, slot - cap)  # empties sort first
+        prio = torch.where(is_sink, torch.full_like(prio, big), prio)
+        order = prio.argsort(dim=-1)[:, :, :c]  # (B, H, c) candidate slots
+        rank = (~merged).long().cumsum(-1) - 1  # the i-th unmerged token takes order[i]
+        dest = torch.gather(order, 2, rank.clamp_min(0))
+        keep = ~merged
+        # tokens that merged write nowhere: send them to their own destination unchanged
+        dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
+        e = dst[..., None].expand(-1, -1, -1, d)
+        self.k[layer].scatter_(2, e, torch.where(keep[..., None], k_new, self.k[layer][:, :, cap : cap + c]))
+        self.v[layer].scatter_(2, e, torch.where(keep[..., None], v_new, self.v[layer][:, :, cap : cap + c]))
+        mvals = torch.zeros_like(k_new) if sink else m_new
+        self.mkey[layer].scatter_(2, e, mvals)
+        self.count[layer].scatter_(2, dst, keep.to(torch.float32))
+        st = torch.full_like(dst, -2 if sink else step)
+        stamp_ext = torch.cat([stamp, torch.zeros(b, h, 1, dtype=stamp.dtype, device=stamp.device)], dim=2)
+        stamp_ext.scatter_(2, dst.clamp(max=cap), st)
+        self.stamp[layer] = stamp_ext[:, :, :cap]
+        self.count[layer][:, :, cap:] = 0.0
+        self.mkey[layer][:, :, cap:] = 0.0
+
+    # --- facts
+    def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
+        """(B, H, cap) True for groups updated within the last `frames` commits, and sinks."""
+        st = self.stamp[layer]
+        return (st >= self.commits[layer] - frames) | (st == -2)
+
+    def merge_rate(self) -> float:
+        """Fraction of committed tokens (after the sinks) that merged into a group."""
+        new = sum(self.new_tokens) - self.sink_frames * self.spec.tokens_per_frame * self.spec.num_layers
+        return sum(self.merged_tokens) / max(1, new)
+
+    def num_tokens(self, layer: int = 0) -> int:
+        return self.length[layer]

@@ -1,0 +1,155 @@
+"""TempCache, AnnSA and AnnCA: exact where they should be, bounded where they must be."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.ann import build_ann
+from runtime.attention import CachedSelfAttention, sdpa
+from runtime.cache import CacheSpec, DenseCache
+from runtime.sparse import AnnCrossAttention, AnnSelfAttention, AttentionConfig, AttentionRuntime, dedupe_tokens
+from runtime.tempcache import TempCache
+
+H, N, D = 2, 8, 16
+
+
+def spec(layers: int = 1) -> CacheSpec:
+    return CacheSpec(layers, 1, H, D, N, torch.device("cpu"), torch.float32)
+
+
+def commit_frame(cache, k, v):
+    cache.stage(0, k, v, k)
+    cache.commit(0)
+
+
+def attend(cache, q, k, v):
+    keys, values, bias = cache.stage(0, k, v, k)
+    return sdpa(q, keys, values, bias)
+
+
+@pytest.mark.parametrize("ann", ["exact", "lsh", "quant", "faiss"])
+@pytest.mark.parametrize("match", ["pre", "post"])
+def test_tempcache_with_duplicated_keys_equals_dense(ann, match):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, H, N, D, generator=g)
+    dense = DenseCache(spec(), initial_frames=2)
+    temp = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.99, match=match, ann=build_ann(ann, metric="cosine"))
+    for f in range(6):  # the same keys every frame, different values
+        v = torch.randn(1, H, N, D, generator=g)
+        commit_frame(dense, base, v)
+        commit_frame(temp, base, v)
+    assert temp.merge_rate() == pytest.approx(0.8)  # frame 1 starts the groups, frames 2..5 merge
+    assert int((temp.count[0] > 0).sum()) == 2 * H * N  # sink frame + one group per token
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    out_dense, out_temp = attend(dense, q, k, v), attend(temp, q, k, v)
+    assert torch.allclose(out_temp, out_dense, atol=1e-5), (out_temp - out_dense).abs().max()
+
+
+def test_tempcache_never_exceeds_its_budget_and_keeps_its_sinks():
+    g = torch.Generator().manual_seed(1)
+    temp = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.9)
+    sink_k = torch.randn(1, H, N, D, generator=g)
+    commit_frame(temp, sink_k, torch.randn(1, H, N, D, generator=g))
+    shapes = (temp.k[0].shape, temp.count[0].shape)
+    for f in range(200):
+        k = torch.randn(1, H, N, D, generator=g)
+        if f % 3 == 0:  # some frames partly repeat earlier content
+            k[:, :, : N // 2] = sink_k[:, :, : N // 2] * 0 + k[:, :, N // 2 :]
+        commit_frame(temp, k, torch.randn(1, H, N, D, generator=g))
+        valid = (temp.count[0][:, :, : 4 * N] > 0).sum(-1)
+        assert int(valid.max()) <= 4 * N
+        assert (temp.k[0].shape, temp.count[0].shape) == shapes
+    # the sink frame's keys are still there, unmerged
+    assert torch.equal(temp.k[0][:, :, :N], sink_k)
+    assert torch.all(temp.count[0][:, :, :N] == 1)
+
+
+def test_tempcache_merges_similar_and_appends_dissimilar():
+    g = torch.Generator().manual_seed(2)
+    temp = TempCache(spec(), budget_frames=8, sink_frames=0 + 1, threshold=0.9)
+    commit_frame(temp, torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g))  # sink
+    a = torch.randn(1, H, N, D, generator=g)
+    commit_frame(temp, a, torch.randn(1, H, N, D, generator=g))
+    near = a + 0.01 * torch.randn(1, H, N, D, generator=g)
+    commit_frame(temp, near, torch.randn(1, H, N, D, generator=g))
+    assert temp.last_merge_rate[0] == 1.0
+    assert torch.equal(temp.k[0][:, :, N : 2 * N], near)  # the newest key represents the group
+    far = torch.randn(1, H, N, D, generator=g)
+    commit_frame(temp, far, torch.randn(1, H, N, D, generator=g))
+    assert temp.last_merge_rate[0] == 0.0
+
+
+def make_runtime(**kw) -> AttentionRuntime:
+    rt = AttentionRuntime(AttentionConfig(**kw))
+    return rt
+
+
+@pytest.mark.parametrize("policy", ["dense", "tempcache"])
+@pytest.mark.parametrize("merged_pass", [False, True])
+def test_annsa_at_full_density_equals_dense(policy, merged_pass):
+    g = torch.Generator().manual_seed(3)
+    kw = dict(policy=policy, annsa=True, ann="quant", block=N, density=1.0, max_density=1.0, dense_fraction=0.0,
+              budget_frames=6, threshold=0.95, initial_frames=4)
+    rt_sparse, rt_dense = make_runtime(**kw), make_runtime(**{**kw, "annsa": False})
+    caches = [rt.build_cache(spec()) for rt in (rt_sparse, rt_dense)]
+    for f in range(9):
+        k, v = torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g)
+        for c in caches:
+            commit_frame(c, k, v)
+    m = 2 * N if merged_pass else N
+    commit = N if merged_pass else 0
+    q, k, v = (torch.randn(1, H, m, D, generator=g) for _ in range(3))
+    out_sparse = AnnSelfAttention(rt_sparse, caches[0], commit, sparse=True)(0, q, k, v, k)
+    out_dense = CachedSelfAttention(caches[1], commit)(0, q, k, v, k)
+    assert rt_sparse.sa_stats.summary()["density"] == 1.0
+    assert torch.allclose(out_sparse, out_dense, atol=1e-5)
+
+
+def test_annsa_below_full_density_computes_fewer_pairs_and_keeps_recent_frames():
+    g = torch.Generator().manual_seed(4)
+    rt = make_runtime(policy="tempcache", annsa=True, ann="exact", block=N, density=0.25, max_density=0.9,
+                      budget_frames=8, recent_frames=1, stats_recall=True)
+    cache = rt.build_cache(spec())
+    for f in range(12):
+        commit_frame(cache, torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g))
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    AnnSelfAttention(rt, cache, 0, sparse=True)(0, q, k, v, k)
+    s = rt.sa_stats.summary()
+    assert s["density"] < 0.5 and 0 < s["recall"] <= 1
+
+
+@pytest.mark.parametrize("ann", ["exact", "quant", "lsh"])
+def test_annca_keeping_all_tokens_equals_dense(ann):
+    g = torch.Generator().manual_seed(5)
+    t = 32
+    opts = {"mask_k": t} if ann != "lsh" else {"num_bits": 1, "num_tables": 4, "probes": 1}
+    rt = make_runtime(annca=True, ann=ann, ann_options=opts)
+    rt.tokens_per_frame = N
+    pk, pv = torch.randn(1, H, t, D, generator=g), torch.randn(1, H, t, D, generator=g)
+    kv = rt.prepare_prompt([(pk, pv)])
+    q = torch.randn(1, H, 2 * N, D, generator=g)
+    out = AnnCrossAttention(rt, N)(0, q, *kv[0])
+    assert rt.ca_stats.summary()["density"] == pytest.approx(1.0)
+    assert torch.allclose(out, sdpa(q, pk, pv), atol=1e-5)
+
+
+def test_identical_prompt_tokens_merge_exactly():
+    g = torch.Generator().manual_seed(6)
+    pk, pv = torch.randn(1, H, 4, D, generator=g), torch.randn(1, H, 4, D, generator=g)
+    idx = torch.tensor([0, 1, 1, 2, 3, 3, 3, 0])
+    pk, pv = pk[:, :, idx], pv[:, :, idx]  # 8 tokens, 4 distinct
+    k2, v2, logc = dedupe_tokens(pk, pv)
+    assert k2.shape[2] == 4
+    q = torch.randn(1, H, N, D, generator=g)
+    assert torch.allclose(sdpa(q, k2, v2, logc), sdpa(q, pk, pv), atol=1e-5)
+
+
+def test_attention_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="policy"):
+        AttentionConfig(policy="sliding")
+    with pytest.raises(ValueError, match="density"):
+        AttentionConfig(density=0.0)
+    with pytest.raises(ValueError, match="unknown attention config keys"):
+        AttentionConfig.from_dict({"treshold": 0.5})
+    with pytest.raises(ValueError, match="budget_frames"):
+        TempCache(spec(), budget_frames=1, sink_frames=1)
