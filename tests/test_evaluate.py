@@ -1,0 +1,174 @@
+"""Evaluation: the metrics, a tiny checkpoint through `run`, and the command line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from omegaconf import OmegaConf
+
+from runtime.checkpoint import save_checkpoint
+from runtime.engine import to_unit
+from runtime.evaluate import psnr_u8, run, ssim_u8
+from runtime.model import ModelConfig, WorldModel
+
+TINY = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
+SMALL_EVAL = ["device=cpu", "engine.dtype=float32", "eval.sequences=2", "eval.horizons=[4,8]", "eval.next_frames=3",
+              "eval.revisit_steps=3"]
+KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "rollout_psnr_8", "rollout_psnr_mean_4",
+        "rollout_ssim_8", "copy_last_psnr_4", "copy_last_psnr_8", "revisit_psnr", "sim_revisit_psnr",
+        "revisit_vs_truth_psnr"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is fastest and avoids stalls when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_eval(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=list(overrides))
+
+
+def tiny_checkpoint(path, randomise: bool, seed: int = 0):
+    """randomise=False keeps the zero-initialised output layer: the model predicts x0 = previous frame."""
+    torch.manual_seed(seed)
+    model = WorldModel(TINY)
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(path, model, {"world_family": "overworld"})
+    return path
+
+
+def random_frames(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_psnr_of_identical_frames_is_the_cap():
+    a = random_frames((2, 3, 16, 16, 3))
+    p = psnr_u8(a, a.clone())
+    assert p.shape == (2, 3)
+    assert torch.all(p == 60.0)
+    assert torch.all(psnr_u8(a, a, cap=45.0) == 45.0)
+
+
+@pytest.mark.parametrize("level", [1, 17, 51, 128, 255])
+def test_psnr_of_a_known_mse(level):
+    a = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    b = torch.full((4, 8, 8, 3), level, dtype=torch.uint8)
+    mse = (level / 255.0) ** 2
+    want = 10 * math.log10(1.0 / mse)
+    assert psnr_u8(a, b) == pytest.approx(torch.full((4,), want), abs=1e-4)
+    assert psnr_u8(b, a) == pytest.approx(torch.full((4,), want), abs=1e-4)
+
+
+def test_psnr_averages_the_error_over_the_whole_frame():
+    a = torch.zeros(1, 10, 10, 3, dtype=torch.uint8)
+    b = a.clone()
+    b[0, 0, 0, 0] = 255  # one value of 300 off by the full range: mse = 1/300
+    assert float(psnr_u8(a, b)[0]) == pytest.approx(10 * math.log10(300), abs=1e-4)
+
+
+def test_psnr_matches_the_training_metric():
+    from runtime.train import psnr
+
+    a, b = random_frames((3, 32, 32, 3), 1), random_frames((3, 32, 32, 3), 2)
+    assert psnr(to_unit(a), to_unit(b)) == pytest.approx(psnr_u8(a, b), abs=1e-3)
+
+
+def test_ssim_of_identical_frames_is_one():
+    a = random_frames((2, 2, 32, 32, 3))
+    s = ssim_u8(a, a.clone())
+    assert s.shape == (2, 2)
+    assert s == pytest.approx(torch.ones(2, 2), abs=1e-4)
+    flat = torch.full((1, 32, 32, 3), 90, dtype=torch.uint8)
+    assert float(ssim_u8(flat, flat)[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ssim_drops_for_different_frames_and_is_symmetric():
+    a, b = random_frames((2, 32, 32, 3), 3), random_frames((2, 32, 32, 3), 4)
+    s_ab, s_ba = ssim_u8(a, b), ssim_u8(b, a)
+    assert torch.allclose(s_ab, s_ba, atol=1e-6)
+    assert torch.all(s_ab < 0.1)  # independent noise images share no structure
+    noisy = (a.int() + random_frames((2, 32, 32, 3), 5).int() % 16 - 8).clamp(0, 255).to(torch.uint8)
+    s_noisy = ssim_u8(a, noisy)
+    assert torch.all((s_noisy > s_ab) & (s_noisy < 1))
+
+
+# ----------------------------------------------------------------------------- evaluate a checkpoint
+
+
+def test_run_on_a_tiny_random_checkpoint(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL]))
+    for key in KEYS:
+        assert key in res, key
+        assert isinstance(res[key], float) and math.isfinite(res[key]), (key, res[key])
+    assert res["sequences"] == 2 and res["world"] == "overworld" and res["device"] == "cpu"
+    assert res["dtype"] == "float32" and res["revisit_steps"] == 3
+    assert len(res["rollout_psnr_curve"]) == 8
+    assert res["rollout_psnr_4"] == pytest.approx(res["rollout_psnr_curve"][3], abs=1e-3)
+    assert 0 < res["next_psnr"] <= 60 and -1 <= res["next_ssim"] <= 1
+    assert res["next_psnr"] != res["copy_last_next_psnr"]  # the random model changes the frames
+    json.dumps(res)  # the CLI writes it as JSON
+
+
+def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
+    # An untrained model's output layer is zero: x0 = the previous frame, exactly the
+    # copy-last baseline, so every model metric must equal its baseline counterpart.
+    ckpt = tiny_checkpoint(tmp_path / "copy.safetensors", randomise=False)
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL]))
+    assert res["next_psnr"] == pytest.approx(res["copy_last_next_psnr"], abs=1e-5)
+    for h in (4, 8):
+        assert res[f"rollout_psnr_{h}"] == pytest.approx(res[f"copy_last_psnr_{h}"], abs=1e-5)
+        assert res[f"rollout_psnr_mean_{h}"] == pytest.approx(res[f"copy_last_psnr_mean_{h}"], abs=1e-5)
+    assert res["revisit_psnr"] == 60.0  # every generated frame is the first one
+    assert res["revisit_vs_truth_psnr"] == pytest.approx(res["sim_revisit_psnr"], abs=1e-5)
+
+
+def test_run_is_reproducible(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True, seed=1)
+    cfg = compose_eval([f"engine.checkpoint={ckpt}", "device=cpu", "engine.dtype=float32", "eval.sequences=1",
+                        "eval.horizons=[2]", "eval.next_frames=2", "eval.revisit_steps=1"])
+    a, b = run(cfg), run(cfg)
+    for key in ("next_psnr", "rollout_psnr_2", "revisit_psnr", "rollout_psnr_curve"):
+        assert a[key] == b[key]
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        run(compose_eval([f"engine.checkpoint={tmp_path / 'missing.safetensors'}", *SMALL_EVAL]))
+
+
+def test_command_line_writes_the_json(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
+    out = tmp_path / "results" / "e.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.evaluate", f"engine.checkpoint={ckpt}", *SMALL_EVAL, f"out={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in KEYS:
+        assert math.isfinite(res[key]), key
+    assert res["checkpoint"] == str(ckpt)
+    assert isinstance(res["rollout_psnr_curve"], list)
+    assert '"next_psnr"' in proc.stdout  # a summary is printed too

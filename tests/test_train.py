@@ -1,0 +1,214 @@
+"""Training: a CPU smoke run, a two-process DDP run (gloo), the teacher-forcing masks, bad settings."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from runtime.attention import teacher_forcing_mask, teacher_forcing_mask_mod
+from runtime.checkpoint import load_checkpoint, read_metadata
+from runtime.model import ModelConfig
+
+SMOKE = [
+    "model=tiny", "device=cpu", "train.steps=2", "train.batch_size=4", "train.data.env_batch=4", "train.workers=0",
+    "train.eval_every=2", "train.ckpt_every=2", "train.bf16=false", "train.progress=false", "train.attention=sdpa",
+    "train.data.frames=5",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is fastest and avoids stalls when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_train(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def tiny_config() -> ModelConfig:
+    from omegaconf import OmegaConf
+
+    return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+def test_cpu_smoke_run(tmp_path):
+    from runtime.train import train
+
+    cfg = compose_train(SMOKE + [f"out={tmp_path}"])
+    res = train(cfg)
+    assert res["steps"] == 2
+    ckpt, log = tmp_path / "model.safetensors", tmp_path / "log.jsonl"
+    assert ckpt.is_file() and log.is_file() and (tmp_path / "train_config.yaml").is_file()
+    lines = read_log(log)
+    assert [line["step"] for line in lines] == [2]
+    for key in ("loss", "tf_psnr", "grad_norm", "lr"):
+        assert math.isfinite(lines[-1][key]), (key, lines[-1])
+    assert lines[-1]["loss"] > 0 and lines[-1]["tf_psnr"] > 0
+    model, info = load_checkpoint(ckpt)
+    assert model.cfg == tiny_config()
+    assert info["step"] == 2 and info["processes"] == 1 and info["world_family"] == "overworld"
+    assert info["metrics"] == lines[-1]
+
+
+# Runs `python -m runtime.train` under torchrun with two hooks installed first: every
+# process writes the weights its model was created with, and the weights it holds
+# when training ends (just before the process group is torn down), to OUT/rankR.pt.
+DDP_HOOKS = '''
+import os, runpy, sys
+import torch
+import torch.distributed as dist
+import runtime.model
+
+rank = int(os.environ["RANK"])
+out = os.environ["DDP_TEST_OUT"]
+made = []
+
+
+class RecordingModel(runtime.model.WorldModel):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if not made:
+            made.append((self, torch.cat([p.detach().flatten().clone() for p in self.parameters()])))
+
+
+runtime.model.WorldModel = RecordingModel
+destroy = dist.destroy_process_group
+
+
+def record_then_destroy(*args, **kwargs):
+    model, initial = made[0]
+    final = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    torch.save({"initial": initial, "final": final, "world": dist.get_world_size()}, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    destroy(*args, **kwargs)
+
+
+dist.destroy_process_group = record_then_destroy
+sys.argv[0] = "runtime.train"
+runpy.run_module("runtime.train", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    hooks = tmp_path / "ddp_hooks.py"
+    hooks.write_text(DDP_HOOKS)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DDP_TEST_OUT=str(tmp_path))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(hooks), *SMOKE, f"out={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x2" in proc.stdout  # "model: ...M parameters on cpu x2"
+
+    ckpt = out / "model.safetensors"
+    assert ckpt.is_file()
+    info = json.loads(read_metadata(ckpt)["info"])
+    assert info["processes"] == 2 and info["step"] == 2
+    assert [line["step"] for line in read_log(out / "log.jsonl")] == [2]  # only rank 0 logs
+    model, _ = load_checkpoint(ckpt)
+    assert model.cfg == tiny_config()
+
+    # The two processes seed their models differently (seed + rank) and draw different
+    # data, so equal weights at the end mean DDP broadcast rank 0's weights and averaged
+    # every gradient across both processes.
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert not torch.equal(r0["initial"], r1["initial"])
+    assert not torch.equal(r0["final"], r0["initial"])  # training moved the weights
+    assert torch.equal(r0["final"], r1["final"])
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("frames, tokens", [(1, 3), (2, 1), (4, 2), (5, 4), (9, 3)])
+def test_mask_mod_matches_dense_mask(frames, tokens):
+    dense = teacher_forcing_mask(frames, tokens)
+    mask_mod, length = teacher_forcing_mask_mod(frames, tokens, torch.device("cpu"))
+    assert length == (2 * frames - 1) * tokens
+    assert dense.shape == (length, length) and dense.dtype == torch.bool
+    q = torch.arange(length)[:, None]
+    kv = torch.arange(length)[None, :]
+    grid = mask_mod(torch.tensor(0), torch.tensor(0), q, kv)
+    assert torch.equal(grid.expand(length, length), dense)
+    # element-wise, the way FlexAttention calls it
+    for qi in range(0, length, max(1, length // 7)):
+        for ki in range(length):
+            assert bool(mask_mod(0, 0, torch.tensor(qi), torch.tensor(ki))) == bool(dense[qi, ki])
+
+
+def test_mask_is_the_documented_picture():
+    # clean c0..c3 | noisy n1..n3, one token per frame (runtime/attention.py's drawing)
+    picture = [
+        "x......",
+        "xx.....",
+        "xxx....",
+        "xxxx...",
+        "x...x..",
+        "xx...x.",
+        "xxx...x",
+    ]
+    want = torch.tensor([[c == "x" for c in row] for row in picture])
+    assert torch.equal(teacher_forcing_mask(4, 1), want)
+    blocks = teacher_forcing_mask(4, 3)
+    assert torch.equal(blocks, want.repeat_interleave(3, 0).repeat_interleave(3, 1))
+
+
+# ----------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.batch_size=6", "multiple of train.data.env_batch"),
+    ("train.batch_size=2", "multiple of train.data.env_batch"),
+    ("train.attention=bogus", "train.attention='bogus'"),
+])
+def test_bad_train_settings_raise(tmp_path, override, needle):
+    from runtime.train import train
+
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", override])
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    assert needle in str(err.value)
+    assert not (tmp_path / "run").exists()  # fails before writing anything
+
+
+def test_init_checkpoint_of_another_model_config_is_rejected(tmp_path):
+    from runtime.checkpoint import save_checkpoint
+    from runtime.model import WorldModel
+    from runtime.train import train
+
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, WorldModel(ModelConfig(width=32, depth=1, heads=2, mlp_ratio=2.0, rope_frame_dims=8)))
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.init={other}"])
+    with pytest.raises(ValueError, match="has model config"):
+        train(cfg)
