@@ -50,13 +50,34 @@ def read_metadata(path: str | Path) -> dict:
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({e}); expected a safetensors file") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}; expected {FORMAT!r}")
+    if "model_config" not in meta:
+        raise ValueError(f"checkpoint {str(path)!r} has no 'model_config' metadata; expected the model config as a JSON object")
+    _json_object(path, meta, "model_config")
+    _json_object(path, meta, "info", default="{}")
     return meta
+
+
+def _json_object(path: Path, meta: dict, key: str, default: str | None = None) -> dict:
+    """Parse the metadata field `key` of checkpoint `path`, which must hold a JSON object."""
+    text = meta.get(key, default)
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r}: metadata {key!r} is not valid JSON ({e}); expected a JSON object") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint {str(path)!r}: metadata {key!r} is a {type(value).__name__} ({text[:80]!r}); expected a JSON object")
+    return value
 
 
 def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32) -> tuple[WorldModel, dict]:
     """Returns (model in eval mode, info dict)."""
+    path = Path(path)
     meta = read_metadata(path)
-    cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
+    try:
+        cfg = ModelConfig.from_dict(_json_object(path, meta, "model_config"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r} has an invalid model config ({e}); expected the keys of ModelConfig") from e
+    info = _json_object(path, meta, "info", default="{}")
     model = WorldModel(cfg)
     try:
         state = load_file(str(path))
@@ -77,4 +98,4 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=torch.float32) -> tupl
             raise ValueError(f"checkpoint {str(path)!r}: tensor {name!r} holds non-finite values")
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
-    return model, json.loads(meta.get("info", "{}"))
+    return model, info

@@ -121,7 +121,43 @@ def setup_distributed(device_cfg: str):
     return rank, world, device
 
 
+def check_train_settings(tc: DictConfig) -> None:
+    """Reject settings that would train on nothing or fail mid-run, before anything starts.
+
+    Raises ValueError naming the key, its value and what was expected.
+    """
+
+    def integer(key: str, value) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}; expected an integer") from None
+
+    def number(key: str, value) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}; expected a number") from None
+
+    env_batch = integer("train.data.env_batch", tc.data.env_batch)
+    if env_batch < 1:
+        raise ValueError(f"train.data.env_batch={tc.data.env_batch!r}; expected an integer >= 1")
+    batch_size = integer("train.batch_size", tc.batch_size)
+    if batch_size < 1 or batch_size % env_batch:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be a positive multiple of train.data.env_batch={env_batch}")
+    for key in ("steps", "eval_every", "ckpt_every"):
+        if integer(f"train.{key}", tc[key]) < 1:
+            raise ValueError(f"train.{key}={tc[key]!r}; expected an integer >= 1")
+    if integer("train.workers", tc.workers) < 0:
+        raise ValueError(f"train.workers={tc.workers!r}; expected an integer >= 0")
+    if not 0.0 <= number("train.context_noise_prob", tc.context_noise_prob) <= 1.0:
+        raise ValueError(f"train.context_noise_prob={tc.context_noise_prob!r}; expected a probability in [0, 1]")
+    if not number("train.time_limit_s", tc.time_limit_s) > 0:
+        raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
+
+
 def train(cfg: DictConfig) -> dict:
+    check_train_settings(cfg.train)
     rank, world, device = setup_distributed(str(cfg.device))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -153,9 +189,7 @@ def train(cfg: DictConfig) -> dict:
         persistent_workers=int(tc.workers) > 0,
         prefetch_factor=4 if int(tc.workers) > 0 else None,
     )
-    micro = int(tc.batch_size) // dcfg.env_batch
-    if micro * dcfg.env_batch != int(tc.batch_size):
-        raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of train.data.env_batch={dcfg.env_batch}")
+    micro = int(tc.batch_size) // dcfg.env_batch  # >= 1: check_train_settings
     if str(tc.attention) == "flex" and device.type == "cuda":
         train_attn = FlexSelfAttention(dcfg.frames, mcfg.tokens_per_frame, device)
     elif str(tc.attention) in ("flex", "sdpa"):
@@ -176,6 +210,18 @@ def train(cfg: DictConfig) -> dict:
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1000 + rank)
     steps = int(tc.steps)
     t_start = time.time()
+
+    def elapsed_s() -> float:
+        """Seconds since the start, the same on every process: the slowest clock (a collective
+        under DDP, so every process calls it at the same point of each step). Learning rates
+        and the time-limit stop derive from it, so the processes agree on both."""
+        elapsed = time.time() - t_start
+        if world > 1:
+            shared = torch.tensor([elapsed], dtype=torch.float64, device=device)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            elapsed = float(shared.item())
+        return elapsed
+
     it = iter(loader)
     log = []
     progress = None
@@ -187,7 +233,7 @@ def train(cfg: DictConfig) -> dict:
     last_metrics: dict = {}
     while step < steps:
         # cosine decay over whichever runs out first: the step budget or the time budget
-        progress_frac = min(1.0, max(step / steps, (time.time() - t_start) / float(tc.time_limit_s)))
+        progress_frac = min(1.0, max(step / steps, elapsed_s() / float(tc.time_limit_s)))
         lr = float(tc.lr) * min(1.0, (step + 1) / max(1, int(tc.warmup))) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -211,7 +257,7 @@ def train(cfg: DictConfig) -> dict:
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
         step += 1
-        elapsed = time.time() - t_start
+        elapsed = elapsed_s()
         stop = elapsed > float(tc.time_limit_s)
         if rank == 0:
             progress.update(1)

@@ -150,6 +150,48 @@ def test_safetensors_without_our_metadata(ckpt, tmp_path):
         load_checkpoint(other)
 
 
+def test_metadata_without_model_config(ckpt, tmp_path):
+    bad = resave(ckpt, tmp_path / "noconfig.safetensors", edit_meta=lambda m: m.pop("model_config"))
+    for load in (load_checkpoint, read_metadata):
+        with pytest.raises(ValueError, match="no 'model_config' metadata") as err:
+            load(bad)
+        assert str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["model_config", "info"])
+@pytest.mark.parametrize("text", ["{not json", "", '{"step": 7'])
+def test_metadata_that_is_not_json(ckpt, tmp_path, key, text):
+    bad = resave(ckpt, tmp_path / "badjson.safetensors", edit_meta=lambda m: m.update({key: text}))
+    for load in (load_checkpoint, read_metadata):
+        with pytest.raises(ValueError, match=f"metadata '{key}' is not valid JSON") as err:
+            load(bad)
+        assert str(bad) in str(err.value) and "expected a JSON object" in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["model_config", "info"])
+@pytest.mark.parametrize("value, kind", [([1, 2], "list"), ("overworld", "str"), (7, "int"), (None, "NoneType")])
+def test_metadata_that_is_not_a_json_object(ckpt, tmp_path, key, value, kind):
+    bad = resave(ckpt, tmp_path / "notobject.safetensors", edit_meta=lambda m: m.update({key: json.dumps(value)}))
+    for load in (load_checkpoint, read_metadata):
+        with pytest.raises(ValueError, match=f"metadata '{key}' is a {kind} ") as err:
+            load(bad)
+        assert str(bad) in str(err.value) and "expected a JSON object" in str(err.value)
+
+
+def test_model_config_with_unknown_keys(ckpt, tmp_path):
+    bad = resave(ckpt, tmp_path / "keys.safetensors",
+                 edit_meta=lambda m: m.update(model_config=json.dumps(TINY.to_dict() | {"colour": "red"})))
+    with pytest.raises(ValueError, match="invalid model config") as err:
+        load_checkpoint(bad)
+    assert str(bad) in str(err.value) and "colour" in str(err.value)
+
+
+def test_metadata_without_info_loads_as_empty(ckpt, tmp_path):
+    plain = resave(ckpt, tmp_path / "noinfo.safetensors", edit_meta=lambda m: m.pop("info"))
+    _, info = load_checkpoint(plain)
+    assert info == {}
+
+
 def test_tensor_of_the_wrong_shape_is_named(ckpt, tmp_path):
     def widen(tensors):
         tensors["blocks.1.proj.weight"] = torch.zeros(64, 65, dtype=torch.bfloat16)

@@ -117,18 +117,24 @@ runpy.run_module("runtime.train", run_name="__main__", alter_sys=True)
 '''
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
-    out = tmp_path / "run"
+def run_ddp(tmp_path: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Train with two processes under torchrun (DDP_HOOKS installed) into tmp_path/run."""
     hooks = tmp_path / "ddp_hooks.py"
     hooks.write_text(DDP_HOOKS)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DDP_TEST_OUT=str(tmp_path))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(hooks), *SMOKE, f"out={out}"]
+           str(hooks), *overrides, f"out={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x2" in proc.stdout  # "model: ...M parameters on cpu x2"
+    return proc
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    run_ddp(tmp_path, SMOKE)
 
     ckpt = out / "model.safetensors"
     assert ckpt.is_file()
@@ -145,6 +151,28 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert r0["world"] == r1["world"] == 2
     assert not torch.equal(r0["initial"], r1["initial"])
     assert not torch.equal(r0["final"], r0["initial"])  # training moved the weights
+    assert torch.equal(r0["final"], r1["final"])
+
+
+def test_ddp_time_limit_is_shared_by_both_processes(tmp_path):
+    # A step budget no run reaches, so the time limit ends training. Each process used to
+    # read its own clock for the cosine learning rate and the stop flag: the learning rates
+    # differed (the weights drifted apart) and one process could leave the loop a step
+    # before the other. Both now follow one elapsed time agreed on every step.
+    steps = 10**6
+    run_ddp(tmp_path, SMOKE + [f"train.steps={steps}", "train.time_limit_s=1.0", f"train.eval_every={steps}",
+                               f"train.ckpt_every={steps}", "train.warmup=1"])
+    out = tmp_path / "run"
+    lines = read_log(out / "log.jsonl")
+    assert len(lines) == 1  # only the stop step logs
+    stopped_at = lines[0]["step"]
+    assert 1 <= stopped_at < steps
+    info = json.loads(read_metadata(out / "model.safetensors")["info"])
+    assert info["step"] == stopped_at and info["processes"] == 2
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert not torch.equal(r0["final"], r0["initial"])
     assert torch.equal(r0["final"], r1["final"])
 
 
@@ -191,6 +219,18 @@ def test_mask_is_the_documented_picture():
     ("train.batch_size=6", "multiple of train.data.env_batch"),
     ("train.batch_size=2", "multiple of train.data.env_batch"),
     ("train.attention=bogus", "train.attention='bogus'"),
+    ("train.batch_size=0", "train.batch_size=0 must be a positive multiple of train.data.env_batch=4"),
+    ("train.batch_size=-4", "train.batch_size=-4 must be a positive multiple of train.data.env_batch=4"),
+    ("train.data.env_batch=0", "train.data.env_batch=0; expected an integer >= 1"),
+    ("train.steps=0", "train.steps=0; expected an integer >= 1"),
+    ("train.eval_every=0", "train.eval_every=0; expected an integer >= 1"),
+    ("train.ckpt_every=0", "train.ckpt_every=0; expected an integer >= 1"),
+    ("train.ckpt_every=-1", "train.ckpt_every=-1; expected an integer >= 1"),
+    ("train.workers=-1", "train.workers=-1; expected an integer >= 0"),
+    ("train.context_noise_prob=1.5", "train.context_noise_prob=1.5; expected a probability in [0, 1]"),
+    ("train.context_noise_prob=-0.1", "train.context_noise_prob=-0.1; expected a probability in [0, 1]"),
+    ("train.time_limit_s=0", "train.time_limit_s=0; expected a number of seconds > 0"),
+    ("train.steps=many", "train.steps='many'; expected an integer"),
 ])
 def test_bad_train_settings_raise(tmp_path, override, needle):
     from runtime.train import train
