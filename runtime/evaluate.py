@@ -160,6 +160,59 @@ def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], step
     }
 
 
+def attention_cfg(name: str):
+    """conf/attention/NAME.yaml as a config node (for comparing several in one run)."""
+    path = Path(__file__).resolve().parent.parent / "conf" / "attention" / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"unknown attention config {name!r} in eval.attentions; expected some of {options}")
+    return OmegaConf.load(path)
+
+
+def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:
+    """Each attention config against the dense rollout with the same seeds and actions."""
+    ev = cfg.eval
+    n, frames = int(ev.sequences), int(ev.compare_frames)
+    seeds = list(range(int(ev.seed_offset), int(ev.seed_offset) + n))
+    actions = explore_actions(np.random.default_rng(int(ev.action_seed) + 1), n, frames)
+    truth, _, atlases = simulate(world_cfg, seeds, actions)
+    prompt = prompts_of(atlases)
+    out, ref = {}, None
+    names = list(ev.attentions)
+    if "dense" in names:  # the reference first
+        names.remove("dense")
+        names.insert(0, "dense")
+    for name in names:
+        acfg = attention_cfg(name)
+        acfg.stats_recall = bool(ev.stats_recall)
+        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        sub.attention = acfg
+        rollout = build_rollout(model, sub, batch=n)
+        t0 = time.time()
+        gen = rollout_frames(rollout, truth[:, 0], prompt, actions, int(cfg.seed))
+        r = {"time_s": round(time.time() - t0, 2), "frames": frames,
+             "psnr_vs_sim": float(psnr_u8(gen, truth[:, 1:]).mean()),
+             "ssim_vs_sim": float(ssim_u8(gen, truth[:, 1:]).mean()),
+             "cache_tokens_per_layer": rollout.cache.num_tokens(0),
+             "cache_mb": round(rollout.cache.memory_bytes() / 2**20, 2)}
+        if name == "dense":
+            ref = gen
+        if ref is not None:
+            h = min(int(ev.compare_head), frames)
+            r["psnr_vs_dense"] = float(psnr_u8(gen, ref).mean())
+            r[f"psnr_vs_dense_{h}"] = float(psnr_u8(gen[:, :h], ref[:, :h]).mean())
+            r["ssim_vs_dense"] = float(ssim_u8(gen, ref).mean())
+        stats = rollout.attention.summary()
+        r["self_attn"] = {k: stats["self_attn"][k] for k in ("density", "recall")}
+        r["cross_attn"] = {k: stats["cross_attn"][k] for k in ("density", "recall")}
+        r["self_attn_per_layer"] = stats["self_attn"]["per_layer"]
+        if "merge_rate" in stats:
+            r["merge_rate"] = stats["merge_rate"]
+        r.update(revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), int(cfg.seed)))
+        out[name] = r
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.engine.dtype), device)
@@ -170,7 +223,10 @@ def run(cfg: DictConfig) -> dict:
     res = {"checkpoint": str(cfg.engine.checkpoint), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
            "attention": str(cfg.attention.name), "sampler_steps": int(cfg.sampler.steps),
            "metric": "per-frame PSNR on uint8 frames in [0,1], capped at 60 dB, averaged over sequences"}
-    res.update(evaluate_model(model, cfg, world_cfg))
+    if bool(cfg.eval.quality):
+        res.update(evaluate_model(model, cfg, world_cfg))
+    if cfg.eval.attentions:
+        res["attention_configs"] = compare_attention(model, cfg, world_cfg)
     res["total_s"] = round(time.time() - t0, 1)
     return res
 
@@ -182,7 +238,13 @@ def main(cfg: DictConfig) -> None:
     if cfg.out:
         Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
         Path(str(cfg.out)).write_text(text + "\n")
-    summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, list)}
+    summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, (list, dict))}
+    for name, r in res.get("attention_configs", {}).items():
+        summary[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                         if k in ("psnr_vs_dense", "psnr_vs_dense_64", "psnr_vs_sim", "revisit_psnr", "merge_rate",
+                                  "cache_tokens_per_layer", "time_s")}
+        summary[name]["sa_density"] = r["self_attn"]["density"]
+        summary[name]["ca_density"] = r["cross_attn"]["density"]
     print(json.dumps(summary, indent=1))
 
 

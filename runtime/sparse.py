@@ -48,8 +48,8 @@ class AttentionConfig:
     sink_frames: int = 1            # window / tempcache
     window_frames: int = 15         # window
     budget_frames: int = 16         # tempcache: hard budget in frames of tokens
-    threshold: float = 0.9          # tempcache: cosine similarity to merge
-    match: str = "pre"              # tempcache: match pre- or post-RoPE keys
+    threshold: float = 0.95         # tempcache: cosine similarity to merge
+    match: str = "post"             # tempcache: match pre- or post-RoPE keys
     representative: str = "recent"  # tempcache: newest key, or the mean key
     merge_ann: str = "exact"        # tempcache: ANN backend for the top-1 correspondence
     annsa: bool = False

@@ -1,0 +1,189 @@
+"""Long-rollout benchmark: `python -m runtime.bench [key=value ...] out=DIR` (conf/bench.yaml).
+
+Headless rollouts of `bench.frames` frames with a fixed action script, for each attention
+config in `bench.attentions`, one after another in one process (comparable). Per chunk:
+end-to-end latency (sampling, cache update, frame conversion to uint8 on the host), FPS,
+cache tokens per layer, and memory (CUDA max allocated on GPU; resident set size on
+CPU, with the peak reset between configs). The first `bench.warmup` chunks of each config
+are excluded from the summary. A config stops early when one chunk takes longer than
+`bench.max_chunk_ms` or memory runs out; the frame where it stopped is recorded.
+
+Writes DIR/bench.json (`device`, `configs`: per config a list of {frame, latency_ms, fps,
+cache_tokens, peak_mem_mb}, plus `total_s`, `stopped_at`, `summary`) and DIR/fps.png,
+DIR/memory.png (one line per config).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from controllers.scripted import parse_script
+from runtime.checkpoint import load_checkpoint
+from runtime.evaluate import attention_cfg
+from runtime.factory import build_rollout, resolve_device, resolve_dtype, resolve_path
+from worlds import build_world
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the peak resident set size (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return rss_mb()
+
+
+def commit_id() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def run_config(model, cfg, name: str, world, actions: list[int], device) -> dict:
+    b = cfg.bench
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    sub.attention = attention_cfg(name)
+    rollout = build_rollout(model, sub, batch=1)
+    first = world.reset(int(cfg.seed))
+    prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak(device)
+    rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
+    rows, stopped, t_start = [], None, time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(actions), desc=name, dynamic_ncols=True, disable=not bool(b.progress), leave=False)
+    for i, a in enumerate(actions):
+        t0 = time.perf_counter()
+        try:
+            frame = rollout.step(torch.tensor([a]))
+            frame.cpu().numpy()  # frame conversion to the host is part of the cost
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError:
+            stopped = {"frame": i + 1, "reason": "out of memory"}
+            break
+        ms = (time.perf_counter() - t0) * 1e3
+        rows.append({"frame": i + 1, "latency_ms": round(ms, 3), "fps": round(1e3 / ms, 2),
+                     "cache_tokens": rollout.cache.num_tokens(0), "peak_mem_mb": round(peak_mb(device), 1)})
+        bar.update(1)
+        if i >= int(b.warmup) and ms > float(b.max_chunk_ms):
+            stopped = {"frame": i + 1, "reason": f"chunk took {ms:.0f} ms > bench.max_chunk_ms={b.max_chunk_ms}"}
+            break
+    bar.close()
+    total = time.perf_counter() - t_start
+    del rollout
+    return {"rows": rows, "total_s": round(total, 2), "stopped_at": stopped}
+
+
+def summarize(rows: list[dict], warmup: int) -> dict:
+    r = rows[warmup:]
+    if not r:
+        return {}
+
+    def window(center: int, half: int = 25):
+        sel = [x for x in r if abs(x["frame"] - center) <= half]
+        return float(np.median([x["fps"] for x in sel])) if sel else None
+
+    last = r[-1]["frame"]
+    return {"frames": last, "median_fps": float(np.median([x["fps"] for x in r])),
+            "fps_at_100": window(100), "fps_at_end": window(last - 25),
+            "latency_ms_at_end": float(np.median([x["latency_ms"] for x in r[-50:]])),
+            "mem_mb_at_100": next((x["peak_mem_mb"] for x in r if x["frame"] >= 100), None),
+            "mem_mb_at_end": r[-1]["peak_mem_mb"], "cache_tokens_at_end": r[-1]["cache_tokens"]}
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, fname in (("fps", "frames per second", "fps.png"), ("peak_mem_mb", "peak memory (MB)", "memory.png"),
+                              ("cache_tokens", "cache tokens per layer", "cache_tokens.png")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, c in result["configs"].items():
+            rows = c["rows"]
+            ys = np.array([x[key] for x in rows], dtype=float)
+            if key == "fps" and len(ys) > 20:  # a running median keeps the lines readable
+                ys = np.array([np.median(ys[max(0, i - 10) : i + 11]) for i in range(len(ys))])
+            ax.plot([x["frame"] for x in rows], ys, label=name)
+        ax.set_xlabel("frame")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs frames ({result['device_name']})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def run(cfg: DictConfig, out: Path | None = None) -> dict:
+    b = cfg.bench
+    device = resolve_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.engine.dtype), device)
+    if cfg.engine.get("threads") is not None and device.type == "cpu":
+        torch.set_num_threads(int(cfg.engine.threads))
+    model, _ = load_checkpoint(resolve_path(str(cfg.engine.checkpoint)), device=device, dtype=dtype)
+    world = build_world(cfg.world)
+    script = parse_script(str(b.script))
+    actions = [script[i % len(script)] for i in range(int(b.frames))]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
+              "torch": torch.__version__, "commit": commit_id(), "compile": False, "frames": int(b.frames),
+              "sampler_steps": int(cfg.sampler.steps), "configs": {}, "summary": {}}
+    t0 = time.time()
+    for att in b.attentions:
+        c = run_config(model, cfg, str(att), world, actions, device)
+        result["configs"][str(att)] = c
+        result["summary"][str(att)] = {**summarize(c["rows"], int(b.warmup)), "stopped_at": c["stopped_at"], "total_s": c["total_s"]}
+        print(json.dumps({str(att): result["summary"][str(att)]}), flush=True)
+        result["total_s"] = round(time.time() - t0, 1)
+        if out is not None:  # after every config, so an interrupted run keeps what it measured
+            (out / "bench.json").write_text(json.dumps(result) + "\n")
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out = Path(str(cfg.out))
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(cfg, out)
+    plot(result, out)
+    print(f"wrote {out / 'bench.json'} and plots")
+
+
+if __name__ == "__main__":
+    main()
