@@ -285,7 +285,8 @@ class AttentionRuntime:
         out = {"attention": self.cfg.name, "self_attn": self.sa_stats.summary(), "cross_attn": self.ca_stats.summary()}
         if isinstance(self.cache, TempCache):
             out["merge_rate"] = self.cache.merge_rate()
-            out["last_merge_rate"] = sum(self.cache.last_merge_rate) / len(self.cache.last_merge_rate)
+            rates = self.cache.last_merge_rates()
+            out["last_merge_rate"] = sum(rates) / len(rates)
         return out
 
 

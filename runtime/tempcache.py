@@ -101,11 +101,11 @@ class TempCache(KVCache):
         self.logc[layer][:, :, :cap] = self._logc(self.count[layer][:, :, :cap])
         self.staged[layer] = 0
         self.commits[layer] += 1
+        # statistics stay on the device (no host sync in the hot loop); read them lazily
         rate = merged.float().mean()
-        self.merged_tokens[layer] += float(rate) * c  # one sync per layer and frame, for statistics
+        self.merged_tokens[layer] = self.merged_tokens[layer] + rate * c
         self.new_tokens[layer] += c
-        self.last_merge_rate[layer] = float(rate)
-        self.length[layer] = int((self.count[layer][:, :, :cap] > 0).sum(-1).max())
+        self.last_merge_rate[layer] = rate
         if layer == self.spec.num_layers - 1:
             self.frames_seen += 1
 
@@ -118,8 +118,6 @@ class TempCache(KVCache):
         sim = res.scores[..., 0].view(b, h, c)
         idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
         merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
-        if not bool(merged.any()):
-            return merged
         w = merged.to(torch.float32)  # (B, H, c)
         count = self.count[layer]
         old = count[:, :, :cap].clone()
@@ -191,7 +189,11 @@ class TempCache(KVCache):
     def merge_rate(self) -> float:
         """Fraction of committed tokens (after the sinks) that merged into a group."""
         new = sum(self.new_tokens) - self.sink_frames * self.spec.tokens_per_frame * self.spec.num_layers
-        return sum(self.merged_tokens) / max(1, new)
+        return float(sum(self.merged_tokens)) / max(1, new)
+
+    def last_merge_rates(self) -> list[float]:
+        return [float(r) for r in self.last_merge_rate]
 
     def num_tokens(self, layer: int = 0) -> int:
-        return self.length[layer]
+        """Occupied groups per head (the largest over heads): a host sync, for statistics."""
+        return int((self.count[layer][:, :, : self._capacity] > 0).sum(-1).max())
