@@ -180,7 +180,10 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
 def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    result = run(cfg, out)
+    if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json
+        result = json.loads(Path(str(cfg.bench.plot_from)).read_text())
+    else:
+        result = run(cfg, out)
     plot(result, out)
     print(f"wrote {out / 'bench.json'} and plots")
 
