@@ -22,6 +22,7 @@ class HudValues:
     paused: bool
     recording: str | None  # the recording directory, when recording
     message: str = ""  # a transient note ("screenshot saved to ...")
+    attention: str | None = None  # density / merge statistics of the attention runtime
 
 
 class FpsMeter:
@@ -51,6 +52,8 @@ def hud_lines(v: HudValues) -> list[str]:
         lines.append(f"cache {v.cache_tokens} tok")
     if v.memory_mb is not None:
         lines.append(f"mem {v.memory_mb:.0f} MB")
+    if v.attention:
+        lines.append(v.attention)
     if v.paused:
         lines.append("PAUSED (N: step)")
     if v.recording:

@@ -36,6 +36,7 @@ class FrameItem:
     latency_ms: float = 0.0
     cache_tokens: int | None = None
     memory_mb: float | None = None
+    attention: str | None = None  # the attention runtime's one-line summary, when it has one
 
 
 class Producer:
@@ -127,7 +128,7 @@ class Producer:
                 stats = self.engine.stats
                 for action, frame in zip(actions, frames):
                     self._put(FrameItem(epoch, index, int(action), frame, float(stats.latency_ms),
-                                        stats.cache_tokens, stats.memory_mb))
+                                        stats.cache_tokens, stats.memory_mb, stats.extra.get("hud")))
                     index += 1
         except BaseException as err:  # handed to the presenter, which re-raises it
             self.error = err

@@ -216,7 +216,7 @@ class Window:
             cache_tokens=item.cache_tokens if item else None,
             memory_mb=item.memory_mb if item else None,
             stalls=self.stalls, queued=self.producer.queue.qsize(), paused=self.paused,
-            recording=recording, message=self.message,
+            recording=recording, message=self.message, attention=item.attention if item else None,
         )
 
     def help_lines(self) -> list[str]:
