@@ -18,12 +18,37 @@ if str(REPO) not in sys.path:
 import pytest  # noqa: E402
 
 
-def compose(overrides: list[str] | None = None):
-    """The root config as play.py would see it, with command-line style overrides."""
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """A config of conf/ (the root config by default), with command-line style overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread is fastest and avoids stalls when the cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(cfg, seed: int = 0):
+    """A model whose zero-initialised layers are randomised too, so every tensor matters."""
+    import torch
+
+    from runtime.model import WorldModel
+
+    torch.manual_seed(seed)
+    model = WorldModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
 
 
 def run_play(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

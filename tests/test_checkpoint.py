@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import conftest
 import pytest
 import torch
 from conftest import REPO, compose
@@ -19,23 +20,11 @@ from runtime.model import ModelConfig, WorldModel
 TINY = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest and avoids stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed: int = 0, cfg: ModelConfig = TINY) -> WorldModel:
-    """A model whose zero-initialised layers are randomised too, so every tensor matters."""
-    torch.manual_seed(seed)
-    model = WorldModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return conftest.random_model(cfg, seed)
 
 
 def bf16_rounded(model: WorldModel) -> dict[str, torch.Tensor]:

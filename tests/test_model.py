@@ -1,6 +1,7 @@
 """The model and its cache: cached generation equals the uncached causal forward."""
 from __future__ import annotations
 
+import conftest
 import torch
 
 from runtime.attention import MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
@@ -13,13 +14,7 @@ TINY = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8)
 
 
 def random_model(seed: int = 0, cfg: ModelConfig = TINY) -> WorldModel:
-    """A model whose zero-initialised gates are randomised too, so every path matters."""
-    torch.manual_seed(seed)
-    m = WorldModel(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
+    return conftest.random_model(cfg, seed)
 
 
 def make_cache(cfg: ModelConfig, kind: str = "dense", **kw):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, compose
 
 from runtime.attention import teacher_forcing_mask, teacher_forcing_mask_mod
 from runtime.checkpoint import load_checkpoint, read_metadata
@@ -24,20 +24,11 @@ SMOKE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest and avoids stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_train(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose(overrides, config_name="train")
 
 
 def tiny_config() -> ModelConfig:
