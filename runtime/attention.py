@@ -91,16 +91,23 @@ class CachedSelfAttention:
 
     def __call__(self, layer: int, q, k, v, k_pre=None):
         keys, values, bias = self.cache.stage(layer, k, v, k_pre)
-        m, c = k.shape[2], self.commit
-        if 0 < c < m:
-            lk = keys.shape[2]
-            hide = torch.zeros(m, lk, dtype=torch.bool, device=q.device)
-            hide[:c, lk - (m - c) :] = True  # clean queries do not see the noisy frame
-            bias = merge_mask(bias, hide, q.dtype)
-        out = sdpa(q, keys, values, bias)
-        if c:
-            self.cache.commit(layer, c)
+        out = staged_attention(q, keys, values, bias, self.commit)
+        if self.commit:
+            self.cache.commit(layer, self.commit)
         return out
+
+
+def staged_attention(q, keys, values, bias, commit: int) -> torch.Tensor:
+    """Dense attention of a staged chunk over [cache | chunk]. When the chunk is
+    [clean (commit tokens) | noisy], each query group sees a key prefix, so this runs two
+    unmasked calls instead of one masked call."""
+    m = q.shape[2]
+    if not 0 < commit < m:
+        return sdpa(q, keys, values, bias)
+    seen = keys.shape[2] - (m - commit)
+    clean = sdpa(q[:, :, :commit], keys[:, :, :seen], values[:, :, :seen], None if bias is None else bias[..., :seen])
+    noisy = sdpa(q[:, :, commit:], keys, values, bias)
+    return torch.cat([clean, noisy], dim=2)
 
 
 def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int, device):

@@ -17,8 +17,9 @@ AnnSA, per query block of `block` tokens over the cached tokens (blocks of `bloc
     keep the top ceil(density * num_blocks) blocks, gather them, and attend over
     [kept blocks | the current chunk] with the cache's log-count bias
 
-Sparsity is skipped (dense) for the first floor(dense_fraction * steps) denoising steps
-and whenever the kept fraction would exceed `max_density` (where sparsity stops paying).
+Sparsity is skipped (dense) for the first floor(dense_fraction * steps) denoising steps,
+whenever the kept fraction would exceed `max_density`, and while fewer than `min_blocks`
+blocks are cached (below that the selection costs more than it saves; docs/attention.md).
 The gather path runs on any device; it is exact when every block is kept (tested).
 
 Statistics per module and layer: density (fraction of query-key pairs computed), and
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.ann import build_ann
-from runtime.attention import CachedSelfAttention, merge_mask, sdpa
+from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
 from runtime.tempcache import TempCache
 
@@ -61,6 +62,7 @@ class AttentionConfig:
     recent_frames: int = 2          # AnnSA: always keep the most recent frames
     dense_fraction: float = 0.3     # AnnSA: dense for the first floor(fraction * steps) steps
     max_density: float = 0.9        # AnnSA: above this kept fraction, run dense
+    min_blocks: int = 64            # AnnSA: with fewer cached blocks, run dense (selection costs more)
     stats_recall: bool = False      # measure attention recall (costs a dense pass)
 
     def __post_init__(self) -> None:
@@ -139,8 +141,9 @@ class AnnSelfAttention:
         blk = cfg.block
         nkb = lc // blk
         keep_n = min(nkb, math.ceil(cfg.density * nkb))
-        if not self.sparse or nkb == 0 or lc % blk or m % blk or keep_n / max(nkb, 1) > cfg.max_density:
-            out = sdpa(q, keys, values, merge_mask(bias, hide, q.dtype) if hide is not None else bias)
+        if (not self.sparse or nkb < max(1, cfg.min_blocks) or lc % blk or m % blk
+                or keep_n / max(nkb, 1) > cfg.max_density):
+            out = staged_attention(q, keys, values, bias, c)
             self.rt.sa_stats.add(layer, 1.0, 1.0 if cfg.stats_recall else None)
         else:
             out = self._sparse(layer, q, keys, values, bias, hide, lc, nkb, keep_n)

@@ -89,7 +89,7 @@ def make_runtime(**kw) -> AttentionRuntime:
 def test_annsa_at_full_density_equals_dense(policy, merged_pass):
     g = torch.Generator().manual_seed(3)
     kw = dict(policy=policy, annsa=True, ann="quant", block=N, density=1.0, max_density=1.0, dense_fraction=0.0,
-              budget_frames=6, threshold=0.95, initial_frames=4)
+              budget_frames=6, threshold=0.95, initial_frames=4, min_blocks=1)
     rt_sparse, rt_dense = make_runtime(**kw), make_runtime(**{**kw, "annsa": False})
     caches = [rt.build_cache(spec()) for rt in (rt_sparse, rt_dense)]
     for f in range(9):
@@ -108,7 +108,7 @@ def test_annsa_at_full_density_equals_dense(policy, merged_pass):
 def test_annsa_below_full_density_computes_fewer_pairs_and_keeps_recent_frames():
     g = torch.Generator().manual_seed(4)
     rt = make_runtime(policy="tempcache", annsa=True, ann="exact", block=N, density=0.25, max_density=0.9,
-                      budget_frames=8, recent_frames=1, stats_recall=True)
+                      budget_frames=8, recent_frames=1, stats_recall=True, min_blocks=1)
     cache = rt.build_cache(spec())
     for f in range(12):
         commit_frame(cache, torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g))
@@ -153,3 +153,29 @@ def test_attention_config_rejects_bad_values():
         AttentionConfig.from_dict({"treshold": 0.5})
     with pytest.raises(ValueError, match="budget_frames"):
         TempCache(spec(), budget_frames=1, sink_frames=1)
+
+
+@pytest.mark.parametrize("name", ["dense", "window", "tempcache", "annsa", "annca", "fastar"])
+def test_every_attention_preset_plays_and_reports(name):
+    """Each preset builds the neural engine, generates frames and feeds the HUD line."""
+    from conftest import compose
+
+    from runtime.engine import build_engine
+    from runtime.hud import HudValues, hud_lines
+    from worlds import build_world
+
+    cfg = compose(["engine=neural", f"attention={name}", "engine.dtype=float32"])
+    engine = build_engine(cfg, build_world(cfg.world))
+    engine.reset(0)
+    for a in (4, 4, 2):
+        frames = engine.step([a] * engine.chunk_size)
+    assert frames.dtype.name == "uint8" and frames.shape[1:] == engine.frame_shape
+    line = engine.stats.extra["hud"]
+    assert line.startswith(name)
+    if name in ("tempcache", "fastar"):
+        assert "merge" in line
+    if name in ("annca", "fastar"):
+        assert "ca " in line
+    values = HudValues(30.0, 30.0, 1.0, 3, engine.stats.cache_tokens, engine.stats.memory_mb, 0, 0, False, None,
+                       attention=line)
+    assert line in hud_lines(values)
