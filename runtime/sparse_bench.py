@@ -1,0 +1,67 @@
+"""Where AnnSA pays: `python -m runtime.sparse_bench [--threads 2] [--heads 4] [--blocks 16 64 256 1024]`.
+
+Times one self-attention call of a 64-token query block over a filled dense cache, dense
+(`CachedSelfAttention`) against AnnSA (`AnnSelfAttention`, selection included) for each
+ANN backend, at 25% density, in bf16 on the CPU (or `--device cuda`). Prints a table of
+milliseconds per call. Attention-only figures: not end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from runtime.attention import CachedSelfAttention
+from runtime.cache import CacheSpec, DenseCache
+from runtime.sparse import AnnSelfAttention, AttentionConfig, AttentionRuntime
+
+
+def time_ms(fn, device: torch.device, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--density", type=float, default=0.25)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 256, 1024])
+    ap.add_argument("--anns", nargs="+", default=["quant", "lsh", "exact"])
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device, dt = torch.device(args.device), torch.bfloat16
+    h, d, n = args.heads, args.head_dim, args.block
+    print(f"device {device}, bf16, {h} heads x {d}, query block {n}, density {args.density}")
+    print("cached blocks | dense ms | " + " | ".join(f"AnnSA {a} ms" for a in args.anns))
+    with torch.no_grad():
+        for nkb in args.blocks:
+            cache = DenseCache(CacheSpec(1, 1, h, d, n, device, dt), initial_frames=nkb + 2)
+            for _ in range(nkb):
+                cache.stage(0, torch.randn(1, h, n, d, dtype=dt, device=device), torch.randn(1, h, n, d, dtype=dt, device=device))
+                cache.commit(0)
+            q, k, v = (torch.randn(1, h, n, d, dtype=dt, device=device) for _ in range(3))
+            dense = time_ms(lambda: CachedSelfAttention(cache, 0)(0, q, k, v, k), device, args.repeats)
+            row = [f"{nkb}", f"{dense:.2f}"]
+            for ann in args.anns:
+                rt = AttentionRuntime(AttentionConfig(annsa=True, ann=ann, block=n, density=args.density, min_blocks=1))
+                rt.cache = cache
+                row.append(f"{time_ms(lambda: AnnSelfAttention(rt, cache, 0, True)(0, q, k, v, k), device, args.repeats):.2f}")
+            print(" | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
