@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worlds.actions import ACTIONS, IDLE, NUM_ACTIONS
+from controllers.scripted import ActionSequence
+from worlds.actions import ACTIONS, NUM_ACTIONS
 
 
 @dataclass
@@ -64,10 +65,8 @@ def read_actions(path: Path) -> list[int]:
     return actions
 
 
-class ReplayController:
+class ReplayController(ActionSequence):
     """Yields the recorded actions, then idles; `num_frames` says where to stop."""
-
-    needs_window = False
 
     def __init__(self, cfg: ReplayConfig):
         if not cfg.path:
@@ -84,13 +83,3 @@ class ReplayController:
         self.seed: int = seed
         self.num_frames: int | None = len(self.script)
         self.reset()
-
-    def reset(self) -> None:
-        self._pos = 0
-
-    def actions(self, n: int) -> list[int]:
-        if n < 1:
-            raise ValueError(f"actions(n) needs n >= 1, got {n}")
-        out = [self.script[i] if i < len(self.script) else IDLE for i in range(self._pos, self._pos + n)]
-        self._pos += n
-        return out

@@ -39,18 +39,12 @@ def parse_script(script: str) -> list[int]:
     return actions
 
 
-class ScriptedController:
-    """Plays a fixed action script, then idles (or loops)."""
+class ActionSequence:
+    """Hands out a fixed list of actions in order, then idles (or starts over if `loop`)."""
 
     needs_window = False
-    num_frames: int | None = None  # idles (or loops) forever after the script
-
-    def __init__(self, cfg: ScriptedConfig | None = None):
-        self.cfg = cfg or ScriptedConfig()
-        self.script = parse_script(self.cfg.script)
-        if self.cfg.loop and not self.script:
-            raise ValueError("controller.loop=true needs a non-empty controller.script")
-        self.reset()
+    script: list[int]
+    loop: bool = False
 
     def reset(self) -> None:
         self._pos = 0
@@ -60,8 +54,22 @@ class ScriptedController:
             raise ValueError(f"actions(n) needs n >= 1, got {n}")
         out = []
         for _ in range(n):
-            if self._pos >= len(self.script) and self.cfg.loop:
+            if self._pos >= len(self.script) and self.loop:
                 self._pos = 0
             out.append(self.script[self._pos] if self._pos < len(self.script) else IDLE)
             self._pos += 1
         return out
+
+
+class ScriptedController(ActionSequence):
+    """Plays a fixed action script, then idles (or loops)."""
+
+    num_frames: int | None = None  # idles (or loops) forever after the script
+
+    def __init__(self, cfg: ScriptedConfig | None = None):
+        self.cfg = cfg or ScriptedConfig()
+        self.script = parse_script(self.cfg.script)
+        self.loop = bool(self.cfg.loop)
+        if self.loop and not self.script:
+            raise ValueError("controller.loop=true needs a non-empty controller.script")
+        self.reset()

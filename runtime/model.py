@@ -22,11 +22,13 @@ D head dim, W width, T prompt tokens, E prompt token features.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from runtime.configs import strict_dataclass
 
 
 @dataclass
@@ -75,11 +77,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return strict_dataclass(cls, d, "model")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,10 +12,12 @@ replays exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from runtime.configs import strict_dataclass
 
 
 @dataclass
@@ -35,14 +37,10 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown sampler config keys {unknown}; expected a subset of {sorted(known)}")
         d = dict(d)
-        if "times" in d and d["times"] is not None:
+        if d.get("times") is not None:
             d["times"] = [float(t) for t in d["times"]]
-        return cls(**d)
+        return strict_dataclass(cls, d, "sampler")
 
 
 class FlowSampler:

@@ -28,7 +28,7 @@ with `stats_recall: true` recall (fraction of the dense softmax mass on kept key
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from runtime.ann import build_ann
 from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
+from runtime.configs import strict_dataclass
 from runtime.tempcache import TempCache
 
 POLICIES = ("dense", "window", "tempcache")
@@ -79,15 +80,7 @@ class AttentionConfig:
 
     @classmethod
     def from_dict(cls, d) -> "AttentionConfig":
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(d, DictConfig):
-            d = OmegaConf.to_container(d, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown attention config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return strict_dataclass(cls, d, "attention")
 
 
 class LayerStats:

@@ -1,0 +1,24 @@
+"""Turning config mappings into the dataclasses that sit next to the classes they configure.
+
+One rule for every group: unknown keys are an error that names them and lists what is
+expected, raised once at start-up.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def strict_dataclass(cls: type[T], d: Any, group: str) -> T:
+    """Build `cls` from a mapping (or omegaconf node), rejecting keys it does not know."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(d, DictConfig):
+        d = OmegaConf.to_container(d, resolve=True)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {group} config keys {unknown}; expected a subset of {sorted(known)}")
+    return cls(**d)
