@@ -213,6 +213,33 @@ def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:
     return out
 
 
+def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
+    """Merge rate, density and recall of each attention config, separately for idle play
+    (nothing scrolls) and moving play (the view scrolls 2 px per frame)."""
+    ev = cfg.eval
+    n, frames = int(ev.sequences), int(ev.motion_frames)
+    seeds = list(range(int(ev.seed_offset), int(ev.seed_offset) + n))
+    rng = np.random.default_rng(int(ev.action_seed) + 2)
+    moving = rng.choice([1, 2, 3, 4], size=(n, 1)).repeat(frames, axis=1)  # one held direction each
+    scripts = {"idle": np.zeros((n, frames), dtype=np.int64), "moving": moving}
+    out: dict = {}
+    for name in ev.attentions:
+        acfg = attention_cfg(str(name))
+        acfg.stats_recall = True
+        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        sub.attention = acfg
+        out[str(name)] = {}
+        for kind, acts in scripts.items():
+            truth, _, atlases = simulate(world_cfg, seeds, acts)
+            rollout = build_rollout(model, sub, batch=n)
+            rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, int(cfg.seed))
+            s = rollout.attention.summary()
+            out[str(name)][kind] = {"merge_rate": s.get("merge_rate"),
+                                    "self_attn": {k: s["self_attn"][k] for k in ("density", "recall")},
+                                    "cross_attn": {k: s["cross_attn"][k] for k in ("density", "recall")}}
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.engine.dtype), device)
@@ -225,8 +252,10 @@ def run(cfg: DictConfig) -> dict:
            "metric": "per-frame PSNR on uint8 frames in [0,1], capped at 60 dB, averaged over sequences"}
     if bool(cfg.eval.quality):
         res.update(evaluate_model(model, cfg, world_cfg))
-    if cfg.eval.attentions:
+    if cfg.eval.attentions and int(cfg.eval.compare_frames) > 0:
         res["attention_configs"] = compare_attention(model, cfg, world_cfg)
+    if cfg.eval.attentions and int(cfg.eval.motion_frames) > 0:
+        res["motion_split"] = motion_split(model, cfg, world_cfg)
     res["total_s"] = round(time.time() - t0, 1)
     return res
 
