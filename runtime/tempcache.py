@@ -120,31 +120,35 @@ class TempCache(KVCache):
         merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
         w = merged.to(torch.float32)  # (B, H, c)
         count = self.count[layer]
-        old = count[:, :, :cap].clone()
+        old = count[:, :, :cap]
         add = torch.zeros_like(old).scatter_add_(2, idx, w)
-        new_count = old + add
-        # value mean: (old_mean * old_count + sum of merged values) / new_count
-        vsum = torch.zeros(b, h, cap, d, device=v_new.device, dtype=torch.float32)
-        vsum.scatter_add_(2, idx[..., None].expand(-1, -1, -1, d), v_new.float() * w[..., None])
+        new_count = old + add  # (B, H, cap)
         touched = add > 0
-        vals = self.v[layer][:, :, :cap].float()
-        mean = (vals * old[..., None] + vsum) / new_count.clamp_min(1)[..., None]
-        self.v[layer][:, :, :cap] = torch.where(touched[..., None], mean, vals).to(self.spec.dtype)
+        # Work on the c merging tokens, not on the whole budget. Every token that joins
+        # group j moves j's mean value by (v_t - v_j) / n_j(new); summed over the tokens
+        # joining j this gives (v_j * n_old + sum v_t) / n_new, the mean of all members.
+        e = idx[..., None].expand(-1, -1, -1, d)
+        v_grp = torch.gather(self.v[layer], 2, e).float()  # (B, H, c, D) current group means
+        n_grp = torch.gather(new_count, 2, idx)[..., None]
+        delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
+        self.v[layer][:, :, :cap].scatter_add_(2, e, delta.to(self.spec.dtype))
         if self.representative == "recent":
-            # the newest merging token of each group: the highest token index wins
+            # the newest merging token of each group represents it: the highest token index
             order = torch.where(merged, torch.arange(c, device=k_new.device).expand(b, h, c), torch.full_like(idx, -1))
             last = torch.full((b, h, cap), -1, device=k_new.device, dtype=torch.long).scatter_reduce_(2, idx, order, "amax")
-            src = last.clamp_min(0)[..., None].expand(-1, -1, -1, d)
-            rep_k = torch.gather(k_new, 2, src)
-            rep_m = torch.gather(m_new, 2, src)
+            is_rep = merged & (torch.gather(last, 2, idx) == torch.arange(c, device=k_new.device))
+            dst = torch.where(is_rep, idx, torch.full_like(idx, cap))  # slot `cap` is scratch
+            de = dst[..., None].expand(-1, -1, -1, d)
+            self.k[layer].scatter_(2, de, k_new.clone())
+            self.mkey[layer].scatter_(2, de, m_new)
         else:
-            ksum = torch.zeros(b, h, cap, d, device=k_new.device, dtype=torch.float32)
-            ksum.scatter_add_(2, idx[..., None].expand(-1, -1, -1, d), k_new.float() * w[..., None])
-            rep_k = ((self.k[layer][:, :, :cap].float() * old[..., None] + ksum) / new_count.clamp_min(1)[..., None]).to(self.spec.dtype)
-            rep_m = F.normalize(rep_k.float(), dim=-1).to(self.spec.dtype) if self.match == "post" else self.mkey[layer][:, :, :cap]
-        t = touched[..., None]
-        self.k[layer][:, :, :cap] = torch.where(t, rep_k, self.k[layer][:, :, :cap])
-        self.mkey[layer][:, :, :cap] = torch.where(t, rep_m, self.mkey[layer][:, :, :cap])
+            k_grp = torch.gather(self.k[layer], 2, e).float()
+            kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
+            kf = self.k[layer][:, :, :cap].float().scatter_add_(2, e, kd)
+            self.k[layer][:, :, :cap] = kf.to(self.spec.dtype)
+            if self.match == "post":
+                self.mkey[layer][:, :, :cap] = torch.where(
+                    touched[..., None], F.normalize(kf, dim=-1).to(self.spec.dtype), self.mkey[layer][:, :, :cap])
         count[:, :, :cap] = new_count
         self.stamp[layer] = torch.where(touched, torch.full_like(self.stamp[layer], step), self.stamp[layer])
         return merged
