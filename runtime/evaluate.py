@@ -160,13 +160,25 @@ def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], step
     }
 
 
-def attention_cfg(name: str):
-    """conf/attention/NAME.yaml as a config node (for comparing several in one run)."""
+def attention_cfg(spec: str):
+    """conf/attention/NAME.yaml as a config node (for comparing several in one run).
+
+    `spec` is NAME or NAME:KEY=VALUE;KEY=VALUE (variants of a preset, e.g.
+    "tempcache:match=local;threshold=0.9"); a variant is named by its whole spec."""
+    name, _, rest = spec.partition(":")
     path = Path(__file__).resolve().parent.parent / "conf" / "attention" / f"{name}.yaml"
     if not path.is_file():
         options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown attention config {name!r} in eval.attentions; expected some of {options}")
-    return OmegaConf.load(path)
+        raise ValueError(f"unknown attention config {name!r} in {spec!r}; expected some of {options}")
+    node = OmegaConf.load(path)
+    if rest:
+        items = [kv for kv in rest.split(";") if kv]
+        bad = [kv for kv in items if "=" not in kv or kv.split("=", 1)[0] not in node]
+        if bad:
+            raise ValueError(f"attention variant {spec!r}: {bad} are not KEY=VALUE with keys of {name}.yaml ({list(node)})")
+        node = OmegaConf.merge(node, OmegaConf.from_dotlist(items))
+        node.name = spec
+    return node
 
 
 def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:

@@ -51,7 +51,8 @@ class AttentionConfig:
     window_frames: int = 15         # window
     budget_frames: int = 16         # tempcache: hard budget in frames of tokens
     threshold: float = 0.95         # tempcache: cosine similarity to merge
-    match: str = "post"             # tempcache: match pre- or post-RoPE keys
+    match: str = "post"             # tempcache: post | pre | local (pre-RoPE within match_radius patches)
+    match_radius: int = 1           # tempcache, match=local: patches of screen distance
     representative: str = "recent"  # tempcache: newest key, or the mean key
     merge_ann: str = "exact"        # tempcache: ANN backend for the top-1 correspondence
     annsa: bool = False
@@ -249,7 +250,8 @@ class AttentionRuntime:
             cache = WindowCache(spec, sink_frames=c.sink_frames, window_frames=c.window_frames)
         else:
             cache = TempCache(spec, budget_frames=c.budget_frames, sink_frames=c.sink_frames, threshold=c.threshold,
-                              match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="cosine"))
+                              match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="cosine"),
+                              radius=c.match_radius)
         self.cache = cache
         self.tokens_per_frame = spec.tokens_per_frame
         return cache

@@ -16,11 +16,15 @@ Commit of a clean frame, per head, for each new token:
 The first `sink_frames` frames are sinks: appended unmerged, never matched, never
 evicted (attention sinks anchor long rollouts).
 
-Matching uses pre-RoPE keys by default (`match: pre`): RoPE turns part of each key by
-the frame index (and the rest by screen position), so the same content in two frames
-gives different post-RoPE keys; pre-RoPE keys compare content wherever it moved on
-screen, which is what a scrolling world needs. The stored representative is the
-post-RoPE key of the newest member, i.e. the content at its latest position.
+Three ways to match (`match`), measured in docs/attention.md:
+  post   post-RoPE keys: the same content at the same place in consecutive frames. RoPE
+         turns part of each key by the frame index, so only near-static content merges.
+  pre    pre-RoPE keys anywhere on screen: content wherever it moved, but also any other
+         patch that looks alike (grass is grass), which loses the layout.
+  local  pre-RoPE keys within `radius` patches of the new token's position: follows
+         content that scrolls by a fraction of a patch without merging far look-alikes.
+The stored representative is the post-RoPE key of the newest member, i.e. the content
+at its latest position (and, for `local`, its latest screen position).
 
 Memory layout per layer (static after reset; S sink slots, G group slots, C staged):
     [ S S | G G G G G G G G G G | C C ]      count 0 = empty slot, bias -inf
@@ -39,13 +43,18 @@ class TempCache(KVCache):
     uses_counts = True
 
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
-                 match: str = "pre", representative: str = "recent", ann: AnnBackend | None = None):
+                 match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
+                 radius: int = 1):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"tempcache threshold={threshold} must be a cosine similarity in [-1, 1]")
-        if match not in ("pre", "post"):
-            raise ValueError(f"tempcache match={match!r}; expected 'pre' or 'post'")
+        if match not in ("pre", "post", "local"):
+            raise ValueError(f"tempcache match={match!r}; expected 'pre', 'post' or 'local'")
+        if radius < 0:
+            raise ValueError(f"tempcache radius={radius} must be >= 0")
+        self.radius = radius
+        self.grid = int(round(spec.tokens_per_frame ** 0.5))
         if representative not in ("recent", "mean"):
             raise ValueError(f"tempcache representative={representative!r}; expected 'recent' or 'mean'")
         self.sink_frames = sink_frames
@@ -65,6 +74,8 @@ class TempCache(KVCache):
         self.mkey = [torch.zeros(shape + (s.head_dim,), device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
         self.stamp = [torch.full(shape[:2] + (cap,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.staged_match = [None] * s.num_layers
+        # screen position (row * grid + col) of each group's representative; -1: none
+        self.pos = [torch.full(shape[:2] + (cap + 1,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.commits = [0] * s.num_layers
         self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
         self.new_tokens = [0] * s.num_layers
@@ -80,7 +91,7 @@ class TempCache(KVCache):
         self.v[layer][:, :, cap : cap + m] = v
         self.logc[layer][:, :, cap : cap + m] = 0.0
         self.staged[layer] = m
-        src = k_pre if (self.match == "pre" and k_pre is not None) else k
+        src = k_pre if (self.match in ("pre", "local") and k_pre is not None) else k
         self.staged_match[layer] = src
         bias = self.logc[layer][:, :, None, : cap + m]  # (B, H, 1, cap + m)
         return self.k[layer][:, :, : cap + m], self.v[layer][:, :, : cap + m], bias
@@ -114,10 +125,14 @@ class TempCache(KVCache):
         b, h, c, d = k_new.shape
         cap = self._capacity
         groups = self.mkey[layer][:, :, :cap]  # sinks and empty slots hold zero vectors
-        res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, cap, d), 1)
-        sim = res.scores[..., 0].view(b, h, c)
-        idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
-        merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
+        if self.match == "local":
+            sim, idx = self._local_top1(layer, m_new, groups)
+            merged = sim >= self.threshold
+        else:
+            res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, cap, d), 1)
+            sim = res.scores[..., 0].view(b, h, c)
+            idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
+            merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
         w = merged.to(torch.float32)  # (B, H, c)
         count = self.count[layer]
         old = count[:, :, :cap]
@@ -141,6 +156,7 @@ class TempCache(KVCache):
             de = dst[..., None].expand(-1, -1, -1, d)
             self.k[layer].scatter_(2, de, k_new.clone())
             self.mkey[layer].scatter_(2, de, m_new)
+            self.pos[layer].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:
             k_grp = torch.gather(self.k[layer], 2, e).float()
             kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
@@ -152,6 +168,23 @@ class TempCache(KVCache):
         count[:, :, :cap] = new_count
         self.stamp[layer] = torch.where(touched, torch.full_like(self.stamp[layer], step), self.stamp[layer])
         return merged
+
+    def _token_pos(self, c: int, device) -> torch.Tensor:
+        """Screen positions of the c tokens of one frame (row-major)."""
+        return (torch.arange(c, device=device) % self.spec.tokens_per_frame)[None, None]
+
+    def _local_top1(self, layer, m_new, groups):
+        """Best group among those within `radius` patches of each new token (cosine)."""
+        g, cap = self.grid, self._capacity
+        c = m_new.shape[2]
+        s = torch.einsum("bhcd,bhkd->bhck", m_new.float(), groups.float())  # (B, H, c, cap)
+        tok = self._token_pos(c, m_new.device)[0, 0]
+        pos = self.pos[layer][:, :, :cap]
+        dr = (tok // g)[:, None] - (pos // g)[:, :, None, :]
+        dc = (tok % g)[:, None] - (pos % g)[:, :, None, :]
+        near = (dr.abs() <= self.radius) & (dc.abs() <= self.radius) & (pos >= 0)[:, :, None, :]
+        s = s.masked_fill(~near, float("-inf"))
+        return s.max(dim=-1)
 
     def _append(self, layer, k_new, v_new, m_new, merged, step, sink: bool) -> None:
         """Put unmerged tokens into free slots, else over the least recently updated groups."""
@@ -177,6 +210,8 @@ class TempCache(KVCache):
         mvals = torch.zeros_like(k_new) if sink else m_new
         self.mkey[layer].scatter_(2, e, mvals)
         self.count[layer].scatter_(2, dst, keep.to(torch.float32))
+        tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
+        self.pos[layer].scatter_(2, dst, torch.where(keep, tok, self.pos[layer][:, :, cap:cap + 1].expand(b, h, c)))
         st = torch.full_like(dst, -2 if sink else step)
         stamp_ext = torch.cat([stamp, torch.zeros(b, h, 1, dtype=stamp.dtype, device=stamp.device)], dim=2)
         stamp_ext.scatter_(2, dst.clamp(max=cap), st)

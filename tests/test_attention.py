@@ -28,7 +28,7 @@ def attend(cache, q, k, v):
 
 
 @pytest.mark.parametrize("ann", ["exact", "lsh", "quant", "faiss"])
-@pytest.mark.parametrize("match", ["pre", "post"])
+@pytest.mark.parametrize("match", ["pre", "post", "local"])
 def test_tempcache_with_duplicated_keys_equals_dense(ann, match):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, H, N, D, generator=g)
@@ -77,6 +77,26 @@ def test_tempcache_merges_similar_and_appends_dissimilar():
     far = torch.randn(1, H, N, D, generator=g)
     commit_frame(temp, far, torch.randn(1, H, N, D, generator=g))
     assert temp.last_merge_rate[0] == 0.0
+
+
+def test_local_matching_follows_content_that_moves_one_patch():
+    """A frame whose tokens are the previous frame shifted one column right merges into the
+    neighbouring groups with match=local: every moved token finds its content one patch away."""
+    g = torch.Generator().manual_seed(7)
+    grid = 3  # N = 9 tokens: a 3x3 frame
+
+    def shifted(keys):  # content moves one column to the right; a new column enters
+        k = keys.view(1, H, grid, grid, D).roll(1, dims=3).clone()
+        k[:, :, :, 0] = torch.randn(1, H, grid, D, generator=g)
+        return k.view(1, H, grid * grid, D)
+
+    sp = CacheSpec(1, 1, H, D, grid * grid, torch.device("cpu"), torch.float32)
+    local = TempCache(sp, budget_frames=6, sink_frames=1, threshold=0.99, match="local", radius=1)
+    commit_frame(local, torch.randn(1, H, 9, D, generator=g), torch.randn(1, H, 9, D, generator=g))  # sink
+    a = torch.randn(1, H, 9, D, generator=g)
+    commit_frame(local, a, torch.randn(1, H, 9, D, generator=g))
+    commit_frame(local, shifted(a), torch.randn(1, H, 9, D, generator=g))
+    assert float(local.last_merge_rate[0]) == pytest.approx(6 / 9)  # two columns moved, one is new
 
 
 def make_runtime(**kw) -> AttentionRuntime:
