@@ -173,7 +173,7 @@ def attention_cfg(spec: str):
     node = OmegaConf.load(path)
     if rest:
         items = [kv for kv in rest.split(";") if kv]
-        bad = [kv for kv in items if "=" not in kv or kv.split("=", 1)[0] not in node]
+        bad = [kv for kv in items if "=" not in kv or kv.split("=", 1)[0].split(".")[0] not in node]
         if bad:
             raise ValueError(f"attention variant {spec!r}: {bad} are not KEY=VALUE with keys of {name}.yaml ({list(node)})")
         node = OmegaConf.merge(node, OmegaConf.from_dotlist(items))
