@@ -43,7 +43,7 @@ class KVCache:
     """Base class: contiguous valid tokens per layer; subclasses choose what commit keeps."""
 
     policy = "base"
-    uses_counts = False
+    sink_tokens = 0  # leading slots that always count as recent (window sinks)
 
     def __init__(self, spec: CacheSpec, capacity_tokens: int):
         self.spec = spec
@@ -60,6 +60,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
         self.length = [0] * s.num_layers  # valid tokens per layer
         self.staged = [0] * s.num_layers
+        self.commits = [0] * s.num_layers  # clean frames committed per layer
+        # which commit wrote each slot (-1: never): what "recent" means for AnnSA
+        self.slot_frame = [torch.full(shape[2:3], -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.frames_seen = 0
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None):
@@ -76,7 +79,15 @@ class KVCache:
 
     def commit(self, layer: int, count: int | None = None) -> None:
         """Keep the first `count` staged tokens (all by default): one clean frame."""
-        self.length[layer] += self.staged[layer] if count is None else count
+        n = self.length[layer]
+        m = self.staged[layer] if count is None else count
+        self._committed(layer, n, m)
+        self.length[layer] = n + m
+
+    def _committed(self, layer: int, start: int, m: int) -> None:
+        """Book-keeping after slots [start, start + m) received a clean frame."""
+        self.slot_frame[layer][start : start + m] = self.commits[layer]
+        self.commits[layer] += 1
         self.staged[layer] = 0
         if layer == self.spec.num_layers - 1:
             self.frames_seen += 1
@@ -85,8 +96,12 @@ class KVCache:
     def num_tokens(self, layer: int = 0) -> int:
         return self.length[layer]
 
-    def total_tokens(self) -> int:
-        return sum(self.length)
+    def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
+        """(B, H, slots) True for slots written by the last `frames` commits, and sinks."""
+        sf = self.slot_frame[layer]
+        keep = sf >= self.commits[layer] - frames
+        keep[: self.sink_tokens] = True
+        return keep[None, None].expand(self.spec.batch, self.spec.heads, -1)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -120,6 +135,9 @@ class DenseCache(KVCache):
             new = torch.zeros(*old.shape[:2], new_cap, old.shape[3], device=old.device, dtype=old.dtype)
             new[:, :, :n] = old[:, :, :n]
             store[layer] = new
+        frames = torch.full((new_cap,), -1, device=buf.device, dtype=torch.long)
+        frames[:n] = self.slot_frame[layer][:n]
+        self.slot_frame[layer] = frames
 
 
 class WindowCache(KVCache):
@@ -154,6 +172,4 @@ class WindowCache(KVCache):
         for store in (self.k, self.v):
             store[layer][:, :, start : start + m] = store[layer][:, :, cap : cap + m]
         self._next[layer] = (self._next[layer] + m) % self.ring_tokens
-        self.staged[layer] = 0
-        if layer == self.spec.num_layers - 1:
-            self.frames_seen += 1
+        self._committed(layer, start, m)

@@ -158,8 +158,7 @@ class AnnSelfAttention:
             valid = torch.isfinite(bias[:, :, 0, :lc]).reshape(bh, nkb, blk).any(-1)  # (BH, nKB)
             scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         forced = self._forced_blocks(layer, lc, nkb, b, h)
-        if forced is not None:
-            scores = scores.masked_fill(forced[:, None, :], float("inf"))
+        scores = scores.masked_fill(forced[:, None, :], float("inf"))
         sel = scores.topk(keep_n, dim=-1).indices  # (BH, nQB, K)
         kb = kc.view(bh, nkb, blk, d)
         vb = values[:, :, :lc].reshape(bh, nkb, blk, d)
@@ -197,9 +196,7 @@ class AnnSelfAttention:
     def _forced_blocks(self, layer, lc, nkb, b, h):
         """(BH, nKB) blocks that are always kept: sinks and the most recent frames."""
         cfg = self.rt.cfg
-        slots = self.cache.recent_slots(layer, cfg.recent_frames) if hasattr(self.cache, "recent_slots") else None
-        if slots is None:
-            return None
+        slots = self.cache.recent_slots(layer, cfg.recent_frames)
         return slots[..., :lc].reshape(b * h, nkb, cfg.block).any(-1)
 
 

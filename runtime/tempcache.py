@@ -40,7 +40,6 @@ from runtime.cache import CacheSpec, KVCache
 
 class TempCache(KVCache):
     policy = "tempcache"
-    uses_counts = True
 
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
@@ -76,7 +75,6 @@ class TempCache(KVCache):
         self.staged_match = [None] * s.num_layers
         # screen position (row * grid + col) of each group's representative; -1: none
         self.pos = [torch.full(shape[:2] + (cap + 1,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
-        self.commits = [0] * s.num_layers
         self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers

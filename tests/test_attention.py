@@ -199,3 +199,23 @@ def test_every_attention_preset_plays_and_reports(name):
     values = HudValues(30.0, 30.0, 1.0, 3, engine.stats.cache_tokens, engine.stats.memory_mb, 0, 0, False, None,
                        attention=line)
     assert line in hud_lines(values)
+
+
+@pytest.mark.parametrize("policy", ["dense", "window"])
+def test_annsa_always_keeps_the_most_recent_frame(policy):
+    """With room for one cached block, AnnSA attends to the newest frame whatever the ANN
+    ranks highest: the result equals attention over [newest frame | chunk] (and the sink)."""
+    g = torch.Generator().manual_seed(8)
+    rt = make_runtime(policy=policy, annsa=True, ann="exact", block=N, density=0.01, max_density=1.0,
+                      recent_frames=1, min_blocks=1, sink_frames=0, window_frames=8, initial_frames=16)
+    cache = rt.build_cache(spec())
+    frames = [(torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g)) for _ in range(12)]
+    for k, v in frames:
+        commit_frame(cache, k, v)
+    recent = cache.recent_slots(0, 1)[0, 0, : cache.num_tokens(0)]
+    assert int(recent.sum()) == N
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    out = AnnSelfAttention(rt, cache, 0, sparse=True)(0, q, k, v, k)
+    last_k, last_v = frames[-1]
+    ref = sdpa(q, torch.cat([last_k, k], 2), torch.cat([last_v, v], 2))
+    assert torch.allclose(out, ref, atol=1e-5)
