@@ -168,8 +168,11 @@ class Rollout:
         self._forward(clean, prev, [0.0], act[:, None], [index], self.model.cfg.tokens_per_frame, None)
 
     @torch.no_grad()
-    def step(self, actions: torch.Tensor) -> torch.Tensor:
-        """actions: (B,) int64 -> the next frame, uint8 (B, H, W, 3)."""
+    def step(self, actions: torch.Tensor, true_next: torch.Tensor | None = None) -> torch.Tensor:
+        """actions: (B,) int64 -> the next frame, uint8 (B, H, W, 3).
+
+        With `true_next` (B, H, W, 3) uint8 the cache keeps that frame instead of the
+        generated one: next-frame prediction from the true context (evaluation)."""
         actions = actions.to(self.device)
         self.frame_index += 1
         noise = torch.randn(self.prev.shape, generator=self.gen, device=self.device, dtype=torch.float32).to(self.dtype)
@@ -181,7 +184,8 @@ class Rollout:
             )
         # quantize: what is shown is what is remembered
         frame_u8 = to_uint8(x0[:, 0])
-        self.append(to_unit(frame_u8)[:, None].to(self.dtype), actions)
+        kept = frame_u8 if true_next is None else true_next.to(self.device)
+        self.append(to_unit(kept)[:, None].to(self.dtype), actions)
         return frame_u8
 
 

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
 from runtime.checkpoint import load_checkpoint
-from runtime.engine import Rollout, to_unit, to_uint8
+from runtime.engine import Rollout
 from runtime.factory import build_rollout, resolve_device, resolve_dtype, resolve_path
 from worlds.actions import LEFT, RIGHT
 from worlds.overworld import BatchOverworld, OverworldConfig
@@ -80,18 +80,8 @@ def rollout_frames(rollout: Rollout, first: torch.Tensor, prompt: torch.Tensor, 
                    teacher: torch.Tensor | None = None) -> torch.Tensor:
     """Generate T frames (B, T, H, W, 3). With `teacher` (B, T+1, ...) the cache gets true frames."""
     rollout.reset(first, prompt, seed)
-    out = []
     acts = torch.from_numpy(actions).long()
-    for t in range(actions.shape[1]):
-        if teacher is None:
-            out.append(rollout.step(acts[:, t]).cpu())
-            continue
-        a = acts[:, t].to(rollout.device)
-        rollout.frame_index += 1
-        noise = torch.randn(rollout.prev.shape, generator=rollout.gen, device=rollout.device).to(rollout.dtype)
-        x0 = rollout.sampler.sample(lambda x, tt, i: rollout.predict(x, tt, a, i), noise)
-        out.append(to_uint8(x0[:, 0]).cpu())
-        rollout.append(to_unit(teacher[:, t + 1].to(rollout.device))[:, None].to(rollout.dtype), a)
+    out = [rollout.step(acts[:, t], None if teacher is None else teacher[:, t + 1]).cpu() for t in range(actions.shape[1])]
     return torch.stack(out, 1)
 
 
