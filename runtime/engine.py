@@ -230,15 +230,7 @@ class NeuralEngine:
         self.stats.cache_tokens = cache.num_tokens(0)
         self.stats.memory_mb = cache.memory_bytes() / 2**20
         if self.rollout.attention is not None:
-            s = self.rollout.attention.summary()
-            parts = [s["attention"]]
-            for key, label in (("self_attn", "sa"), ("cross_attn", "ca")):
-                if s[key]["density"] is not None:
-                    parts.append(f"{label} {s[key]['density']:.2f}")
-            if "last_merge_rate" in s:
-                parts.append(f"merge {s['last_merge_rate']:.2f}")
-            s["hud"] = " ".join(parts)
-            self.stats.extra = s
+            self.stats.extra = self.rollout.attention.summary()
 
 
 def build_engine(cfg, world) -> Engine:

@@ -278,10 +278,16 @@ class AttentionRuntime:
 
     def summary(self) -> dict:
         out = {"attention": self.cfg.name, "self_attn": self.sa_stats.summary(), "cross_attn": self.ca_stats.summary()}
+        parts = [self.cfg.name]  # one line for the HUD
+        for key, label in (("self_attn", "sa"), ("cross_attn", "ca")):
+            if out[key]["density"] is not None:
+                parts.append(f"{label} {out[key]['density']:.2f}")
         if isinstance(self.cache, TempCache):
             out["merge_rate"] = self.cache.merge_rate()
             rates = self.cache.last_merge_rates()
             out["last_merge_rate"] = sum(rates) / len(rates)
+            parts.append(f"merge {out['last_merge_rate']:.2f}")
+        out["hud"] = " ".join(parts)
         return out
 
 
