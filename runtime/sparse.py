@@ -85,34 +85,36 @@ class AttentionConfig:
 
 
 class LayerStats:
-    """Running means per layer of one module's density and recall."""
+    """Running sums per layer of one module's density and recall. Values may be device
+    tensors: they are only read (a host sync) when `summary()` is asked for."""
 
     def __init__(self):
-        self.sums: dict[int, list[float]] = {}
+        self.sums: dict[int, list] = {}
 
-    def add(self, layer: int, density: float, recall: float | None) -> None:
+    def add(self, layer: int, density, recall=None) -> None:
         s = self.sums.setdefault(layer, [0.0, 0.0, 0, 0])
-        s[0] += density
+        s[0] = s[0] + density
         s[2] += 1
         if recall is not None:
-            s[1] += recall
+            s[1] = s[1] + recall
             s[3] += 1
 
     def summary(self) -> dict:
-        per = {l: {"density": s[0] / s[2], "recall": (s[1] / s[3]) if s[3] else None} for l, s in sorted(self.sums.items())}
+        per = {l: {"density": float(s[0]) / s[2], "recall": (float(s[1]) / s[3]) if s[3] else None}
+               for l, s in sorted(self.sums.items())}
         dens = [p["density"] for p in per.values()]
         recs = [p["recall"] for p in per.values() if p["recall"] is not None]
         return {"density": sum(dens) / len(dens) if dens else None, "recall": sum(recs) / len(recs) if recs else None,
                 "per_layer": per}
 
 
-def mass_recall(q, keys, bias, kept) -> float:
+def mass_recall(q, keys, bias, kept) -> torch.Tensor:
     """Fraction of dense softmax mass on kept keys. kept: bool broadcastable to scores."""
     s = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if bias is not None:
         s = s + bias.float()
     p = torch.softmax(s, dim=-1)
-    return float((p * kept).sum(-1).mean())
+    return (p * kept).sum(-1).mean()
 
 
 class AnnSelfAttention:
@@ -225,8 +227,10 @@ class AnnCrossAttention:
         full = mask if bias is None else mask + bias.to(q.dtype)
         out = sdpa(q, pk, pv, full)
         recall = mass_recall(q, pk, bias, keep) if rt.cfg.stats_recall else None
-        valid = float(torch.isfinite(bias).float().mean()) if bias is not None else 1.0
-        rt.ca_stats.add(layer, float(keep.float().mean()) / max(valid, 1e-9) * valid, recall)
+        # density over the real prompt tokens (merged duplicates leave padding behind)
+        kept = keep.float().mean()
+        density = kept if bias is None else kept / torch.isfinite(bias).float().mean()
+        rt.ca_stats.add(layer, density, recall)
         return out
 
 
