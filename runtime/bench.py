@@ -16,7 +16,6 @@ DIR/memory.png (one line per config).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
@@ -28,9 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
-from runtime.checkpoint import load_checkpoint
 from runtime.evaluate import attention_cfg
-from runtime.factory import build_rollout, resolve_device, resolve_dtype, resolve_path
+from runtime.factory import build_rollout, load_model
 from worlds import build_world
 
 
@@ -154,12 +152,9 @@ def plot(result: dict, out: Path) -> None:
 
 def run(cfg: DictConfig, out: Path | None = None) -> dict:
     b = cfg.bench
-    device = resolve_device(str(cfg.device))
-    dtype = resolve_dtype(str(cfg.engine.dtype), device)
-    if cfg.engine.get("threads") is not None and device.type == "cpu":
-        torch.set_num_threads(int(cfg.engine.threads))
-    model, _ = load_checkpoint(resolve_path(str(cfg.engine.checkpoint)), device=device, dtype=dtype)
     world = build_world(cfg.world)
+    loaded = load_model(cfg, world.cfg)
+    model, device, dtype = loaded.model, loaded.device, loaded.dtype
     script = parse_script(str(b.script))
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
-from runtime.checkpoint import load_checkpoint
 from runtime.engine import Rollout
-from runtime.factory import build_rollout, resolve_device, resolve_dtype, resolve_path
+from runtime.factory import build_rollout, load_model
 from worlds.actions import LEFT, RIGHT
 from worlds.overworld import BatchOverworld, OverworldConfig
 
@@ -243,13 +242,11 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    device = resolve_device(str(cfg.device))
-    dtype = resolve_dtype(str(cfg.engine.dtype), device)
-    path = resolve_path(str(cfg.engine.checkpoint))
-    model, info = load_checkpoint(path, device=device, dtype=dtype)
     world_cfg = OverworldConfig.from_dict(cfg.world)
+    loaded = load_model(cfg, world_cfg)
+    model = loaded.model
     t0 = time.time()
-    res = {"checkpoint": str(cfg.engine.checkpoint), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    res = {"checkpoint": str(cfg.engine.checkpoint), "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
            "attention": str(cfg.attention.name), "sampler_steps": int(cfg.sampler.steps),
            "metric": "per-frame PSNR on uint8 frames in [0,1], capped at 60 dB, averaged over sequences"}
     if bool(cfg.eval.quality):

@@ -5,6 +5,7 @@ everything it builds is plain Python objects, so tests can build them directly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +15,9 @@ from runtime.cache import CacheSpec
 from runtime.checkpoint import file_sha256, load_checkpoint
 from runtime.engine import NeuralEngine, Rollout
 from runtime.sampler import FlowSampler, SamplerConfig
+from runtime.model import WorldModel
 from runtime.sparse import AttentionConfig, AttentionRuntime
+from worlds.overworld import PROMPT_DIM, PROMPT_TOKENS, OverworldConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16
     if name not in DTYPES:
@@ -56,29 +59,45 @@ def build_rollout(model, cfg, batch: int = 1) -> Rollout:
     return Rollout(model, sampler, cache, attention=runtime)
 
 
-def build_neural_engine(cfg, world) -> NeuralEngine:
+@dataclass
+class LoadedModel:
+    model: WorldModel
+    info: dict
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(cfg, world_cfg) -> LoadedModel:
+    """The checkpoint of `cfg.engine` on `cfg.device`, checked against the world it will
+    play (prompt layout, frame size, world family). Used by play, evaluation and bench."""
     ecfg = cfg.engine
     device = resolve_device(str(cfg.device))
-    dtype = resolve_dtype(str(ecfg.dtype), device)
+    dtype = resolve_dtype(str(ecfg.dtype))
     if ecfg.get("threads") is not None and device.type == "cpu":
         torch.set_num_threads(int(ecfg.threads))
     path = resolve_path(str(ecfg.checkpoint))
     model, info = load_checkpoint(path, device=device, dtype=dtype)
-    prompt = world.prompt
-    if tuple(prompt.shape) != (model.cfg.prompt_tokens, model.cfg.prompt_dim):
+    world_cfg = OverworldConfig.coerce(world_cfg)
+    if (PROMPT_TOKENS, PROMPT_DIM) != (model.cfg.prompt_tokens, model.cfg.prompt_dim):
         raise ValueError(
-            f"world {world.cfg.name!r} has a prompt of shape {tuple(prompt.shape)}, but checkpoint {str(path)!r} "
+            f"world {world_cfg.name!r} has a prompt of shape {(PROMPT_TOKENS, PROMPT_DIM)}, but checkpoint {str(path)!r} "
             f"expects ({model.cfg.prompt_tokens}, {model.cfg.prompt_dim}): it was trained for another world"
         )
-    if world.cfg.view != model.cfg.frame_size:
+    if world_cfg.view != model.cfg.frame_size:
         raise ValueError(
-            f"world {world.cfg.name!r} renders {world.cfg.view}x{world.cfg.view} frames, but checkpoint {str(path)!r} "
+            f"world {world_cfg.name!r} renders {world_cfg.view}x{world_cfg.view} frames, but checkpoint {str(path)!r} "
             f"expects {model.cfg.frame_size}x{model.cfg.frame_size}"
         )
     family = info.get("world_family", "overworld")
-    if family != world.cfg.family:
-        raise ValueError(f"checkpoint {str(path)!r} was trained on world family {family!r}, not {world.cfg.family!r}")
-    rollout = build_rollout(model, cfg)
-    meta = {"kind": "neural", "checkpoint": str(ecfg.checkpoint), "checkpoint_sha256": file_sha256(path),
-            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "attention": str(cfg.attention.name)}
-    return NeuralEngine(world, rollout, chunk_size=int(ecfg.chunk_size), info=meta)
+    if family != world_cfg.family:
+        raise ValueError(f"checkpoint {str(path)!r} was trained on world family {family!r}, not {world_cfg.family!r}")
+    return LoadedModel(model, info, path, device, dtype)
+
+
+def build_neural_engine(cfg, world) -> NeuralEngine:
+    loaded = load_model(cfg, world.cfg)
+    meta = {"kind": "neural", "checkpoint": str(cfg.engine.checkpoint), "checkpoint_sha256": file_sha256(loaded.path),
+            "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+            "attention": str(cfg.attention.name)}
+    return NeuralEngine(world, build_rollout(loaded.model, cfg), chunk_size=int(cfg.engine.chunk_size), info=meta)

@@ -148,6 +148,18 @@ def test_missing_checkpoint(tmp_path):
         run(compose_eval([f"engine.checkpoint={tmp_path / 'missing.safetensors'}", *SMALL_EVAL]))
 
 
+def test_checkpoint_for_another_world_is_rejected(tmp_path):
+    """Evaluation checks the checkpoint against the world as play does."""
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, WorldModel(TINY), {"world_family": "platformer"})
+    with pytest.raises(ValueError, match="world family 'platformer'"):
+        run(compose_eval([f"engine.checkpoint={other}", *SMALL_EVAL]))
+    small = tmp_path / "small.safetensors"
+    save_checkpoint(small, WorldModel(ModelConfig(**{**TINY.to_dict(), "frame_size": 32})), {"world_family": "overworld"})
+    with pytest.raises(ValueError, match="expects 32x32"):
+        run(compose_eval([f"engine.checkpoint={small}", *SMALL_EVAL]))
+
+
 def test_command_line_writes_the_json(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
     out = tmp_path / "results" / "e.json"
