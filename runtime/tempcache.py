@@ -71,7 +71,8 @@ class TempCache(KVCache):
         self.count = [torch.zeros(shape, device=s.device, dtype=torch.float32) for _ in range(s.num_layers)]
         self.logc = [self._logc(c) for c in self.count]
         self.mkey = [torch.zeros(shape + (s.head_dim,), device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
-        self.stamp = [torch.full(shape[:2] + (cap,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
+        # commit that last updated each group (-1 empty, -2 sink); the extra slot is scratch
+        self.stamp = [torch.full(shape[:2] + (cap + 1,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.staged_match = [None] * s.num_layers
         # screen position (row * grid + col) of each group's representative; -1: none
         self.pos = [torch.full(shape[:2] + (cap + 1,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
@@ -164,7 +165,7 @@ class TempCache(KVCache):
                 self.mkey[layer][:, :, :cap] = torch.where(
                     touched[..., None], F.normalize(kf, dim=-1).to(self.spec.dtype), self.mkey[layer][:, :, :cap])
         count[:, :, :cap] = new_count
-        self.stamp[layer] = torch.where(touched, torch.full_like(self.stamp[layer], step), self.stamp[layer])
+        self.stamp[layer][:, :, :cap].masked_fill_(touched, step)
         return merged
 
     def _token_pos(self, c: int, device) -> torch.Tensor:
@@ -189,7 +190,7 @@ class TempCache(KVCache):
         b, h, c, d = k_new.shape
         cap = self._capacity
         count = self.count[layer][:, :, :cap]
-        stamp = self.stamp[layer]
+        stamp = self.stamp[layer][:, :, :cap]
         is_sink = stamp == -2
         # eviction order: empty slots first (in slot order), then the oldest stamp; never sinks
         big = torch.iinfo(torch.long).max // 4
@@ -203,24 +204,22 @@ class TempCache(KVCache):
         # tokens that merged write nowhere: send them to their own destination unchanged
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
         e = dst[..., None].expand(-1, -1, -1, d)
-        self.k[layer].scatter_(2, e, torch.where(keep[..., None], k_new, self.k[layer][:, :, cap : cap + c]))
-        self.v[layer].scatter_(2, e, torch.where(keep[..., None], v_new, self.v[layer][:, :, cap : cap + c]))
+        # k_new/v_new view the staged region that the scratch slot belongs to: copy first
+        self.k[layer].scatter_(2, e, k_new.clone())
+        self.v[layer].scatter_(2, e, v_new.clone())
         mvals = torch.zeros_like(k_new) if sink else m_new
         self.mkey[layer].scatter_(2, e, mvals)
         self.count[layer].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
         self.pos[layer].scatter_(2, dst, torch.where(keep, tok, self.pos[layer][:, :, cap:cap + 1].expand(b, h, c)))
-        st = torch.full_like(dst, -2 if sink else step)
-        stamp_ext = torch.cat([stamp, torch.zeros(b, h, 1, dtype=stamp.dtype, device=stamp.device)], dim=2)
-        stamp_ext.scatter_(2, dst.clamp(max=cap), st)
-        self.stamp[layer] = stamp_ext[:, :, :cap]
+        self.stamp[layer].scatter_(2, dst, torch.full_like(dst, -2 if sink else step))
         self.count[layer][:, :, cap:] = 0.0
         self.mkey[layer][:, :, cap:] = 0.0
 
     # --- facts
     def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
         """(B, H, cap) True for groups updated within the last `frames` commits, and sinks."""
-        st = self.stamp[layer]
+        st = self.stamp[layer][:, :, : self._capacity]
         return (st >= self.commits[layer] - frames) | (st == -2)
 
     def merge_rate(self) -> float:
