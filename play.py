@@ -21,7 +21,8 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from controllers import build_controller, strict_dataclass
+from controllers import build_controller
+from runtime.configs import strict_dataclass
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, run_headless
 from runtime.recorder import Recording

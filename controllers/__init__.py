@@ -10,11 +10,9 @@ of the next chunk, asked for when the chunk starts), plus:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
-from omegaconf import DictConfig, OmegaConf
-
-T = TypeVar("T")
+from runtime.configs import strict_dataclass
 
 
 class Controller(Protocol):
@@ -26,16 +24,6 @@ class Controller(Protocol):
 
     def actions(self, n: int) -> list[int]:
         """The actions of the next n frames."""
-
-
-def strict_dataclass(cls: type[T], node: Any, where: str) -> T:
-    """Build config dataclass `cls` from a config node; unknown keys raise ValueError."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; expected keys: {sorted(names)}")
-    return cls(**values)
 
 
 @dataclasses.dataclass
@@ -66,7 +54,7 @@ class RandomController:
 KINDS = ("keyboard", "scripted", "random", "replay")
 
 
-def build_controller(cfg: DictConfig) -> Controller:
+def build_controller(cfg) -> Controller:
     """Build the controller chosen by `cfg.controller.kind` (root config in, like build_engine)."""
     node = cfg.controller
     kind = node.get("kind")

@@ -12,11 +12,12 @@ T = TypeVar("T")
 
 
 def strict_dataclass(cls: type[T], d: Any, group: str) -> T:
-    """Build `cls` from a mapping (or omegaconf node), rejecting keys it does not know."""
+    """Build `cls` from a mapping (or omegaconf node), rejecting keys it does not know.
+
+    `group` names the config in the message, e.g. "model" or "controller (scripted)"."""
     from omegaconf import DictConfig, OmegaConf
 
-    if isinstance(d, DictConfig):
-        d = OmegaConf.to_container(d, resolve=True)
+    d = OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

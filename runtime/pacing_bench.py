@@ -46,7 +46,8 @@ def main(argv: list[str]) -> dict[str, float]:
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     from hydra import compose, initialize_config_dir
 
-    from controllers import build_controller, strict_dataclass
+    from controllers import build_controller
+    from runtime.configs import strict_dataclass
     from runtime.engine import build_engine
     from runtime.window import Window, WindowConfig
     from worlds import build_world

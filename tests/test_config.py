@@ -8,7 +8,7 @@ from conftest import REPO, compose, run_play
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from controllers import strict_dataclass
+from runtime.configs import strict_dataclass
 
 GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir())
 PRESETS = [(g, f.stem) for g in GROUPS for f in sorted((REPO / "conf" / g).glob("*.yaml"))]
