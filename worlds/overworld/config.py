@@ -75,6 +75,16 @@ class TileStyle:
         return cls(pattern=pattern, base=base, accent=accent, detail=detail, back=back)
 
 
+def _exact_keys(given: Mapping[str, Any], expected: list[str], what: str) -> None:
+    """Every expected key and no other, or a ValueError naming the offenders."""
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; expected {expected}")
+    missing = [n for n in expected if n not in given]
+    if missing:
+        raise ValueError(f"missing {what} {missing}")
+
+
 def _positive_int(d: Mapping[str, Any], key: str, minimum: int = 1) -> int:
     value = d[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -109,13 +119,7 @@ class OverworldConfig:
             raise ValueError(f"world config must be a mapping, got {type(d).__name__}")
         d = dict(d)
         d.setdefault("family", "overworld")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown world config key(s) {unknown}; expected {names}")
-        missing = [n for n in names if n not in d]
-        if missing:
-            raise ValueError(f"missing world config key(s) {missing}")
+        _exact_keys(d, [f.name for f in fields(cls)], "world config key(s)")
 
         if not isinstance(d["name"], str) or not d["name"]:
             raise ValueError(f"world.name must be a non-empty string, got {d['name']!r}")
@@ -135,12 +139,7 @@ class OverworldConfig:
         tileset = d["tileset"]
         if not isinstance(tileset, Mapping):
             raise ValueError(f"world.tileset must map tile names to styles, got {tileset!r}")
-        unknown_tiles = sorted(set(tileset) - set(TILE_NAMES))
-        if unknown_tiles:
-            raise ValueError(f"world.tileset: unknown tile name(s) {unknown_tiles}; expected {list(TILE_NAMES)}")
-        missing_tiles = [n for n in TILE_NAMES if n not in tileset]
-        if missing_tiles:
-            raise ValueError(f"world.tileset: missing tile(s) {missing_tiles}")
+        _exact_keys(tileset, list(TILE_NAMES), "world.tileset tile name(s)")
 
         return cls(
             name=d["name"],
