@@ -123,6 +123,13 @@ def _rerank(q: Tensor, keys: Tensor, cand: Tensor, k: int) -> AnnResult:
     return _pad_k(top_s, idx, k)
 
 
+def _top1(s: Tensor) -> tuple[Tensor, Tensor]:
+    """(H, n, Nk) scores -> best score and its index, each (H, n, 1): one max reduction,
+    cheaper than topk(1) on CPU."""
+    best, idx = s.max(dim=-1, keepdim=True)
+    return best, idx
+
+
 def _mask_from_indices(indices: Tensor, num_keys: int) -> Tensor:
     """(H, Nq, k) indices with -1 holes -> (H, Nk) bool: key appears somewhere."""
     H = indices.shape[0]
@@ -297,8 +304,11 @@ class ExactAnn(_ScoredBackend):
         q, kf = _prepare(queries, self.metric), _prepare(keys, self.metric)
         H, Nq, Nk = q.shape[0], q.shape[1], kf.shape[1]
         rows = _rows_per_chunk(Nq, H * Nk)
-        parts = [self._scores(q[:, s:s + rows], kf).topk(min(k, Nk), dim=-1) for s in range(0, Nq, rows)]
-        return _pad_k(torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1), k)
+        if k == 1:  # TempCache's correspondence: one reduction instead of a top-k
+            parts = [_top1(self._scores(q[:, s:s + rows], kf)) for s in range(0, Nq, rows)]
+        else:
+            parts = [self._scores(q[:, s:s + rows], kf).topk(min(k, Nk), dim=-1) for s in range(0, Nq, rows)]
+        return _pad_k(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
 
 
 @dataclass

@@ -53,6 +53,7 @@ class AttentionConfig:
     threshold: float = 0.95         # tempcache: cosine similarity to merge
     match: str = "post"             # tempcache: post | pre | local (pre-RoPE within match_radius patches)
     match_radius: int = 1           # tempcache, match=local: patches of screen distance
+    match_frames: int = 0           # tempcache, match=post|pre: search only groups updated this many commits ago (0: all)
     representative: str = "recent"  # tempcache: newest key, or the mean key
     merge_ann: str = "exact"        # tempcache: ANN backend for the top-1 correspondence
     annsa: bool = False
@@ -65,6 +66,7 @@ class AttentionConfig:
     dense_fraction: float = 0.3     # AnnSA: dense for the first floor(fraction * steps) steps
     max_density: float = 0.9        # AnnSA: above this kept fraction, run dense
     min_blocks: int = 64            # AnnSA: with fewer cached blocks, run dense (selection costs more)
+    annca_min_tokens: int = 0       # AnnCA: with fewer (distinct) prompt tokens, run dense
     stats_recall: bool = False      # measure attention recall (costs a dense pass)
 
     def __post_init__(self) -> None:
@@ -213,6 +215,9 @@ class AnnCrossAttention:
         bias = rt.prompt_logc[layer] if rt.prompt_logc else None  # (B, H, 1, T) or None
         if not rt.cfg.annca:
             return sdpa(q, pk, pv, bias)
+        if pk.shape[2] < rt.cfg.annca_min_tokens:  # selection would cost more than it saves
+            rt.ca_stats.add(layer, 1.0, 1.0 if rt.cfg.stats_recall else None)
+            return sdpa(q, pk, pv, bias)
         b, h, l, d = q.shape
         t = pk.shape[2]
         frames = l // self.n
@@ -251,8 +256,8 @@ class AttentionRuntime:
             cache = WindowCache(spec, sink_frames=c.sink_frames, window_frames=c.window_frames)
         else:
             cache = TempCache(spec, budget_frames=c.budget_frames, sink_frames=c.sink_frames, threshold=c.threshold,
-                              match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="cosine"),
-                              radius=c.match_radius)
+                              match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="ip"),
+                              radius=c.match_radius, match_frames=c.match_frames)
         self.cache = cache
         self.tokens_per_frame = spec.tokens_per_frame
         return cache

@@ -1,8 +1,10 @@
-"""Where AnnSA pays: `python -m runtime.sparse_bench [--threads 2] [--heads 4] [--blocks 16 64 256 1024]`.
+"""Where AnnSA and AnnCA pay: `python -m runtime.sparse_bench [--threads 2] [--heads 4] [--blocks 16 64 256 1024] [--prompt-tokens 256 1024 4096]`.
 
 Times one self-attention call of a 64-token query block over a filled dense cache, dense
 (`CachedSelfAttention`) against AnnSA (`AnnSelfAttention`, selection included) for each
-ANN backend, at 25% density, in bf16 on the CPU (or `--device cuda`). Prints a table of
+ANN backend, at 25% density, in bf16 on the CPU (or `--device cuda`). Then one
+cross-attention call of a two-frame pass (2 x 64 queries) over prompts of each size,
+dense against AnnCA (`AnnCrossAttention`, selection included). Prints tables of
 milliseconds per call. Attention-only figures: not end to end.
 """
 from __future__ import annotations
@@ -12,9 +14,9 @@ import time
 
 import torch
 
-from runtime.attention import CachedSelfAttention
+from runtime.attention import CachedSelfAttention, sdpa
 from runtime.cache import CacheSpec, DenseCache
-from runtime.sparse import AnnSelfAttention, AttentionConfig, AttentionRuntime
+from runtime.sparse import AnnCrossAttention, AnnSelfAttention, AttentionConfig, AttentionRuntime
 
 
 def time_ms(fn, device: torch.device, repeats: int) -> float:
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 256, 1024])
     ap.add_argument("--anns", nargs="+", default=["quant", "lsh", "exact"])
+    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,6 +63,16 @@ def main() -> None:
                 rt = AttentionRuntime(AttentionConfig(annsa=True, ann=ann, block=n, density=args.density, min_blocks=1))
                 rt.cache = cache
                 row.append(f"{time_ms(lambda: AnnSelfAttention(rt, cache, 0, True)(0, q, k, v, k), device, args.repeats):.2f}")
+            print(" | ".join(row), flush=True)
+        print("prompt tokens | dense cross-attention ms | " + " | ".join(f"AnnCA {a} ms" for a in args.anns))
+        for t in args.prompt_tokens:
+            q = torch.randn(1, h, 2 * n, d, dtype=dt, device=device)
+            pk, pv = (torch.randn(1, h, t, d, dtype=dt, device=device) for _ in range(2))
+            row = [f"{t}", f"{time_ms(lambda: sdpa(q, pk, pv, None), device, args.repeats):.2f}"]
+            for ann in args.anns:
+                rt = AttentionRuntime(AttentionConfig(annca=True, ann=ann, ann_options={} if ann == "lsh" else {"mask_k": 64}))
+                ca = AnnCrossAttention(rt, n)
+                row.append(f"{time_ms(lambda: ca(0, q, pk, pv), device, args.repeats):.2f}")
             print(" | ".join(row), flush=True)
 
 

@@ -43,7 +43,7 @@ class TempCache(KVCache):
 
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
-                 radius: int = 1):
+                 radius: int = 1, match_frames: int = 0):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
@@ -53,6 +53,9 @@ class TempCache(KVCache):
         if radius < 0:
             raise ValueError(f"tempcache radius={radius} must be >= 0")
         self.radius = radius
+        if match_frames < 0:
+            raise ValueError(f"tempcache match_frames={match_frames} must be >= 0 (0: search every group)")
+        self.match_frames = match_frames
         self.grid = int(round(spec.tokens_per_frame ** 0.5))
         if representative not in ("recent", "mean"):
             raise ValueError(f"tempcache representative={representative!r}; expected 'recent' or 'mean'")
@@ -60,161 +63,216 @@ class TempCache(KVCache):
         self.threshold = threshold
         self.match = match
         self.representative = representative
-        self.ann = ann or build_ann("exact", metric="cosine")
+        # match keys are stored as float32 unit vectors, so inner product is cosine
+        self.ann = ann or build_ann("exact", metric="ip")
         super().__init__(spec, budget_frames * spec.tokens_per_frame)
 
     def reset(self) -> None:
         super().reset()
         s, cap = self.spec, self._capacity
         full = cap + 2 * s.tokens_per_frame
-        shape = (s.batch, s.heads, full)
-        self.count = [torch.zeros(shape, device=s.device, dtype=torch.float32) for _ in range(s.num_layers)]
-        self.logc = [self._logc(c) for c in self.count]
-        self.mkey = [torch.zeros(shape + (s.head_dim,), device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
+        lbh = (s.num_layers, s.batch, s.heads)
+        dev = s.device
+        # Every buffer holds all layers in one tensor (layer first); the per-layer lists are
+        # views of it. Attention stages and reads layer by layer, while the merge of a clean
+        # frame runs once for all layers when the last layer commits: one set of kernels
+        # per frame instead of one per layer (the per-kernel overhead dominated on CPU).
+        self._k = torch.zeros(lbh + (full, s.head_dim), device=dev, dtype=s.dtype)
+        self._v = torch.zeros_like(self._k)
+        self._count = torch.zeros(lbh + (full,), device=dev, dtype=torch.float32)
+        self._logc = self._logc_of(self._count)
+        # unit match keys in float32: the ANN reads them as they are (no conversion per commit)
+        self._mkey = torch.zeros(lbh + (full, s.head_dim), device=dev, dtype=torch.float32)
         # commit that last updated each group (-1 empty, -2 sink); the extra slot is scratch
-        self.stamp = [torch.full(shape[:2] + (cap + 1,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
-        self.staged_match = [None] * s.num_layers
+        self._stamp = torch.full(lbh + (cap + 1,), -1, device=dev, dtype=torch.long)
         # screen position (row * grid + col) of each group's representative; -1: none
-        self.pos = [torch.full(shape[:2] + (cap + 1,), -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
+        self._pos = torch.full(lbh + (cap + 1,), -1, device=dev, dtype=torch.long)
+        # staged pre-RoPE keys of the committing tokens (match pre / local)
+        self._pre = torch.zeros(lbh + (2 * s.tokens_per_frame, s.head_dim), device=dev, dtype=s.dtype)
+        self.k, self.v = list(self._k.unbind(0)), list(self._v.unbind(0))
+        self.count, self.logc = list(self._count.unbind(0)), list(self._logc.unbind(0))
+        self.mkey, self.stamp, self.pos = list(self._mkey.unbind(0)), list(self._stamp.unbind(0)), list(self._pos.unbind(0))
+        self._pending: dict[int, int] = {}  # layer -> tokens committed but not merged yet
         self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
 
-    def _logc(self, count: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _logc_of(count: torch.Tensor) -> torch.Tensor:
         return torch.where(count > 0, count.clamp_min(1e-30).log(), torch.full_like(count, float("-inf")))
 
     # --- verbs
     def stage(self, layer: int, k, v, k_pre=None):
+        if layer in self._pending:
+            raise RuntimeError(f"tempcache layer {layer} staged again before every layer committed its frame")
         cap, m = self._capacity, k.shape[2]
         self.k[layer][:, :, cap : cap + m] = k
         self.v[layer][:, :, cap : cap + m] = v
         self.logc[layer][:, :, cap : cap + m] = 0.0
         self.staged[layer] = m
-        src = k_pre if (self.match in ("pre", "local") and k_pre is not None) else k
-        self.staged_match[layer] = src
+        if self.match in ("pre", "local") and k_pre is not None:
+            self._pre[layer][:, :, :m] = k_pre
         bias = self.logc[layer][:, :, None, : cap + m]  # (B, H, 1, cap + m)
         return self.k[layer][:, :, : cap + m], self.v[layer][:, :, : cap + m], bias
 
     def commit(self, layer: int, count: int | None = None) -> None:
-        cap = self._capacity
-        c = self.staged[layer] if count is None else count
-        k_new = self.k[layer][:, :, cap : cap + c]
-        v_new = self.v[layer][:, :, cap : cap + c]
-        m_new = F.normalize(self.staged_match[layer][:, :, :c].float(), dim=-1).to(self.spec.dtype)
-        step = self.commits[layer]
+        """Keep the first `count` staged tokens. The merge runs when the last layer commits
+        (for all pending layers at once); until then the layer's groups are unchanged."""
+        self._pending[layer] = self.staged[layer] if count is None else count
+        if layer == self.spec.num_layers - 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Merge the pending clean tokens of every layer that committed."""
+        if not self._pending:
+            return
+        layers = sorted(self._pending)
+        c, step = self._pending[layers[0]], self.commits[layers[0]]
+        together = (layers == list(range(layers[0], layers[-1] + 1))
+                    and all(self._pending[l] == c and self.commits[l] == step for l in layers))
+        groups = [(layers[0], layers[-1] + 1, c, step)] if together else [
+            (l, l + 1, self._pending[l], self.commits[l]) for l in layers]
+        for lo, hi, cc, st in groups:
+            self._commit_layers(lo, hi, cc, st)
+        self._pending.clear()
+
+    def _commit_layers(self, lo: int, hi: int, c: int, step: int) -> None:
+        cap, s = self._capacity, self.spec
+        nl = hi - lo
+        lb, h, d = nl * s.batch, s.heads, s.head_dim
+        full = self._k.shape[3]
+        st = {  # views of layers [lo, hi) with layers and batch folded: (L*B, H, ...)
+            "k": self._k[lo:hi].view(lb, h, full, d), "v": self._v[lo:hi].view(lb, h, full, d),
+            "count": self._count[lo:hi].view(lb, h, full), "logc": self._logc[lo:hi].view(lb, h, full),
+            "mkey": self._mkey[lo:hi].view(lb, h, full, d), "stamp": self._stamp[lo:hi].view(lb, h, cap + 1),
+            "pos": self._pos[lo:hi].view(lb, h, cap + 1)}
+        k_new = st["k"][:, :, cap : cap + c]
+        v_new = st["v"][:, :, cap : cap + c]
+        src = self._pre[lo:hi].view(lb, h, -1, d) if self.match in ("pre", "local") else st["k"][:, :, cap:]
+        m_new = F.normalize(src[:, :, :c].float(), dim=-1)
         if step < self.sink_frames:
             merged = torch.zeros(k_new.shape[:3], dtype=torch.bool, device=k_new.device)
-            self._append(layer, k_new, v_new, None, merged, step, sink=True)
+            self._append(st, k_new, v_new, None, merged, step, sink=True)
         else:
-            merged = self._merge(layer, k_new, v_new, m_new, step)
-            self._append(layer, k_new, v_new, m_new, merged, step, sink=False)
-        self.logc[layer][:, :, :cap] = self._logc(self.count[layer][:, :, :cap])
-        self.staged[layer] = 0
-        self.commits[layer] += 1
+            merged = self._merge(st, k_new, v_new, m_new, step)
+            self._append(st, k_new, v_new, m_new, merged, step, sink=False)
+        st["logc"][:, :, :cap] = self._logc_of(st["count"][:, :, :cap])
         # statistics stay on the device (no host sync in the hot loop); read them lazily
-        rate = merged.float().mean()
-        self.merged_tokens[layer] = self.merged_tokens[layer] + rate * c
-        self.new_tokens[layer] += c
-        self.last_merge_rate[layer] = rate
-        if layer == self.spec.num_layers - 1:
-            self.frames_seen += 1
+        rates = merged.view(nl, -1).float().mean(-1)
+        for i, layer in enumerate(range(lo, hi)):
+            self.merged_tokens[layer] = self.merged_tokens[layer] + rates[i] * c
+            self.new_tokens[layer] += c
+            self.last_merge_rate[layer] = rates[i]
+            self.staged[layer] = 0
+            self.commits[layer] += 1
+            if layer == s.num_layers - 1:
+                self.frames_seen += 1
 
-    def _merge(self, layer, k_new, v_new, m_new, step) -> torch.Tensor:
-        """Merge tokens whose best group passes the threshold; returns which merged (B, H, c)."""
+    def _merge(self, st, k_new, v_new, m_new, step) -> torch.Tensor:
+        """Merge tokens whose best group passes the threshold; returns which merged (LB, H, c)."""
         b, h, c, d = k_new.shape
         cap = self._capacity
-        groups = self.mkey[layer][:, :, :cap]  # sinks and empty slots hold zero vectors
+        groups = st["mkey"][:, :, :cap]  # sinks and empty slots hold zero vectors
         if self.match == "local":
-            sim, idx = self._local_top1(layer, m_new, groups)
+            sim, idx = self._local_top1(st["pos"], m_new, groups)
             merged = sim >= self.threshold
+        elif self.match_frames and self.match_frames * c < cap:
+            # search only the groups updated by the last `match_frames` commits (at most
+            # match_frames * c of them): where a token's content was a moment ago
+            r = self.match_frames * c
+            cand = st["stamp"][:, :, :cap].topk(r, dim=-1).indices  # (LB, H, r) newest stamps first
+            fresh = torch.gather(st["stamp"], 2, cand) >= step - self.match_frames
+            ck = _take(st["mkey"], cand) * fresh[..., None]
+            res = self.ann.topk(m_new.reshape(b * h, c, d), ck.reshape(b * h, r, d), 1)
+            sim = res.scores[..., 0].view(b, h, c)
+            pick = res.indices[..., 0].view(b, h, c)
+            idx = torch.gather(cand, 2, pick.clamp_min(0))
+            merged = (sim >= self.threshold) & (pick >= 0)
         else:
             res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, cap, d), 1)
             sim = res.scores[..., 0].view(b, h, c)
             idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
             merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
-        w = merged.to(torch.float32)  # (B, H, c)
-        count = self.count[layer]
+        w = merged.to(torch.float32)  # (LB, H, c)
+        count = st["count"]
         old = count[:, :, :cap]
         add = torch.zeros_like(old).scatter_add_(2, idx, w)
-        new_count = old + add  # (B, H, cap)
+        new_count = old + add  # (LB, H, cap)
         touched = add > 0
         # Work on the c merging tokens, not on the whole budget. Every token that joins
         # group j moves j's mean value by (v_t - v_j) / n_j(new); summed over the tokens
         # joining j this gives (v_j * n_old + sum v_t) / n_new, the mean of all members.
         e = idx[..., None].expand(-1, -1, -1, d)
-        v_grp = torch.gather(self.v[layer], 2, e).float()  # (B, H, c, D) current group means
+        v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
         n_grp = torch.gather(new_count, 2, idx)[..., None]
         delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
-        self.v[layer][:, :, :cap].scatter_add_(2, e, delta.to(self.spec.dtype))
+        _put(st["v"], idx, delta.to(self.spec.dtype), add=True)
         if self.representative == "recent":
             # the newest merging token of each group represents it: the highest token index
             order = torch.where(merged, torch.arange(c, device=k_new.device).expand(b, h, c), torch.full_like(idx, -1))
             last = torch.full((b, h, cap), -1, device=k_new.device, dtype=torch.long).scatter_reduce_(2, idx, order, "amax")
             is_rep = merged & (torch.gather(last, 2, idx) == torch.arange(c, device=k_new.device))
             dst = torch.where(is_rep, idx, torch.full_like(idx, cap))  # slot `cap` is scratch
-            de = dst[..., None].expand(-1, -1, -1, d)
-            self.k[layer].scatter_(2, de, k_new.clone())
-            self.mkey[layer].scatter_(2, de, m_new)
-            self.pos[layer].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
+            _put(st["k"], dst, k_new.clone())
+            _put(st["mkey"], dst, m_new)
+            st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:
-            k_grp = torch.gather(self.k[layer], 2, e).float()
+            k_grp = _take(st["k"], idx).float()
             kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
-            kf = self.k[layer][:, :, :cap].float().scatter_add_(2, e, kd)
-            self.k[layer][:, :, :cap] = kf.to(self.spec.dtype)
+            kf = st["k"][:, :, :cap].float().scatter_add_(2, e, kd)
+            st["k"][:, :, :cap] = kf.to(self.spec.dtype)
             if self.match == "post":
-                self.mkey[layer][:, :, :cap] = torch.where(
-                    touched[..., None], F.normalize(kf, dim=-1).to(self.spec.dtype), self.mkey[layer][:, :, :cap])
+                st["mkey"][:, :, :cap] = torch.where(touched[..., None], F.normalize(kf, dim=-1), st["mkey"][:, :, :cap])
         count[:, :, :cap] = new_count
-        self.stamp[layer][:, :, :cap].masked_fill_(touched, step)
+        st["stamp"][:, :, :cap].masked_fill_(touched, step)
         return merged
 
     def _token_pos(self, c: int, device) -> torch.Tensor:
         """Screen positions of the c tokens of one frame (row-major)."""
         return (torch.arange(c, device=device) % self.spec.tokens_per_frame)[None, None]
 
-    def _local_top1(self, layer, m_new, groups):
+    def _local_top1(self, pos_all, m_new, groups):
         """Best group among those within `radius` patches of each new token (cosine)."""
         g, cap = self.grid, self._capacity
         c = m_new.shape[2]
-        s = torch.einsum("bhcd,bhkd->bhck", m_new.float(), groups.float())  # (B, H, c, cap)
+        s = torch.einsum("bhcd,bhkd->bhck", m_new.float(), groups.float())  # (LB, H, c, cap)
         tok = self._token_pos(c, m_new.device)[0, 0]
-        pos = self.pos[layer][:, :, :cap]
+        pos = pos_all[:, :, :cap]
         dr = (tok // g)[:, None] - (pos // g)[:, :, None, :]
         dc = (tok % g)[:, None] - (pos % g)[:, :, None, :]
         near = (dr.abs() <= self.radius) & (dc.abs() <= self.radius) & (pos >= 0)[:, :, None, :]
         s = s.masked_fill(~near, float("-inf"))
         return s.max(dim=-1)
 
-    def _append(self, layer, k_new, v_new, m_new, merged, step, sink: bool) -> None:
+    def _append(self, st, k_new, v_new, m_new, merged, step, sink: bool) -> None:
         """Put unmerged tokens into free slots, else over the least recently updated groups."""
         b, h, c, d = k_new.shape
         cap = self._capacity
-        count = self.count[layer][:, :, :cap]
-        stamp = self.stamp[layer][:, :, :cap]
+        count = st["count"][:, :, :cap]
+        stamp = st["stamp"][:, :, :cap]
         is_sink = stamp == -2
         # eviction order: empty slots first (in slot order), then the oldest stamp; never sinks
         big = torch.iinfo(torch.long).max // 4
         slot = torch.arange(cap, device=k_new.device)
         prio = torch.where(count > 0, stamp * cap + slot + cap, slot - cap)  # empties sort first
         prio = torch.where(is_sink, torch.full_like(prio, big), prio)
-        order = prio.argsort(dim=-1)[:, :, :c]  # (B, H, c) candidate slots
+        order = prio.topk(c, dim=-1, largest=False).indices  # (LB, H, c) candidate slots, best first
         rank = (~merged).long().cumsum(-1) - 1  # the i-th unmerged token takes order[i]
         dest = torch.gather(order, 2, rank.clamp_min(0))
         keep = ~merged
         # tokens that merged write nowhere: send them to their own destination unchanged
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
-        e = dst[..., None].expand(-1, -1, -1, d)
         # k_new/v_new view the staged region that the scratch slot belongs to: copy first
-        self.k[layer].scatter_(2, e, k_new.clone())
-        self.v[layer].scatter_(2, e, v_new.clone())
-        mvals = torch.zeros_like(k_new) if sink else m_new
-        self.mkey[layer].scatter_(2, e, mvals)
-        self.count[layer].scatter_(2, dst, keep.to(torch.float32))
+        _put(st["k"], dst, k_new.clone())
+        _put(st["v"], dst, v_new.clone())
+        mvals = torch.zeros(k_new.shape, device=k_new.device, dtype=torch.float32) if sink else m_new
+        _put(st["mkey"], dst, mvals)
+        st["count"].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
-        self.pos[layer].scatter_(2, dst, torch.where(keep, tok, self.pos[layer][:, :, cap:cap + 1].expand(b, h, c)))
-        self.stamp[layer].scatter_(2, dst, torch.full_like(dst, -2 if sink else step))
-        self.count[layer][:, :, cap:] = 0.0
-        self.mkey[layer][:, :, cap:] = 0.0
+        st["pos"].scatter_(2, dst, torch.where(keep, tok, st["pos"][:, :, cap:cap + 1].expand(b, h, c)))
+        st["stamp"].scatter_(2, dst, torch.full_like(dst, -2 if sink else step))
+        st["count"][:, :, cap:] = 0.0
+        st["mkey"][:, :, cap:] = 0.0
 
     # --- facts
     def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
@@ -233,3 +291,29 @@ class TempCache(KVCache):
     def num_tokens(self, layer: int = 0) -> int:
         """Occupied groups per head (the largest over heads): a host sync, for statistics."""
         return int((self.count[layer][:, :, : self._capacity] > 0).sum(-1).max())
+
+
+def _flat_rows(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    b, h, s = store.shape[:3]
+    base = torch.arange(b * h, device=slots.device).view(b, h, 1) * s
+    return (base + slots).reshape(-1)
+
+
+def _take(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """store[b, h, slots[b, h, i]] -> (B, H, c, D); store (B, H, S, D) contiguous. One
+    index_select: gather with an index expanded over D was several times slower on CPU."""
+    b, h, s, d = store.shape
+    return store.view(b * h * s, d).index_select(0, _flat_rows(store, slots)).view(*slots.shape, d)
+
+
+def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool = False) -> None:
+    """store[b, h, slots[b, h, i]] = rows[b, h, i] (or +=), in place. store (B, H, S, D) is
+    contiguous; slots (B, H, c). Rows are copied by index along one flat dimension: on CPU
+    scatter_ with an index expanded over D copied the whole store on every call."""
+    b, h, s, d = store.shape
+    flat = _flat_rows(store, slots)
+    view = store.view(b * h * s, d)
+    if add:
+        view.index_add_(0, flat, rows.reshape(-1, d))
+    else:
+        view.index_copy_(0, flat, rows.reshape(-1, d))

@@ -45,6 +45,57 @@ def test_tempcache_with_duplicated_keys_equals_dense(ann, match):
     assert torch.allclose(out_temp, out_dense, atol=1e-5), (out_temp - out_dense).abs().max()
 
 
+@pytest.mark.parametrize("match", ["pre", "post"])
+def test_tempcache_recent_group_search_equals_full_search_on_duplicates(match):
+    """match_frames=1 searches only the groups the last frame updated: with content that
+    repeats every frame it finds the same groups as the search over every group."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(1, H, N, D, generator=g)
+    full = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.99, match=match)
+    recent = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.99, match=match, match_frames=1)
+    for f in range(7):
+        v = torch.randn(1, H, N, D, generator=g)
+        commit_frame(full, base, v)
+        commit_frame(recent, base, v)
+    assert recent.merge_rate() == full.merge_rate() == pytest.approx(5 / 6)
+    for a, b in ((full.k[0], recent.k[0]), (full.v[0], recent.v[0]), (full.count[0], recent.count[0])):
+        assert torch.equal(a, b)
+
+
+def test_tempcache_merge_of_all_layers_at_once_equals_layer_by_layer():
+    """The merge runs once for every layer when the last layer commits; flushing after
+    each layer's commit instead gives the same cache."""
+    g = torch.Generator().manual_seed(12)
+    sp = spec(layers=3)
+    together = TempCache(sp, budget_frames=3, sink_frames=1, threshold=0.8)
+    apart = TempCache(sp, budget_frames=3, sink_frames=1, threshold=0.8)
+    base = torch.randn(3, 1, H, N, D, generator=g)
+    for f in range(9):  # partly repeating content, over the budget: merges and evictions
+        ks = base + 0.3 * torch.randn(3, 1, H, N, D, generator=g) * (f % 2)
+        vs = torch.randn(3, 1, H, N, D, generator=g)
+        for layer in range(3):
+            for cache in (together, apart):
+                cache.stage(layer, ks[layer], vs[layer], ks[layer])
+            together.commit(layer)
+            apart.commit(layer)
+            apart.flush()
+    assert together.merge_rate() > 0
+    for layer in range(3):
+        for name in ("k", "v", "count", "stamp"):
+            assert torch.equal(getattr(together, name)[layer], getattr(apart, name)[layer]), (name, layer)
+    assert together.frames_seen == apart.frames_seen == 9
+
+
+def test_tempcache_refuses_a_layer_staged_twice_before_the_frame_is_merged():
+    sp = spec(layers=2)
+    cache = TempCache(sp, budget_frames=3, sink_frames=1)
+    k = torch.randn(1, H, N, D)
+    cache.stage(0, k, k, k)
+    cache.commit(0)  # layer 1 has not committed: the merge waits for it
+    with pytest.raises(RuntimeError, match="layer 0 staged again"):
+        cache.stage(0, k, k, k)
+
+
 def test_tempcache_never_exceeds_its_budget_and_keeps_its_sinks():
     g = torch.Generator().manual_seed(1)
     temp = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.9)
@@ -150,6 +201,19 @@ def test_annca_keeping_all_tokens_equals_dense(ann):
     q = torch.randn(1, H, 2 * N, D, generator=g)
     out = AnnCrossAttention(rt, N)(0, q, *kv[0])
     assert rt.ca_stats.summary()["density"] == pytest.approx(1.0)
+    assert torch.allclose(out, sdpa(q, pk, pv), atol=1e-5)
+
+
+def test_annca_below_its_minimum_prompt_size_runs_dense():
+    g = torch.Generator().manual_seed(13)
+    t = 32
+    rt = make_runtime(annca=True, ann="quant", ann_options={"mask_k": 1}, annca_min_tokens=t + 1)
+    rt.tokens_per_frame = N
+    pk, pv = torch.randn(1, H, t, D, generator=g), torch.randn(1, H, t, D, generator=g)
+    kv = rt.prepare_prompt([(pk, pv)])
+    q = torch.randn(1, H, 2 * N, D, generator=g)
+    out = AnnCrossAttention(rt, N)(0, q, *kv[0])
+    assert rt.ca_stats.summary()["density"] == 1.0  # mask_k=1 would keep few tokens if it selected
     assert torch.allclose(out, sdpa(q, pk, pv), atol=1e-5)
 
 
