@@ -43,7 +43,7 @@ class TempCache(KVCache):
 
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
-                 radius: int = 1, match_frames: int = 0):
+                 radius: int = 1, match_frames: int = 0, merge_target: float | None = None):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
@@ -56,6 +56,9 @@ class TempCache(KVCache):
         if match_frames < 0:
             raise ValueError(f"tempcache match_frames={match_frames} must be >= 0 (0: search every group)")
         self.match_frames = match_frames
+        if merge_target is not None and not 0.0 <= merge_target <= 1.0:
+            raise ValueError(f"tempcache merge_target={merge_target} must be a fraction in [0, 1] (or null)")
+        self.merge_target = merge_target
         self.grid = int(round(spec.tokens_per_frame ** 0.5))
         if representative not in ("recent", "mean"):
             raise ValueError(f"tempcache representative={representative!r}; expected 'recent' or 'mean'")
@@ -193,6 +196,15 @@ class TempCache(KVCache):
             sim = res.scores[..., 0].view(b, h, c)
             idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
             merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
+        # only real groups take members (sinks and empty slots hold zero match keys)
+        sim = torch.where(torch.gather(st["stamp"], 2, idx) >= 0, sim, float("-inf"))
+        merged = merged & torch.isfinite(sim)
+        if self.merge_target is not None:
+            # fixed merge rate (benchmarks with random weights): the best-matching
+            # round(target * c) tokens of each head merge, whatever their similarity
+            n = round(self.merge_target * c)
+            rank = torch.zeros_like(sim).scatter_(2, sim.topk(n, dim=-1).indices, 1.0) if n else torch.zeros_like(sim)
+            merged = (rank > 0) & torch.isfinite(sim)
         w = merged.to(torch.float32)  # (LB, H, c)
         count = st["count"]
         old = count[:, :, :cap]

@@ -62,6 +62,20 @@ def test_tempcache_recent_group_search_equals_full_search_on_duplicates(match):
         assert torch.equal(a, b)
 
 
+def test_tempcache_merge_target_fixes_the_merge_rate_of_unrelated_keys():
+    g = torch.Generator().manual_seed(14)
+    temp = TempCache(spec(), budget_frames=4, sink_frames=1, merge_target=0.25)
+    for f in range(12):  # random keys: nothing would pass the default threshold
+        commit_frame(temp, torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g))
+        if f == 1:  # only the sink frame is cached: sinks never take members
+            assert float(temp.last_merge_rate[0]) == 0.0
+        if f >= 2:
+            assert float(temp.last_merge_rate[0]) == pytest.approx(0.25)
+    assert int((temp.count[0][:, :, : 4 * N] > 0).sum(-1).max()) <= 4 * N
+    with pytest.raises(ValueError, match="merge_target=1.5"):
+        TempCache(spec(), budget_frames=4, merge_target=1.5)
+
+
 def test_tempcache_merge_of_all_layers_at_once_equals_layer_by_layer():
     """The merge runs once for every layer when the last layer commits; flushing after
     each layer's commit instead gives the same cache."""
