@@ -9,6 +9,11 @@ are excluded from the summary. A config stops early when one chunk takes longer 
 `bench.max_chunk_ms` (median of the last 5 chunks, so one stall does not count) or memory
 runs out; the frame where it stopped is recorded.
 
+`bench.source: random` (conf/bench_wan.yaml) runs a model of random weights built from
+`model` (the Wan2.1-1.3B-shaped configuration) on random latents and a random prompt of
+its shapes: cost only, no pictures. "Frame conversion" is then the latent's conversion
+to uint8 on the host (there is no VAE decoder).
+
 Writes DIR/bench.json (`device`, `configs`: per config a list of {frame, latency_ms, fps,
 cache_tokens, peak_mem_mb}, plus `total_s`, `stopped_at`, `summary`) and DIR/fps.png,
 DIR/memory.png (one line per config).
@@ -28,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.evaluate import attention_cfg
-from runtime.factory import build_rollout, load_model
+from runtime.factory import build_rollout, load_model, resolve_device, resolve_dtype
+from runtime.model import ModelConfig, WorldModel
 from worlds import build_world
 
 
@@ -67,6 +73,37 @@ def commit_id() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
+
+
+class RandomLatents:
+    """Stands in for a world when the model has random weights: a random first frame
+    (uint8, H x W x channels) and a random prompt of the model's shapes."""
+
+    def __init__(self, mcfg: ModelConfig):
+        self.mcfg = mcfg
+        self.prompt = None
+
+    def reset(self, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        m = self.mcfg
+        self.prompt = rng.standard_normal((m.prompt_tokens, m.prompt_dim)).astype(np.float32)
+        return rng.integers(0, 256, (m.frame_size, m.frame_size, m.channels), dtype=np.uint8)
+
+
+def build_source(cfg):
+    """(world, model, device, dtype) for `bench.source`."""
+    source = str(cfg.bench.get("source", "checkpoint"))
+    if source == "checkpoint":
+        world = build_world(cfg.world)
+        loaded = load_model(cfg, world.cfg)
+        return world, loaded.model, loaded.device, loaded.dtype
+    if source == "random":
+        mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.engine.dtype))
+        torch.manual_seed(int(cfg.seed))
+        model = WorldModel(mcfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return RandomLatents(mcfg), model, device, dtype
+    raise ValueError(f"bench.source={source!r}; expected 'checkpoint' or 'random'")
 
 
 def run_config(model, cfg, name: str, world, actions: list[int], device) -> dict:
@@ -152,15 +189,14 @@ def plot(result: dict, out: Path) -> None:
 
 def run(cfg: DictConfig, out: Path | None = None) -> dict:
     b = cfg.bench
-    world = build_world(cfg.world)
-    loaded = load_model(cfg, world.cfg)
-    model, device, dtype = loaded.model, loaded.device, loaded.dtype
+    world, model, device, dtype = build_source(cfg)
     script = parse_script(str(b.script))
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "commit": commit_id(), "compile": False, "frames": int(b.frames),
-              "sampler_steps": int(cfg.sampler.steps), "configs": {}, "summary": {}}
+              "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
+              "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}
     t0 = time.time()
     for att in b.attentions:
         c = run_config(model, cfg, str(att), world, actions, device)

@@ -1,0 +1,63 @@
+"""The long-rollout benchmark: what it records, where it stops, both model sources."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose
+
+from runtime.bench import plot, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROW_KEYS = {"frame", "latency_ms", "fps", "cache_tokens", "peak_mem_mb"}
+FASTAR = "fastar:budget_frames=4;merge_target=0.5;density=0.5"
+
+
+def tiny_random(overrides: list[str]):
+    return compose(["model=tiny", "device=cpu", "engine.dtype=float32", "bench.progress=false", "bench.warmup=2",
+                    *overrides], config_name="bench_wan")
+
+
+def test_random_weight_run_records_every_frame_and_bounds_the_budgeted_caches(tmp_path):
+    cfg = tiny_random(["bench.frames=12", f"bench.attentions=[dense,window,'{FASTAR}']"])
+    res = run(cfg, tmp_path)
+    plot(res, tmp_path)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["device"] == "cpu" and saved["source"] == "random" and saved["model"]["width"] == 64
+    assert set(saved["configs"]) == {"dense", "window", FASTAR}
+    for c in saved["configs"].values():
+        assert [r["frame"] for r in c["rows"]] == list(range(1, 13))
+        assert all(set(r) == ROW_KEYS and r["latency_ms"] > 0 for r in c["rows"])
+        assert c["stopped_at"] is None and c["total_s"] > 0
+    n = 64  # tokens per frame of the tiny model
+    dense = [r["cache_tokens"] for r in saved["configs"]["dense"]["rows"]]
+    assert dense == [n * f for f in range(1, 13)]  # every frame kept: grows linearly
+    fastar = [r["cache_tokens"] for r in saved["configs"][FASTAR]["rows"]]
+    assert max(fastar) <= 4 * n and fastar[-1] == 4 * n  # full, never over the budget
+    window = [r["cache_tokens"] for r in saved["configs"]["window"]["rows"]]
+    assert window[-1] == min(12, 1 + 20) * n
+    for name in ("fps.png", "memory.png", "cache_tokens.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_config_stops_when_its_chunks_take_longer_than_the_limit(tmp_path):
+    cfg = tiny_random(["bench.frames=50", "bench.attentions=[dense]", "bench.max_chunk_ms=0.0001"])
+    res = run(cfg, tmp_path)
+    stop = res["configs"]["dense"]["stopped_at"]
+    assert stop["frame"] == 3 and "bench.max_chunk_ms" in stop["reason"]  # the first chunk after warm-up
+    assert len(res["configs"]["dense"]["rows"]) == 3
+    assert res["summary"]["dense"]["stopped_at"] == stop
+
+
+def test_checkpoint_source_plays_the_world_with_the_shipped_model(tmp_path):
+    cfg = compose(["device=cpu", "bench.progress=false", "bench.warmup=1", "bench.frames=3", "bench.attentions=[window]"],
+                  config_name="bench")
+    res = run(cfg, tmp_path)
+    assert res["source"] == "checkpoint" and res["model"]["frame_size"] == 64
+    assert len(res["configs"]["window"]["rows"]) == 3
+
+
+def test_an_unknown_source_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="bench.source='nowhere'"):
+        run(tiny_random(["bench.source=nowhere"]), tmp_path)
