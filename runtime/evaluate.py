@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from controllers.random_agent import explore_actions
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model
+from runtime.tempcache import TempCache
 from worlds.actions import LEFT, RIGHT
 from worlds.overworld import BatchOverworld, OverworldConfig
 
@@ -216,7 +217,9 @@ def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:
 
 def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
     """Merge rate, density and recall of each attention config, separately for idle play
-    (nothing scrolls) and moving play (the view scrolls 2 px per frame)."""
+    (nothing scrolls) and moving play (the view scrolls 2 px per frame). For TempCache,
+    `history_recall` is the fraction of dense attention mass over every key the rollout
+    committed that the cache still represents (TempCache.history_recall)."""
     ev = cfg.eval
     n, frames = int(ev.sequences), int(ev.motion_frames)
     seeds = list(range(int(ev.seed_offset), int(ev.seed_offset) + n))
@@ -233,9 +236,12 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
         for kind, acts in scripts.items():
             truth, _, atlases = simulate(world_cfg, seeds, acts)
             rollout = build_rollout(model, sub, batch=n)
+            if isinstance(rollout.cache, TempCache):
+                rollout.cache.track_history = True
             rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, int(cfg.seed))
             s = rollout.attention.summary()
-            out[str(name)][kind] = {"merge_rate": s.get("merge_rate"),
+            history = rollout.cache.recall_summary() if isinstance(rollout.cache, TempCache) else None
+            out[str(name)][kind] = {"merge_rate": s.get("merge_rate"), "history_recall": history,
                                     "self_attn": {k: s["self_attn"][k] for k in ("density", "recall")},
                                     "cross_attn": {k: s["cross_attn"][k] for k in ("density", "recall")}}
     return out

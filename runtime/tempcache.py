@@ -43,7 +43,8 @@ class TempCache(KVCache):
 
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
-                 radius: int = 1, match_frames: int = 0, merge_target: float | None = None):
+                 radius: int = 1, match_frames: int = 0, merge_target: float | None = None,
+                 track_history: bool = False):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
@@ -59,6 +60,9 @@ class TempCache(KVCache):
         if merge_target is not None and not 0.0 <= merge_target <= 1.0:
             raise ValueError(f"tempcache merge_target={merge_target} must be a fraction in [0, 1] (or null)")
         self.merge_target = merge_target
+        # evaluation only: keep every committed key to measure what the cache still
+        # represents (history_recall); memory grows with the rollout
+        self.track_history = track_history
         self.grid = int(round(spec.tokens_per_frame ** 0.5))
         if representative not in ("recent", "mean"):
             raise ValueError(f"tempcache representative={representative!r}; expected 'recent' or 'mean'")
@@ -96,6 +100,11 @@ class TempCache(KVCache):
         self.count, self.logc = list(self._count.unbind(0)), list(self._logc.unbind(0))
         self.mkey, self.stamp, self.pos = list(self._mkey.unbind(0)), list(self._stamp.unbind(0)), list(self._pos.unbind(0))
         self._pending: dict[int, int] = {}  # layer -> tokens committed but not merged yet
+        # history tracking (track_history): how often each slot was (re)assigned, and per
+        # layer every committed key with the slot and assignment it went to
+        self._gen = torch.zeros(lbh + (cap + 1,), device=dev, dtype=torch.long)
+        self._history: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(s.num_layers)]
+        self.recall_sums: dict[int, list] = {}
         self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
@@ -153,12 +162,16 @@ class TempCache(KVCache):
         v_new = st["v"][:, :, cap : cap + c]
         src = self._pre[lo:hi].view(lb, h, -1, d) if self.match in ("pre", "local") else st["k"][:, :, cap:]
         m_new = F.normalize(src[:, :, :c].float(), dim=-1)
+        k_kept = k_new.clone() if self.track_history else None
         if step < self.sink_frames:
             merged = torch.zeros(k_new.shape[:3], dtype=torch.bool, device=k_new.device)
-            self._append(st, k_new, v_new, None, merged, step, sink=True)
+            idx = torch.zeros_like(merged, dtype=torch.long)
+            dst = self._append(st, k_new, v_new, None, merged, step, sink=True)
         else:
-            merged = self._merge(st, k_new, v_new, m_new, step)
-            self._append(st, k_new, v_new, m_new, merged, step, sink=False)
+            merged, idx = self._merge(st, k_new, v_new, m_new, step)
+            dst = self._append(st, k_new, v_new, m_new, merged, step, sink=False)
+        if self.track_history:
+            self._record_history(lo, hi, k_kept, torch.where(merged, idx, dst), merged)
         st["logc"][:, :, :cap] = self._logc_of(st["count"][:, :, :cap])
         # statistics stay on the device (no host sync in the hot loop); read them lazily
         rates = merged.view(nl, -1).float().mean(-1)
@@ -237,7 +250,7 @@ class TempCache(KVCache):
                 st["mkey"][:, :, :cap] = torch.where(touched[..., None], F.normalize(kf, dim=-1), st["mkey"][:, :, :cap])
         count[:, :, :cap] = new_count
         st["stamp"][:, :, :cap].masked_fill_(touched, step)
-        return merged
+        return merged, idx
 
     def _token_pos(self, c: int, device) -> torch.Tensor:
         """Screen positions of the c tokens of one frame (row-major)."""
@@ -256,8 +269,9 @@ class TempCache(KVCache):
         s = s.masked_fill(~near, float("-inf"))
         return s.max(dim=-1)
 
-    def _append(self, st, k_new, v_new, m_new, merged, step, sink: bool) -> None:
-        """Put unmerged tokens into free slots, else over the least recently updated groups."""
+    def _append(self, st, k_new, v_new, m_new, merged, step, sink: bool) -> torch.Tensor:
+        """Put unmerged tokens into free slots, else over the least recently updated groups.
+        Returns each token's destination slot (the scratch slot for merged tokens)."""
         b, h, c, d = k_new.shape
         cap = self._capacity
         count = st["count"][:, :, :cap]
@@ -285,6 +299,44 @@ class TempCache(KVCache):
         st["stamp"].scatter_(2, dst, torch.full_like(dst, -2 if sink else step))
         st["count"][:, :, cap:] = 0.0
         st["mkey"][:, :, cap:] = 0.0
+        return dst
+
+    # --- history (evaluation only)
+    def _record_history(self, lo: int, hi: int, keys, slots, merged) -> None:
+        """Appended tokens start a new assignment of their slot; every token remembers the
+        slot and assignment that now represents it."""
+        s = self.spec
+        gen = self._gen[lo:hi].view(-1, s.heads, self._capacity + 1)
+        appended = torch.where(merged, torch.full_like(slots, self._capacity), slots)  # merged -> scratch
+        gen.scatter_add_(2, appended, (~merged).long())
+        token_gen = torch.gather(gen, 2, slots)
+        shape = (hi - lo, s.batch, s.heads, -1)
+        for i, layer in enumerate(range(lo, hi)):
+            self._history[layer].append((keys.view(*shape, s.head_dim)[i], slots.view(shape)[i], token_gen.view(shape)[i]))
+
+    def history_recall(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Fraction of the dense attention mass of queries q (B, H, M, D) over every key
+        ever committed to this layer that falls on keys the cache still represents (kept,
+        merged into a group that is still there, or a sink). 1.0 before any commit."""
+        hist = self._history[layer]
+        if not hist:
+            return torch.ones((), device=q.device)
+        keys = torch.cat([h[0] for h in hist], 2).float()
+        slots = torch.cat([h[1] for h in hist], 2)
+        gens = torch.cat([h[2] for h in hist], 2)
+        alive = torch.gather(self._gen[layer], 2, slots) == gens  # (B, H, T)
+        p = torch.softmax((q.float() @ keys.transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1)
+        recall = (p * alive[:, :, None, :]).sum(-1).mean()
+        sums = self.recall_sums.setdefault(layer, [0.0, 0])
+        sums[0] = sums[0] + recall
+        sums[1] += 1
+        return recall
+
+    def recall_summary(self) -> float | None:
+        """Mean history recall over layers and calls (a host sync); None if never measured."""
+        per = [float(v[0]) / v[1] for v in self.recall_sums.values() if v[1]]
+        return sum(per) / len(per) if per else None
+
 
     # --- facts
     def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
@@ -329,3 +381,15 @@ def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool
         view.index_add_(0, flat, rows.reshape(-1, d))
     else:
         view.index_copy_(0, flat, rows.reshape(-1, d))
+
+
+class HistoryProbe:
+    """Wraps a self-attention callable: measures the cache's history recall of each
+    layer's queries before attending (evaluation only; see TempCache.history_recall)."""
+
+    def __init__(self, inner, cache: TempCache):
+        self.inner, self.cache = inner, cache
+
+    def __call__(self, layer: int, q, k, v, k_pre=None):
+        self.cache.history_recall(layer, q)
+        return self.inner(layer, q, k, v, k_pre)

@@ -110,6 +110,33 @@ def test_tempcache_refuses_a_layer_staged_twice_before_the_frame_is_merged():
         cache.stage(0, k, k, k)
 
 
+def test_history_recall_is_one_when_duplicates_merge_and_nothing_is_evicted():
+    g = torch.Generator().manual_seed(15)
+    base = torch.randn(1, H, N, D, generator=g)
+    temp = TempCache(spec(), budget_frames=3, sink_frames=1, threshold=0.99, track_history=True)
+    for f in range(8):  # eight frames in a three-frame budget: only merging keeps them all
+        commit_frame(temp, base, torch.randn(1, H, N, D, generator=g))
+    q = torch.randn(1, H, N, D, generator=g)
+    assert float(temp.history_recall(0, q)) == pytest.approx(1.0)
+    assert temp.recall_summary() == pytest.approx(1.0)
+
+
+def test_history_recall_is_the_dense_mass_on_the_frames_still_cached():
+    g = torch.Generator().manual_seed(16)
+    temp = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.999, track_history=True)
+    frames = [torch.randn(1, H, N, D, generator=g) for _ in range(10)]
+    for k in frames:  # unrelated keys: nothing merges; LRU keeps the sink and the last 3 frames
+        commit_frame(temp, k, torch.randn(1, H, N, D, generator=g))
+    q = torch.randn(1, H, N, D, generator=g)
+    p = torch.softmax(q @ torch.cat(frames, 2).transpose(-1, -2) / D ** 0.5, dim=-1)  # (1, H, N, 10 N)
+    kept = torch.zeros(10 * N, dtype=torch.bool)
+    for f in (0, 7, 8, 9):
+        kept[f * N : (f + 1) * N] = True
+    expected = (p * kept).sum(-1).mean()
+    assert float(temp.history_recall(0, q)) == pytest.approx(float(expected), abs=1e-6)
+    assert float(expected) < 0.6  # most of the history is gone: the test can tell
+
+
 def test_tempcache_never_exceeds_its_budget_and_keeps_its_sinks():
     g = torch.Generator().manual_seed(1)
     temp = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.9)

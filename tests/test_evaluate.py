@@ -175,3 +175,14 @@ def test_command_line_writes_the_json(tmp_path):
     assert res["checkpoint"] == str(ckpt)
     assert isinstance(res["rollout_psnr_curve"], list)
     assert '"next_psnr"' in proc.stdout  # a summary is printed too
+
+
+def test_motion_split_reports_merge_rate_and_history_recall_for_idle_and_moving_play(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL, "eval.quality=false", "eval.compare_frames=0",
+                            "eval.motion_frames=6", "eval.attentions=['tempcache:budget_frames=3',window]"]))
+    split = res["motion_split"]
+    for kind in ("idle", "moving"):
+        temp = split["tempcache:budget_frames=3"][kind]
+        assert 0.0 < temp["history_recall"] <= 1.0 and 0.0 <= temp["merge_rate"] <= 1.0
+        assert split["window"][kind]["history_recall"] is None  # only TempCache tracks its history
