@@ -189,26 +189,24 @@ class TempCache(KVCache):
         b, h, c, d = k_new.shape
         cap = self._capacity
         groups = st["mkey"][:, :, :cap]  # sinks and empty slots hold zero vectors
-        if self.match == "local":
-            sim, idx = self._local_top1(st["pos"], m_new, groups)
-            merged = sim >= self.threshold
-        elif self.match_frames and self.match_frames * c < cap:
+        pos = st["pos"][:, :, :cap]
+        cand = None
+        if self.match_frames and self.match_frames * c < cap:
             # search only the groups updated by the last `match_frames` commits (at most
             # match_frames * c of them): where a token's content was a moment ago
             r = self.match_frames * c
             cand = st["stamp"][:, :, :cap].topk(r, dim=-1).indices  # (LB, H, r) newest stamps first
             fresh = torch.gather(st["stamp"], 2, cand) >= step - self.match_frames
-            ck = _take(st["mkey"], cand) * fresh[..., None]
-            res = self.ann.topk(m_new.reshape(b * h, c, d), ck.reshape(b * h, r, d), 1)
+            groups = _take(st["mkey"], cand) * fresh[..., None]
+            pos = torch.where(fresh, torch.gather(pos, 2, cand), -1)
+        if self.match == "local":
+            sim, pick = self._local_top1(pos, m_new, groups)
+        else:
+            res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, groups.shape[2], d), 1)
             sim = res.scores[..., 0].view(b, h, c)
             pick = res.indices[..., 0].view(b, h, c)
-            idx = torch.gather(cand, 2, pick.clamp_min(0))
-            merged = (sim >= self.threshold) & (pick >= 0)
-        else:
-            res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, cap, d), 1)
-            sim = res.scores[..., 0].view(b, h, c)
-            idx = res.indices[..., 0].view(b, h, c).clamp_min(0)
-            merged = (sim >= self.threshold) & (res.indices[..., 0].view(b, h, c) >= 0)
+        idx = pick.clamp_min(0) if cand is None else torch.gather(cand, 2, pick.clamp_min(0))
+        merged = (sim >= self.threshold) & (pick >= 0)
         # only real groups take members (sinks and empty slots hold zero match keys)
         sim = torch.where(torch.gather(st["stamp"], 2, idx) >= 0, sim, float("-inf"))
         merged = merged & torch.isfinite(sim)
@@ -256,13 +254,13 @@ class TempCache(KVCache):
         """Screen positions of the c tokens of one frame (row-major)."""
         return (torch.arange(c, device=device) % self.spec.tokens_per_frame)[None, None]
 
-    def _local_top1(self, pos_all, m_new, groups):
-        """Best group among those within `radius` patches of each new token (cosine)."""
-        g, cap = self.grid, self._capacity
+    def _local_top1(self, pos, m_new, groups):
+        """Best of the groups (LB, H, K, D) at screen positions pos (LB, H, K; -1: none)
+        within `radius` patches of each new token (cosine)."""
+        g = self.grid
         c = m_new.shape[2]
-        s = torch.einsum("bhcd,bhkd->bhck", m_new.float(), groups.float())  # (LB, H, c, cap)
+        s = torch.einsum("bhcd,bhkd->bhck", m_new.float(), groups.float())  # (LB, H, c, K)
         tok = self._token_pos(c, m_new.device)[0, 0]
-        pos = pos_all[:, :, :cap]
         dr = (tok // g)[:, None] - (pos // g)[:, :, None, :]
         dc = (tok % g)[:, None] - (pos % g)[:, :, None, :]
         near = (dr.abs() <= self.radius) & (dc.abs() <= self.radius) & (pos >= 0)[:, :, None, :]

@@ -171,7 +171,8 @@ def test_tempcache_merges_similar_and_appends_dissimilar():
     assert temp.last_merge_rate[0] == 0.0
 
 
-def test_local_matching_follows_content_that_moves_one_patch():
+@pytest.mark.parametrize("match_frames", [0, 1])
+def test_local_matching_follows_content_that_moves_one_patch(match_frames):
     """A frame whose tokens are the previous frame shifted one column right merges into the
     neighbouring groups with match=local: every moved token finds its content one patch away."""
     g = torch.Generator().manual_seed(7)
@@ -183,7 +184,8 @@ def test_local_matching_follows_content_that_moves_one_patch():
         return k.view(1, H, grid * grid, D)
 
     sp = CacheSpec(1, 1, H, D, grid * grid, torch.device("cpu"), torch.float32)
-    local = TempCache(sp, budget_frames=6, sink_frames=1, threshold=0.99, match="local", radius=1)
+    local = TempCache(sp, budget_frames=6, sink_frames=1, threshold=0.99, match="local", radius=1,
+                      match_frames=match_frames)
     commit_frame(local, torch.randn(1, H, 9, D, generator=g), torch.randn(1, H, 9, D, generator=g))  # sink
     a = torch.randn(1, H, 9, D, generator=g)
     commit_frame(local, a, torch.randn(1, H, 9, D, generator=g))
