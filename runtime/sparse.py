@@ -11,7 +11,7 @@
 
 AnnSA, per query block of `block` tokens over the cached tokens (blocks of `block` slots):
 
-    scores = ANN block_scores(q, cached keys)         cheap relevance per block pair
+    scores = block scores(q, cached keys)             cheap relevance per block pair (ann | pooled)
     scores[sink and recent blocks] = +inf             always kept
     scores[blocks with no valid slot] = -inf          empty TempCache slots
     keep the top ceil(density * num_blocks) blocks, gather them, and attend over
@@ -20,7 +20,30 @@ AnnSA, per query block of `block` tokens over the cached tokens (blocks of `bloc
 Sparsity is skipped (dense) for the first floor(dense_fraction * steps) denoising steps,
 whenever the kept fraction would exceed `max_density`, and while fewer than `min_blocks`
 blocks are cached (below that the selection costs more than it saves; docs/attention.md).
-The gather path runs on any device; it is exact when every block is kept (tested).
+
+Two kernels (`kernel`; auto = flex on CUDA, gather elsewhere) and two block scorers
+(`select`; auto = pooled with flex, ann with gather), so the CPU keeps the gather path
+and the ANN scores:
+
+    gather  copy the kept blocks of every query block next to the chunk and run SDPA
+            (blocks of `block` tokens; needs cached and chunk lengths divisible by it)
+    flex    block-sparse FlexAttention (runtime/flex_sparse.py) straight over the cache's
+            buffer: per query block of `flex_block` queries, the kept cache blocks of
+            `flex_block` keys plus every block of the current chunk, built with
+            BlockMask.from_kv_blocks (no q-side lists); the log-count bias is a score_mod,
+            the merged pass (clean queries must not see the noisy frame) and the valid
+            length a mask_mod on the chunk's blocks only. Compiled once per static shape
+            (fixed-capacity caches keep shapes static; a growing dense cache recompiles
+            when it doubles); uncompiled flex on CUDA and more than `flex_max_compiles`
+            signatures are errors, never a silent slow path. `flex_options` are
+            flex_attention kernel_options (e.g. {USE_TMA: true}).
+    ann     the ANN backend's `block_scores` (scores every query-key pair, then pools)
+    pooled  mean-pooled query blocks against mean-pooled key blocks plus the block's log
+            count (runtime/ann.py, pooled_block_scores): the exact mean logit of each
+            block pair at 1/(block^2) of the cost, what makes selection cheap on a GPU
+
+Both kernels are exact when every block is kept, and keep the same blocks for the same
+scores (tests/test_attention.py, tests/test_flex_sparse.py).
 
 Statistics per module and layer: density (fraction of query-key pairs computed), and
 with `stats_recall: true` recall (fraction of the dense softmax mass on kept keys).
@@ -33,13 +56,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from runtime.ann import build_ann
+from runtime.ann import build_ann, pooled_block_scores
 from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
 from runtime.configs import strict_dataclass
+from runtime.flex_sparse import FlexBlockSparse, plan_dense_mask
 from runtime.tempcache import TempCache
 
 POLICIES = ("dense", "window", "tempcache")
+KERNELS = ("auto", "flex", "gather")
+SELECTS = ("auto", "ann", "pooled")
 
 
 @dataclass
@@ -70,6 +96,13 @@ class AttentionConfig:
     min_blocks: int = 64            # AnnSA: with fewer cached blocks, run dense (selection costs more)
     annca_min_tokens: int = 0       # AnnCA: with fewer (distinct) prompt tokens, run dense
     stats_recall: bool = False      # measure attention recall (costs a dense pass)
+    kernel: str = "auto"            # AnnSA kernel: flex (block-sparse FlexAttention) | gather | auto (flex on CUDA)
+    select: str = "auto"            # AnnSA block scores: pooled (mean-pooled blocks) | ann (the ANN's
+                                    # block_scores) | auto (pooled with flex, ann with gather)
+    flex_block: int = 128           # AnnSA flex: query and key block size (a multiple of the kernel's tiles)
+    flex_compile: bool = True       # AnnSA flex: torch.compile the kernel (required on CUDA)
+    flex_options: dict = field(default_factory=dict)  # AnnSA flex: flex_attention kernel_options
+    flex_max_compiles: int = 16     # AnnSA flex: more distinct kernel signatures than this is an error
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -82,6 +115,14 @@ class AttentionConfig:
             raise ValueError(f"attention.threshold={self.threshold} must be a cosine similarity in (0, 1]")
         if self.block < 1:
             raise ValueError(f"attention.block={self.block} must be >= 1")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"attention.kernel={self.kernel!r}; expected one of {list(KERNELS)}")
+        if self.select not in SELECTS:
+            raise ValueError(f"attention.select={self.select!r}; expected one of {list(SELECTS)}")
+        if self.flex_block < 1:
+            raise ValueError(f"attention.flex_block={self.flex_block} must be >= 1")
+        if self.flex_max_compiles < 1:
+            raise ValueError(f"attention.flex_max_compiles={self.flex_max_compiles} must be >= 1")
 
     @classmethod
     def from_dict(cls, d) -> "AttentionConfig":
@@ -122,7 +163,11 @@ def mass_recall(q, keys, bias, kept) -> torch.Tensor:
 
 
 class AnnSelfAttention:
-    """Block-sparse self-attention over [cache | chunk] through the ANN's block scores."""
+    """Block-sparse self-attention over [cache | chunk] through cheap block scores.
+
+    Two kernels: `gather` (any device; copies the kept blocks per query block and runs
+    SDPA) and `flex` (block-sparse FlexAttention straight over the cache's buffer, for
+    GPUs; runtime/flex_sparse.py). Both keep the same blocks for the same scores."""
 
     def __init__(self, rt: "AttentionRuntime", cache: KVCache, commit: int, sparse: bool):
         self.rt, self.cache, self.commit, self.sparse = rt, cache, commit, sparse
@@ -134,38 +179,98 @@ class AnnSelfAttention:
         lk = keys.shape[2]
         lc = lk - m  # cached tokens
         c = self.commit
-        hide = None
-        if 0 < c < m:
-            hide = torch.zeros(m, lk, dtype=torch.bool, device=q.device)
-            hide[:c, lk - (m - c):] = True
-        blk = cfg.block
-        nkb = lc // blk
+        flex = self.rt.sa_kernel(q.device) == "flex"
+        blk = cfg.flex_block if flex else cfg.block
+        nkb = lc // blk  # selectable cache blocks (flex: a ragged tail travels with the chunk)
         keep_n = min(nkb, math.ceil(cfg.density * nkb))
-        if (not self.sparse or nkb < max(1, cfg.min_blocks) or lc % blk or m % blk
+        if (not self.sparse or nkb < max(1, cfg.min_blocks) or (not flex and (lc % blk or m % blk))
                 or keep_n / max(nkb, 1) > cfg.max_density):
             out = staged_attention(q, keys, values, bias, c)
             self.rt.sa_stats.add(layer, 1.0, 1.0 if cfg.stats_recall else None)
+        elif flex:
+            out = self._flex(layer, q, keys, values, bias, lc, nkb, keep_n)
         else:
-            out = self._sparse(layer, q, keys, values, bias, hide, lc, nkb, keep_n)
+            out = self._sparse(layer, q, keys, values, bias, lc, nkb, keep_n)
         if c:
             self.cache.commit(layer, c)
         return out
 
-    def _sparse(self, layer, q, keys, values, bias, hide, lc, nkb, keep_n):
+    def _hide(self, m: int, lk: int, device):
+        """(m, lk) bool, True where a clean query of the merged pass must not look (the
+        noisy frame), or None outside the merged pass."""
+        c = self.commit
+        if not 0 < c < m:
+            return None
+        hide = torch.zeros(m, lk, dtype=torch.bool, device=device)
+        hide[:c, lk - (m - c):] = True
+        return hide
+
+    def select(self, layer, q, keys, bias, nkb, keep_n, blk, kind: str):
+        """(B*H, nQB, keep_n) indices of the kept cache blocks per query block: the top
+        block scores, with sink and recent blocks forced in and empty blocks last."""
+        b, h, m, d = q.shape
+        bh = b * h
+        n = nkb * blk
+        qf = q.reshape(bh, m, d)
+        kc = keys[:, :, :n].reshape(bh, n, d)
+        if kind == "pooled":
+            logc = None if bias is None else bias[:, :, 0, :n].expand(b, h, n).reshape(bh, n)
+            scores = pooled_block_scores(qf, kc, blk, blk, key_logcount=logc)  # empty blocks: -inf
+        else:
+            scores = self.rt.ann_backend.block_scores(qf, kc, blk, blk)  # (BH, nQB, nKB)
+            if bias is not None:
+                valid = torch.isfinite(bias[:, :, 0, :n]).reshape(bh, nkb, blk).any(-1)  # (BH, nKB)
+                scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        forced = self._forced_blocks(layer, n, nkb, b, h, blk)
+        scores = scores.masked_fill(forced[:, None, :], float("inf"))
+        return scores.topk(keep_n, dim=-1).indices
+
+    def _flex(self, layer, q, keys, values, bias, lc, nkb, keep_n):
+        cfg, rt = self.rt.cfg, self.rt
+        b, h, m, d = q.shape
+        blk = cfg.flex_block
+        lk = lc + m
+        sel = self.select(layer, q, keys, bias, nkb, keep_n, blk, rt.sa_select("flex"))
+        kbuf, vbuf = self._buffers(layer, keys, values)
+        buf = kbuf.shape[2]
+        bias_buf = None
+        if bias is not None:  # (B, H, buf) in the query dtype, like the dense path's SDPA bias
+            bias_buf = torch.full((b, h, buf), float("-inf"), dtype=q.dtype, device=q.device)
+            bias_buf[:, :, :lk] = bias[:, :, 0]
+        kernel = rt.flex_kernel()
+        plan = kernel.plan(sel.view(b, h, -1, keep_n), m, self.commit, lc, lk, buf)
+        out = kernel(q, kbuf, vbuf, bias_buf, plan)
+        recall = None
+        if cfg.stats_recall:
+            kept = plan_dense_mask(plan, blk, blk)
+            hide = self._hide(m, lk, q.device)
+            full_bias = merge_mask(bias, hide, torch.float32) if hide is not None else bias
+            recall = mass_recall(q, keys, full_bias, kept)
+        self.rt.sa_stats.add(layer, (keep_n * blk + lk - nkb * blk) / lk, recall)
+        return out
+
+    def _buffers(self, layer, keys, values):
+        """The cache's whole per-layer buffers when `keys`/`values` are prefixes of them
+        (their length only changes when a growing cache reallocates: static shapes for the
+        compiled kernel), else the staged views themselves."""
+        kb, vb = self.cache.k[layer], self.cache.v[layer]
+        for buf, view in ((kb, keys), (vb, values)):
+            if not (buf.data_ptr() == view.data_ptr() and buf.stride() == view.stride()
+                    and buf.shape[:2] == view.shape[:2] and buf.shape[3] == view.shape[3]
+                    and buf.shape[2] >= view.shape[2]):
+                return keys, values
+        return kb, vb
+
+    def _sparse(self, layer, q, keys, values, bias, lc, nkb, keep_n):
         cfg = self.rt.cfg
         b, h, m, d = q.shape
         blk = cfg.block
         nqb = m // blk
         bh = b * h
+        hide = self._hide(m, lc + m, q.device)
         qf = q.reshape(bh, m, d)
         kc = keys[:, :, :lc].reshape(bh, lc, d)
-        scores = self.rt.ann_backend.block_scores(qf, kc, blk, blk)  # (BH, nQB, nKB)
-        if bias is not None:
-            valid = torch.isfinite(bias[:, :, 0, :lc]).reshape(bh, nkb, blk).any(-1)  # (BH, nKB)
-            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        forced = self._forced_blocks(layer, lc, nkb, b, h)
-        scores = scores.masked_fill(forced[:, None, :], float("inf"))
-        sel = scores.topk(keep_n, dim=-1).indices  # (BH, nQB, K)
+        sel = self.select(layer, q, keys, bias, nkb, keep_n, blk, self.rt.sa_select("gather"))  # (BH, nQB, K)
         kb = kc.view(bh, nkb, blk, d)
         vb = values[:, :, :lc].reshape(bh, nkb, blk, d)
         gi = sel[..., None, None].expand(-1, -1, -1, blk, d)
@@ -199,11 +304,11 @@ class AnnSelfAttention:
         self.rt.sa_stats.add(layer, (keep_n * blk + m) / (lc + m), recall)
         return out
 
-    def _forced_blocks(self, layer, lc, nkb, b, h):
+    def _forced_blocks(self, layer, n, nkb, b, h, blk):
         """(BH, nKB) blocks that are always kept: sinks and the most recent frames."""
         cfg = self.rt.cfg
         slots = self.cache.recent_slots(layer, cfg.recent_frames)
-        return slots[..., :lc].reshape(b * h, nkb, cfg.block).any(-1)
+        return slots[..., :n].reshape(b * h, nkb, blk).any(-1)
 
 
 class AnnCrossAttention:
@@ -248,6 +353,7 @@ class AttentionRuntime:
         self.cfg = cfg
         self.ann_backend = build_ann(cfg.ann, **cfg.ann_options) if (cfg.annsa or cfg.annca) else None
         self.cache: KVCache | None = None
+        self._flex: FlexBlockSparse | None = None
         self.reset()
 
     def build_cache(self, spec: CacheSpec) -> KVCache:
@@ -264,6 +370,23 @@ class AttentionRuntime:
         self.cache = cache
         self.tokens_per_frame = spec.tokens_per_frame
         return cache
+
+    def sa_kernel(self, device) -> str:
+        """The AnnSA kernel on this device: `kernel`, with auto = flex on CUDA, else gather."""
+        k = self.cfg.kernel
+        return k if k != "auto" else ("flex" if torch.device(device).type == "cuda" else "gather")
+
+    def sa_select(self, kernel: str) -> str:
+        """The AnnSA block scorer: `select`, with auto = pooled for flex, ann for gather."""
+        s = self.cfg.select
+        return s if s != "auto" else ("pooled" if kernel == "flex" else "ann")
+
+    def flex_kernel(self) -> FlexBlockSparse:
+        if self._flex is None:
+            c = self.cfg
+            self._flex = FlexBlockSparse(c.flex_block, c.flex_block, compile=c.flex_compile,
+                                         kernel_options=c.flex_options, max_compiles=c.flex_max_compiles)
+        return self._flex
 
     def reset(self) -> None:
         self.sa_stats = LayerStats()
