@@ -236,7 +236,7 @@ class FlexBlockSparse:
         else:
             if len(_SIGNATURES) >= self.max_compiles:
                 raise RuntimeError(
-                    f"the block-sparse flex kernel would compile a {len(_SIGNATURES) + 1}th time "
+                    f"the block-sparse flex kernel would compile for signature number {len(_SIGNATURES) + 1} "
                     f"(limit {self.max_compiles}; new signature {sig}). Compiled flex falls back silently to "
                     f"a slow path after repeated recompiles: keep shapes static (a fixed-capacity cache such "
                     f"as tempcache or window) or raise attention.flex_max_compiles.")

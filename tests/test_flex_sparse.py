@@ -124,7 +124,7 @@ def test_flex_compiled_kernel_counts_signatures_and_refuses_too_many(monkeypatch
     assert len(calls) == 4 and fs.compiled_signatures() == 2
     q = torch.zeros(1, H, 2 * N, D, dtype=torch.float64)  # a third signature
     plan = kernel.plan(torch.zeros(1, H, 2, 1, dtype=torch.long), 2 * N, 0, 2 * N, 4 * N, 4 * N)
-    with pytest.raises(RuntimeError, match="compile a 3th time"):
+    with pytest.raises(RuntimeError, match="signature number 3"):
         kernel(q, k.double(), k.double(), None, plan)
 
 
