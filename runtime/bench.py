@@ -106,7 +106,9 @@ def build_source(cfg):
     raise ValueError(f"bench.source={source!r}; expected 'checkpoint' or 'random'")
 
 
-def run_config(model, cfg, name: str, world, actions: list[int], device) -> dict:
+def run_config(model, cfg, name: str, world, actions: list[int], device, on_progress=None) -> dict:
+    """One attention config over the action script. `on_progress(rows)` is called every
+    200 frames, so a run that is killed keeps what it measured."""
     b = cfg.bench
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     sub.attention = attention_cfg(name)
@@ -135,6 +137,8 @@ def run_config(model, cfg, name: str, world, actions: list[int], device) -> dict
         rows.append({"frame": i + 1, "latency_ms": round(ms, 3), "fps": round(1e3 / ms, 2),
                      "cache_tokens": rollout.cache.num_tokens(0), "peak_mem_mb": round(peak_mb(device), 1)})
         bar.update(1)
+        if on_progress is not None and (i + 1) % 200 == 0:
+            on_progress(rows)
         recent = float(np.median([x["latency_ms"] for x in rows[-5:]]))
         if i >= int(b.warmup) and recent > float(b.max_chunk_ms):  # sustained, not one stall
             stopped = {"frame": i + 1, "reason": f"median of the last 5 chunks {recent:.0f} ms > bench.max_chunk_ms={b.max_chunk_ms}"}
@@ -198,8 +202,14 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
               "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}
     t0 = time.time()
+    def save_partial(name: str, rows: list[dict]) -> None:
+        if out is not None:
+            partial = {**result, "configs": {**result["configs"], name: {"rows": rows, "total_s": None,
+                                                                        "stopped_at": {"frame": rows[-1]["frame"], "reason": "in progress"}}}}
+            (out / "bench.json").write_text(json.dumps(partial) + "\n")
+
     for att in b.attentions:
-        c = run_config(model, cfg, str(att), world, actions, device)
+        c = run_config(model, cfg, str(att), world, actions, device, on_progress=lambda rows, n=str(att): save_partial(n, rows))
         result["configs"][str(att)] = c
         result["summary"][str(att)] = {**summarize(c["rows"], int(b.warmup)), "stopped_at": c["stopped_at"], "total_s": c["total_s"]}
         print(json.dumps({str(att): result["summary"][str(att)]}), flush=True)

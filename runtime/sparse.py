@@ -82,6 +82,7 @@ class AttentionConfig:
     match_frames: int = 0           # tempcache, match=post|pre: search only groups updated this many commits ago (0: all)
     merge_target: float | None = None  # tempcache: merge this fraction of each frame's tokens regardless of
                                        # similarity (benchmarks of random-weight models); null: threshold
+    merge_when: str = "always"      # tempcache: always | full (append without merging while there is room)
     representative: str = "recent"  # tempcache: newest key, or the mean key
     merge_ann: str = "exact"        # tempcache: ANN backend for the top-1 correspondence
     annsa: bool = False
@@ -366,7 +367,7 @@ class AttentionRuntime:
             cache = TempCache(spec, budget_frames=c.budget_frames, sink_frames=c.sink_frames, threshold=c.threshold,
                               match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="ip"),
                               radius=c.match_radius, match_frames=c.match_frames,
-                              merge_target=c.merge_target)
+                              merge_target=c.merge_target, merge_when=c.merge_when)
         self.cache = cache
         self.tokens_per_frame = spec.tokens_per_frame
         return cache

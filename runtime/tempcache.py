@@ -44,7 +44,7 @@ class TempCache(KVCache):
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
                  radius: int = 1, match_frames: int = 0, merge_target: float | None = None,
-                 track_history: bool = False):
+                 track_history: bool = False, merge_when: str = "always"):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
@@ -60,6 +60,11 @@ class TempCache(KVCache):
         if merge_target is not None and not 0.0 <= merge_target <= 1.0:
             raise ValueError(f"tempcache merge_target={merge_target} must be a fraction in [0, 1] (or null)")
         self.merge_target = merge_target
+        if merge_when not in ("always", "full"):
+            raise ValueError(f"tempcache merge_when={merge_when!r}; expected 'always' or 'full'")
+        # full: while a head has free slots for the whole frame, append without merging:
+        # exact (= dense) until the budget is reached; merging, which is lossy, starts then
+        self.merge_when = merge_when
         # evaluation only: keep every committed key to measure what the cache still
         # represents (history_recall); memory grows with the rollout
         self.track_history = track_history
@@ -158,11 +163,13 @@ class TempCache(KVCache):
             "count": self._count[lo:hi].view(lb, h, full), "logc": self._logc[lo:hi].view(lb, h, full),
             "mkey": self._mkey[lo:hi].view(lb, h, full, d), "stamp": self._stamp[lo:hi].view(lb, h, cap + 1),
             "pos": self._pos[lo:hi].view(lb, h, cap + 1)}
-        k_new = st["k"][:, :, cap : cap + c]
-        v_new = st["v"][:, :, cap : cap + c]
+        # copies: the scratch slot `cap` (where writes of merged tokens go) is the first
+        # staged slot, so views of the staged tokens would change under the writes below
+        k_new = st["k"][:, :, cap : cap + c].clone()
+        v_new = st["v"][:, :, cap : cap + c].clone()
         src = self._pre[lo:hi].view(lb, h, -1, d) if self.match in ("pre", "local") else st["k"][:, :, cap:]
         m_new = F.normalize(src[:, :, :c].float(), dim=-1)
-        k_kept = k_new.clone() if self.track_history else None
+        k_kept = k_new if self.track_history else None
         if step < self.sink_frames:
             merged = torch.zeros(k_new.shape[:3], dtype=torch.bool, device=k_new.device)
             idx = torch.zeros_like(merged, dtype=torch.long)
@@ -207,6 +214,9 @@ class TempCache(KVCache):
             pick = res.indices[..., 0].view(b, h, c)
         idx = pick.clamp_min(0) if cand is None else torch.gather(cand, 2, pick.clamp_min(0))
         merged = (sim >= self.threshold) & (pick >= 0)
+        if self.merge_when == "full":
+            room = (st["count"][:, :, :cap] == 0).sum(-1, keepdim=True) >= c  # (LB, H, 1)
+            merged = merged & ~room
         # only real groups take members (sinks and empty slots hold zero match keys)
         sim = torch.where(torch.gather(st["stamp"], 2, idx) >= 0, sim, float("-inf"))
         merged = merged & torch.isfinite(sim)
@@ -236,7 +246,7 @@ class TempCache(KVCache):
             last = torch.full((b, h, cap), -1, device=k_new.device, dtype=torch.long).scatter_reduce_(2, idx, order, "amax")
             is_rep = merged & (torch.gather(last, 2, idx) == torch.arange(c, device=k_new.device))
             dst = torch.where(is_rep, idx, torch.full_like(idx, cap))  # slot `cap` is scratch
-            _put(st["k"], dst, k_new.clone())
+            _put(st["k"], dst, k_new)
             _put(st["mkey"], dst, m_new)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:
@@ -250,6 +260,19 @@ class TempCache(KVCache):
         st["stamp"][:, :, :cap].masked_fill_(touched, step)
         return merged, idx
 
+    def _near_table(self, device) -> torch.Tensor:
+        """(N, N + 1) bool: screen positions within `radius` patches of each other; the
+        last column (no position) is never near. Built once."""
+        table = getattr(self, "_near", None)
+        if table is None or table.device != device:
+            n, g = self.spec.tokens_per_frame, self.grid
+            p = torch.arange(n, device=device)
+            dr = (p // g)[:, None] - (p // g)[None, :]
+            dc = (p % g)[:, None] - (p % g)[None, :]
+            near = (dr.abs() <= self.radius) & (dc.abs() <= self.radius)
+            table = self._near = torch.cat([near, torch.zeros(n, 1, dtype=torch.bool, device=device)], 1)
+        return table
+
     def _token_pos(self, c: int, device) -> torch.Tensor:
         """Screen positions of the c tokens of one frame (row-major)."""
         return (torch.arange(c, device=device) % self.spec.tokens_per_frame)[None, None]
@@ -257,13 +280,11 @@ class TempCache(KVCache):
     def _local_top1(self, pos, m_new, groups):
         """Best of the groups (LB, H, K, D) at screen positions pos (LB, H, K; -1: none)
         within `radius` patches of each new token (cosine)."""
-        g = self.grid
         c = m_new.shape[2]
         s = torch.einsum("bhcd,bhkd->bhck", m_new.float(), groups.float())  # (LB, H, c, K)
+        table = self._near_table(m_new.device)
         tok = self._token_pos(c, m_new.device)[0, 0]
-        dr = (tok // g)[:, None] - (pos // g)[:, :, None, :]
-        dc = (tok % g)[:, None] - (pos % g)[:, :, None, :]
-        near = (dr.abs() <= self.radius) & (dc.abs() <= self.radius) & (pos >= 0)[:, :, None, :]
+        near = table[tok[None, None, :, None], torch.where(pos >= 0, pos, table.shape[1] - 1)[:, :, None, :]]
         s = s.masked_fill(~near, float("-inf"))
         return s.max(dim=-1)
 
@@ -286,9 +307,8 @@ class TempCache(KVCache):
         keep = ~merged
         # tokens that merged write nowhere: send them to their own destination unchanged
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
-        # k_new/v_new view the staged region that the scratch slot belongs to: copy first
-        _put(st["k"], dst, k_new.clone())
-        _put(st["v"], dst, v_new.clone())
+        _put(st["k"], dst, k_new)
+        _put(st["v"], dst, v_new)
         mvals = torch.zeros(k_new.shape, device=k_new.device, dtype=torch.float32) if sink else m_new
         _put(st["mkey"], dst, mvals)
         st["count"].scatter_(2, dst, keep.to(torch.float32))

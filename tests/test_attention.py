@@ -326,3 +326,21 @@ def test_annsa_always_keeps_the_most_recent_frame(policy):
     last_k, last_v = frames[-1]
     ref = sdpa(q, torch.cat([last_k, k], 2), torch.cat([last_v, v], 2))
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_merge_when_full_appends_exactly_until_the_budget_is_reached():
+    g = torch.Generator().manual_seed(17)
+    base = torch.randn(1, H, N, D, generator=g)
+    dense = DenseCache(spec(), initial_frames=8)
+    lazy = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.9, merge_when="full")
+    for f in range(4):  # identical keys would merge at once with merge_when=always
+        v = torch.randn(1, H, N, D, generator=g)
+        commit_frame(dense, base, v)
+        commit_frame(lazy, base, v)
+    assert lazy.merge_rate() == 0.0
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    assert torch.allclose(attend(lazy, q, k, v), attend(dense, q, k, v), atol=1e-5)
+    commit_frame(lazy, base, torch.randn(1, H, N, D, generator=g))  # full: now it merges
+    assert float(lazy.last_merge_rate[0]) == 1.0
+    with pytest.raises(ValueError, match="merge_when='later'"):
+        TempCache(spec(), budget_frames=4, merge_when="later")

@@ -61,3 +61,13 @@ def test_checkpoint_source_plays_the_world_with_the_shipped_model(tmp_path):
 def test_an_unknown_source_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="bench.source='nowhere'"):
         run(tiny_random(["bench.source=nowhere"]), tmp_path)
+
+
+def test_progress_is_saved_while_a_config_runs(tmp_path):
+    from runtime.bench import build_source, run_config
+
+    cfg = tiny_random(["bench.frames=400", "bench.attentions=[window]"])
+    world, model, device, _ = build_source(cfg)
+    seen = []
+    res = run_config(model, cfg, "window", world, [0] * 400, device, on_progress=lambda rows: seen.append(len(rows)))
+    assert seen == [200, 400] and len(res["rows"]) == 400
