@@ -68,8 +68,13 @@ def peak_mb(device: torch.device) -> float:
 
 
 def commit_id() -> str:
+    """The commit of this source tree, or "unknown" when it is not a git checkout of its own
+    (an exported copy inside another repository must not report that repository's HEAD)."""
+    root = Path(__file__).resolve().parent.parent
     try:
-        root = Path(__file__).resolve().parent.parent
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True).stdout.strip()
+        if not top or Path(top).resolve() != root:
+            return "unknown"
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
