@@ -123,8 +123,12 @@ def run_config(model, cfg, name: str, world, actions: list[int], device, on_prog
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peak(device)
-    rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
     rows, stopped, t_start = [], None, time.perf_counter()
+    try:  # a preallocated cache may not fit at all: that is a result too (frame 0)
+        rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
+    except torch.OutOfMemoryError:
+        del rollout
+        return {"rows": rows, "total_s": 0.0, "stopped_at": {"frame": 0, "reason": "out of memory at reset"}}
     from tqdm import tqdm
 
     bar = tqdm(total=len(actions), desc=name, dynamic_ncols=True, disable=not bool(b.progress), leave=False)
