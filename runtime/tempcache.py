@@ -108,6 +108,9 @@ class TempCache(KVCache):
         # history tracking (track_history): how often each slot was (re)assigned, and per
         # layer every committed key with the slot and assignment it went to
         self._gen = torch.zeros(lbh + (cap + 1,), device=dev, dtype=torch.long)
+        # local matching: the group each screen position's token went to in each of the last
+        # match_frames commits (-1: none; the extra column is the "no neighbour" sentinel)
+        self._trail = torch.full(lbh + (max(1, self.match_frames), s.tokens_per_frame + 1), -1, device=dev, dtype=torch.long)
         self._history: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(s.num_layers)]
         self.recall_sums: dict[int, list] = {}
         self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
@@ -162,7 +165,8 @@ class TempCache(KVCache):
             "k": self._k[lo:hi].view(lb, h, full, d), "v": self._v[lo:hi].view(lb, h, full, d),
             "count": self._count[lo:hi].view(lb, h, full), "logc": self._logc[lo:hi].view(lb, h, full),
             "mkey": self._mkey[lo:hi].view(lb, h, full, d), "stamp": self._stamp[lo:hi].view(lb, h, cap + 1),
-            "pos": self._pos[lo:hi].view(lb, h, cap + 1)}
+            "pos": self._pos[lo:hi].view(lb, h, cap + 1),
+            "trail": self._trail[lo:hi].view(lb, h, *self._trail.shape[3:])}
         # copies: the scratch slot `cap` (where writes of merged tokens go) is the first
         # staged slot, so views of the staged tokens would change under the writes below
         k_new = st["k"][:, :, cap : cap + c].clone()
@@ -179,6 +183,9 @@ class TempCache(KVCache):
             dst = self._append(st, k_new, v_new, m_new, merged, step, sink=False)
         if self.track_history:
             self._record_history(lo, hi, k_kept, torch.where(merged, idx, dst), merged)
+        if self._uses_trail(c):
+            slots = torch.where(merged, idx, dst) if step >= self.sink_frames else torch.full_like(dst, -1)
+            st["trail"][:, :, step % self._trail.shape[3], :c] = slots
         st["logc"][:, :, :cap] = self._logc_of(st["count"][:, :, :cap])
         # statistics stay on the device (no host sync in the hot loop); read them lazily
         rates = merged.view(nl, -1).float().mean(-1)
@@ -198,21 +205,25 @@ class TempCache(KVCache):
         groups = st["mkey"][:, :, :cap]  # sinks and empty slots hold zero vectors
         pos = st["pos"][:, :, :cap]
         cand = None
-        if self.match_frames and self.match_frames * c < cap:
-            # search only the groups updated by the last `match_frames` commits (at most
-            # match_frames * c of them): where a token's content was a moment ago
-            r = self.match_frames * c
-            cand = st["stamp"][:, :, :cap].topk(r, dim=-1).indices  # (LB, H, r) newest stamps first
-            fresh = torch.gather(st["stamp"], 2, cand) >= step - self.match_frames
-            groups = _take(st["mkey"], cand) * fresh[..., None]
-            pos = torch.where(fresh, torch.gather(pos, 2, cand), -1)
-        if self.match == "local":
-            sim, pick = self._local_top1(pos, m_new, groups)
+        if self._uses_trail(c):
+            sim, idx = self._local_trail_top1(st, m_new, step)
+            pick = torch.where(torch.isfinite(sim), 0, -1)
         else:
-            res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, groups.shape[2], d), 1)
-            sim = res.scores[..., 0].view(b, h, c)
-            pick = res.indices[..., 0].view(b, h, c)
-        idx = pick.clamp_min(0) if cand is None else torch.gather(cand, 2, pick.clamp_min(0))
+            if self.match_frames and self.match_frames * c < cap:
+                # search only the groups updated by the last `match_frames` commits (at most
+                # match_frames * c of them): where a token's content was a moment ago
+                r = self.match_frames * c
+                cand = st["stamp"][:, :, :cap].topk(r, dim=-1).indices  # (LB, H, r) newest stamps first
+                fresh = torch.gather(st["stamp"], 2, cand) >= step - self.match_frames
+                groups = _take(st["mkey"], cand) * fresh[..., None]
+                pos = torch.where(fresh, torch.gather(pos, 2, cand), -1)
+            if self.match == "local":
+                sim, pick = self._local_top1(pos, m_new, groups)
+            else:
+                res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, groups.shape[2], d), 1)
+                sim = res.scores[..., 0].view(b, h, c)
+                pick = res.indices[..., 0].view(b, h, c)
+            idx = pick.clamp_min(0) if cand is None else torch.gather(cand, 2, pick.clamp_min(0))
         merged = (sim >= self.threshold) & (pick >= 0)
         if self.merge_when == "full":
             room = (st["count"][:, :, :cap] == 0).sum(-1, keepdim=True) >= c  # (LB, H, 1)
@@ -259,6 +270,35 @@ class TempCache(KVCache):
         count[:, :, :cap] = new_count
         st["stamp"][:, :, :cap].masked_fill_(touched, step)
         return merged, idx
+
+    def _uses_trail(self, c: int) -> bool:
+        """Local matching over recent commits looks up its candidates by screen position."""
+        return self.match == "local" and self.match_frames > 0 and c == self.spec.tokens_per_frame
+
+    def _local_trail_top1(self, st, m_new, step):
+        """Local matching through the trail: the candidates are the groups that the last
+        `match_frames` commits' tokens went to (at most match_frames x c), and a token may
+        only take one that a token within `radius` patches of its position went to. One
+        product of the tokens with those candidates per head, masked by a static table.
+        Returns the best cosine (-inf: none) and its group, (LB, H, c) each."""
+        lb, h, c, d = m_new.shape
+        slots = st["trail"][:, :, :, :c].reshape(lb, h, -1)  # (LB, H, T*c): commit t, position p
+        ok = slots >= 0
+        slot = slots.clamp_min(0)
+        ok &= torch.gather(st["stamp"], 2, slot) >= step - self.match_frames
+        keys = _take(st["mkey"], slot)  # (LB, H, T*c, D)
+        sim = m_new @ keys.transpose(-1, -2)  # (LB, H, c, T*c)
+        near = self._trail_near(slots.shape[-1] // c, m_new.device)  # (c, T*c)
+        sim = sim.masked_fill(~(near & ok[:, :, None, :]), float("-inf"))
+        best, which = sim.max(dim=-1)
+        return best, torch.gather(slot, 2, which)
+
+    def _trail_near(self, frames: int, device) -> torch.Tensor:
+        """(N, frames * N) bool: may the token at position i take the trail entry (t, p)."""
+        table = getattr(self, "_tnear", None)
+        if table is None or table.device != device or table.shape[1] != frames * self.spec.tokens_per_frame:
+            table = self._tnear = self._near_table(device)[:, :-1].repeat(1, frames)
+        return table
 
     def _near_table(self, device) -> torch.Tensor:
         """(N, N + 1) bool: screen positions within `radius` patches of each other; the

@@ -171,7 +171,7 @@ def test_tempcache_merges_similar_and_appends_dissimilar():
     assert temp.last_merge_rate[0] == 0.0
 
 
-@pytest.mark.parametrize("match_frames", [0, 1])
+@pytest.mark.parametrize("match_frames", [0, 1, 2])
 def test_local_matching_follows_content_that_moves_one_patch(match_frames):
     """A frame whose tokens are the previous frame shifted one column right merges into the
     neighbouring groups with match=local: every moved token finds its content one patch away."""
