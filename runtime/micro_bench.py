@@ -230,8 +230,8 @@ class Layer(torch.nn.Module):
 def bench_tempcache(out: dict, args, device, dt, g) -> None:
     h, d, n, layers = args.heads, args.head_dim, args.frame_tokens, args.layers
     spec = CacheSpec(layers, 1, h, d, n, device, dt)
-    cache = TempCache(spec, budget_frames=args.budget_frames, sink_frames=1, threshold=0.95, match="post",
-                      match_frames=2, merge_target=0.4)
+    match = dict(match="post", match_frames=2) if args.merge_match == "post" else dict(match="local", radius=0, match_frames=1)
+    cache = TempCache(spec, budget_frames=args.budget_frames, sink_frames=1, threshold=0.95, merge_target=0.4, **match)
     frame = [(torch.randn(1, h, n, d, device=device, dtype=dt), torch.randn(1, h, n, d, device=device, dtype=dt))
              for _ in range(4)]
     step = [0]
@@ -239,13 +239,13 @@ def bench_tempcache(out: dict, args, device, dt, g) -> None:
     def stage_all():
         k, v = frame[step[0] % len(frame)]
         for layer in range(layers):
-            cache.stage(layer, k, v)
+            cache.stage(layer, k, v, k)
 
     def commit_all():
         k, v = frame[step[0] % len(frame)]
         step[0] += 1
         for layer in range(layers):
-            cache.stage(layer, k, v)
+            cache.stage(layer, k, v, k)
             cache.commit(layer, n)
 
     for _ in range(args.budget_frames + 2):  # fill the budget
@@ -254,7 +254,7 @@ def bench_tempcache(out: dict, args, device, dt, g) -> None:
     staged = timed(stage_all, device, args.warmup, args.repeats)
     merge_ms = max(both["ms"] - staged["ms"], 0.0)
     res = {"layers": layers, "frame_tokens": n, "budget_frames": args.budget_frames, "merge_target": 0.4,
-           "match_frames": 2, "stage_and_commit_ms": both["ms"], "stage_ms": staged["ms"], "commit_ms": merge_ms,
+           "match": args.merge_match, **{k: v for k, v in match.items() if k != "match"}, "stage_and_commit_ms": both["ms"], "stage_ms": staged["ms"], "commit_ms": merge_ms,
            "merge_rate": sum(cache.last_merge_rates()) / layers,
            "groups_per_head": cache.num_tokens(0), "capacity": cache._capacity}
     del cache
@@ -310,6 +310,9 @@ def parse_args(argv=None):
     ap.add_argument("--ffn", type=int, default=8960)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4, help="denoising passes per chunk, for the chunk estimate")
+    ap.add_argument("--merge-match", choices=["post", "same-position"], default="post",
+                    help="TempCache correspondence for the merge timing: post-RoPE over the last 2 commits' groups, "
+                         "or the group at the same screen position in the last commit (local, radius 0)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",

@@ -282,6 +282,16 @@ class TempCache(KVCache):
         product of the tokens with those candidates per head, masked by a static table.
         Returns the best cosine (-inf: none) and its group, (LB, H, c) each."""
         lb, h, c, d = m_new.shape
+        if self.radius == 0:  # the same screen position only: a direct lookup, no table
+            slot = st["trail"][:, :, :, :c].transpose(2, 3)  # (LB, H, c, T)
+            ok = slot >= 0
+            slot = slot.clamp_min(0)
+            flat = slot.reshape(lb, h, -1)
+            ok &= (torch.gather(st["stamp"], 2, flat) >= step - self.match_frames).view(slot.shape)
+            keys = _take(st["mkey"], flat).view(lb, h, c, -1, d)
+            sim = (keys @ m_new[..., None]).squeeze(-1).masked_fill(~ok, float("-inf"))  # (LB, H, c, T)
+            best, which = sim.max(dim=-1)
+            return best, torch.gather(slot, 3, which[..., None]).squeeze(-1)
         slots = st["trail"][:, :, :, :c].reshape(lb, h, -1)  # (LB, H, T*c): commit t, position p
         ok = slots >= 0
         slot = slots.clamp_min(0)

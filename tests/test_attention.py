@@ -45,6 +45,25 @@ def test_tempcache_with_duplicated_keys_equals_dense(ann, match):
     assert torch.allclose(out_temp, out_dense, atol=1e-5), (out_temp - out_dense).abs().max()
 
 
+def test_same_position_lookup_merges_duplicates_exactly():
+    """match=local with radius 0 looks up the group of the same screen position in the
+    last commit's trail: static content merges and attention stays exact."""
+    g = torch.Generator().manual_seed(18)
+    base = torch.randn(1, H, N, D, generator=g)
+    dense = DenseCache(spec(), initial_frames=2)
+    temp = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.99, match="local", radius=0, match_frames=1)
+    for f in range(6):
+        v = torch.randn(1, H, N, D, generator=g)
+        commit_frame(dense, base, v)
+        commit_frame(temp, base, v)
+    assert temp.merge_rate() == pytest.approx(0.8)
+    q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+    assert torch.allclose(attend(temp, q, k, v), attend(dense, q, k, v), atol=1e-5)
+    shifted = base.roll(1, dims=2)  # every token moves to another position: no same-position match
+    commit_frame(temp, shifted, torch.randn(1, H, N, D, generator=g))
+    assert float(temp.last_merge_rate[0]) == 0.0
+
+
 @pytest.mark.parametrize("match", ["pre", "post"])
 def test_tempcache_recent_group_search_equals_full_search_on_duplicates(match):
     """match_frames=1 searches only the groups the last frame updated: with content that

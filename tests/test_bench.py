@@ -71,3 +71,12 @@ def test_progress_is_saved_while_a_config_runs(tmp_path):
     seen = []
     res = run_config(model, cfg, "window", world, [0] * 400, device, on_progress=lambda rows: seen.append(len(rows)))
     assert seen == [200, 400] and len(res["rows"]) == 400
+
+
+def test_every_default_attention_of_both_bench_configs_is_a_valid_variant():
+    from runtime.evaluate import attention_cfg
+    from runtime.sparse import AttentionConfig
+
+    for name in ("bench", "bench_wan"):
+        for spec in compose([], config_name=name).bench.attentions:
+            AttentionConfig.from_dict(attention_cfg(str(spec)))
