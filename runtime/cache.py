@@ -56,14 +56,19 @@ class KVCache:
         # room after the valid tokens for a staged chunk: up to two frames (the pending
         # clean frame and the frame being denoised run in one pass)
         shape = (s.batch, s.heads, self._capacity + 2 * s.tokens_per_frame, s.head_dim)
-        self.k = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
-        self.v = [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)]
+        self.k, self.v = self._allocate_kv(shape)
         self.length = [0] * s.num_layers  # valid tokens per layer
         self.staged = [0] * s.num_layers
         self.commits = [0] * s.num_layers  # clean frames committed per layer
         # which commit wrote each slot (-1: never): what "recent" means for AnnSA
         self.slot_frame = [torch.full(shape[2:3], -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.frames_seen = 0
+
+    def _allocate_kv(self, shape) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer key and value buffers of `shape` (B, H, slots, D)."""
+        s = self.spec
+        return ([torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)],
+                [torch.zeros(shape, device=s.device, dtype=s.dtype) for _ in range(s.num_layers)])
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None):
         """k, v: (B, H, M, D) -> (K, V, bias) over [valid | staged]; bias is None here.

@@ -85,12 +85,6 @@ class TempCache(KVCache):
         full = cap + 2 * s.tokens_per_frame
         lbh = (s.num_layers, s.batch, s.heads)
         dev = s.device
-        # Every buffer holds all layers in one tensor (layer first); the per-layer lists are
-        # views of it. Attention stages and reads layer by layer, while the merge of a clean
-        # frame runs once for all layers when the last layer commits: one set of kernels
-        # per frame instead of one per layer (the per-kernel overhead dominated on CPU).
-        self._k = torch.zeros(lbh + (full, s.head_dim), device=dev, dtype=s.dtype)
-        self._v = torch.zeros_like(self._k)
         self._count = torch.zeros(lbh + (full,), device=dev, dtype=torch.float32)
         self._logc = self._logc_of(self._count)
         # unit match keys in float32: the ANN reads them as they are (no conversion per commit)
@@ -101,7 +95,6 @@ class TempCache(KVCache):
         self._pos = torch.full(lbh + (cap + 1,), -1, device=dev, dtype=torch.long)
         # staged pre-RoPE keys of the committing tokens (match pre / local)
         self._pre = torch.zeros(lbh + (2 * s.tokens_per_frame, s.head_dim), device=dev, dtype=s.dtype)
-        self.k, self.v = list(self._k.unbind(0)), list(self._v.unbind(0))
         self.count, self.logc = list(self._count.unbind(0)), list(self._logc.unbind(0))
         self.mkey, self.stamp, self.pos = list(self._mkey.unbind(0)), list(self._stamp.unbind(0)), list(self._pos.unbind(0))
         self._pending: dict[int, int] = {}  # layer -> tokens committed but not merged yet
@@ -116,6 +109,16 @@ class TempCache(KVCache):
         self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
+
+    def _allocate_kv(self, shape):
+        """Every buffer holds all layers in one tensor (layer first); the per-layer lists are
+        views of it. Attention stages and reads layer by layer, while the merge of a clean
+        frame runs once for all layers when the last layer commits: one set of kernels per
+        frame instead of one per layer (the per-kernel overhead dominated on CPU)."""
+        s = self.spec
+        self._k = torch.zeros((s.num_layers,) + tuple(shape), device=s.device, dtype=s.dtype)
+        self._v = torch.zeros_like(self._k)
+        return list(self._k.unbind(0)), list(self._v.unbind(0))
 
     @staticmethod
     def _logc_of(count: torch.Tensor) -> torch.Tensor:
