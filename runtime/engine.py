@@ -18,7 +18,6 @@ import torch
 
 from runtime.attention import CachedSelfAttention, dense_cross_attn
 from runtime.cache import KVCache
-from runtime.tempcache import HistoryProbe
 
 
 @dataclass
@@ -111,10 +110,7 @@ class Rollout:
     def _attn(self, commit: int, step_index: int | None):
         if self.attention is None:
             return CachedSelfAttention(self.cache, commit), dense_cross_attn
-        sa, ca = self.attention.build(self.cache, commit=commit, step_index=step_index, num_steps=len(self.sampler.times))
-        if getattr(self.cache, "track_history", False):  # evaluation: what the cache still represents
-            sa = HistoryProbe(sa, self.cache)
-        return sa, ca
+        return self.attention.build(self.cache, commit=commit, step_index=step_index, num_steps=len(self.sampler.times))
 
     def _forward(self, x, prev, times: list[float], actions, indices: list[int], commit: int, step_index):
         """x, prev: (B, F, 3, H, W); actions (B, F); one time and frame index per frame."""

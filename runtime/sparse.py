@@ -61,7 +61,7 @@ from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_atte
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
 from runtime.configs import strict_dataclass
 from runtime.flex_sparse import FlexBlockSparse, plan_dense_mask
-from runtime.tempcache import TempCache
+from runtime.tempcache import HistoryProbe, TempCache
 
 POLICIES = ("dense", "window", "tempcache")
 KERNELS = ("auto", "flex", "gather")
@@ -410,6 +410,8 @@ class AttentionRuntime:
         dense_steps = math.floor(c.dense_fraction * num_steps)
         sparse = c.annsa and (step_index is None or step_index >= dense_steps)
         sa = AnnSelfAttention(self, cache, commit, sparse) if c.annsa else CachedSelfAttention(cache, commit)
+        if isinstance(cache, TempCache) and cache.track_history:  # evaluation: what the cache still represents
+            sa = HistoryProbe(sa, cache)
         return sa, AnnCrossAttention(self, self.tokens_per_frame)
 
     def summary(self) -> dict:
