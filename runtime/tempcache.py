@@ -87,8 +87,8 @@ class TempCache(KVCache):
         dev = s.device
         self._count = torch.zeros(lbh + (full,), device=dev, dtype=torch.float32)
         self._logc = self._logc_of(self._count)
-        # unit match keys in float32: the ANN reads them as they are (no conversion per commit)
-        self._mkey = torch.zeros(lbh + (full, s.head_dim), device=dev, dtype=torch.float32)
+        # unit match keys in float32, one per group plus the scratch slot: the ANN reads them as they are
+        self._mkey = torch.zeros(lbh + (cap + 1, s.head_dim), device=dev, dtype=torch.float32)
         # commit that last updated each group (-1 empty, -2 sink); the extra slot is scratch
         self._stamp = torch.full(lbh + (cap + 1,), -1, device=dev, dtype=torch.long)
         # screen position (row * grid + col) of each group's representative; -1: none
@@ -167,7 +167,7 @@ class TempCache(KVCache):
         st = {  # views of layers [lo, hi) with layers and batch folded: (L*B, H, ...)
             "k": self._k[lo:hi].view(lb, h, full, d), "v": self._v[lo:hi].view(lb, h, full, d),
             "count": self._count[lo:hi].view(lb, h, full), "logc": self._logc[lo:hi].view(lb, h, full),
-            "mkey": self._mkey[lo:hi].view(lb, h, full, d), "stamp": self._stamp[lo:hi].view(lb, h, cap + 1),
+            "mkey": self._mkey[lo:hi].view(lb, h, cap + 1, d), "stamp": self._stamp[lo:hi].view(lb, h, cap + 1),
             "pos": self._pos[lo:hi].view(lb, h, cap + 1),
             "trail": self._trail[lo:hi].view(lb, h, *self._trail.shape[3:])}
         # copies: the scratch slot `cap` (where writes of merged tokens go) is the first
@@ -228,9 +228,6 @@ class TempCache(KVCache):
                 pick = res.indices[..., 0].view(b, h, c)
             idx = pick.clamp_min(0) if cand is None else torch.gather(cand, 2, pick.clamp_min(0))
         merged = (sim >= self.threshold) & (pick >= 0)
-        if self.merge_when == "full":
-            room = (st["count"][:, :, :cap] == 0).sum(-1, keepdim=True) >= c  # (LB, H, 1)
-            merged = merged & ~room
         # only real groups take members (sinks and empty slots hold zero match keys)
         sim = torch.where(torch.gather(st["stamp"], 2, idx) >= 0, sim, float("-inf"))
         merged = merged & torch.isfinite(sim)
@@ -240,6 +237,9 @@ class TempCache(KVCache):
             n = round(self.merge_target * c)
             rank = torch.zeros_like(sim).scatter_(2, sim.topk(n, dim=-1).indices, 1.0) if n else torch.zeros_like(sim)
             merged = (rank > 0) & torch.isfinite(sim)
+        if self.merge_when == "full":  # applies to either rule: no merging while there is room
+            room = (st["count"][:, :, :cap] == 0).sum(-1, keepdim=True) >= c  # (LB, H, 1)
+            merged = merged & ~room
         w = merged.to(torch.float32)  # (LB, H, c)
         count = st["count"]
         old = count[:, :, :cap]
@@ -368,8 +368,6 @@ class TempCache(KVCache):
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
         st["pos"].scatter_(2, dst, torch.where(keep, tok, st["pos"][:, :, cap:cap + 1].expand(b, h, c)))
         st["stamp"].scatter_(2, dst, torch.full_like(dst, -2 if sink else step))
-        st["count"][:, :, cap:] = 0.0
-        st["mkey"][:, :, cap:] = 0.0
         return dst
 
     # --- history (evaluation only)
