@@ -90,7 +90,7 @@ class CachedSelfAttention:
         self.commit = commit
 
     def __call__(self, layer: int, q, k, v, k_pre=None):
-        keys, values, bias = self.cache.stage(layer, k, v, k_pre)
+        keys, values, bias = self.cache.stage(layer, k, v, k_pre if self.commit else None)
         out = staged_attention(q, keys, values, bias, self.commit)
         if self.commit:
             self.cache.commit(layer, self.commit)

@@ -73,7 +73,8 @@ class KVCache:
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None):
         """k, v: (B, H, M, D) -> (K, V, bias) over [valid | staged]; bias is None here.
 
-        k_pre (pre-RoPE keys) is only used by policies that match content (TempCache)."""
+        k_pre (pre-RoPE keys) is only used by policies that match content (TempCache); callers
+        pass it only for a pass that commits, since only committed tokens are matched."""
         m = k.shape[2]
         self._ensure(layer, m)
         n = self.length[layer]

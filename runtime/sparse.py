@@ -175,7 +175,7 @@ class AnnSelfAttention:
 
     def __call__(self, layer: int, q, k, v, k_pre=None):
         cfg = self.rt.cfg
-        keys, values, bias = self.cache.stage(layer, k, v, k_pre)
+        keys, values, bias = self.cache.stage(layer, k, v, k_pre if self.commit else None)
         b, h, m, d = q.shape
         lk = keys.shape[2]
         lc = lk - m  # cached tokens
