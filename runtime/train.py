@@ -231,10 +231,11 @@ def train(cfg: DictConfig) -> dict:
         progress = tqdm(total=steps, desc="train", dynamic_ncols=True, disable=not bool(tc.progress))
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     step = 0
+    elapsed = 0.0  # the shared clock, read once per step (a collective under DDP)
     last_metrics: dict = {}
     while step < steps:
         # cosine decay over whichever runs out first: the step budget or the time budget
-        progress_frac = min(1.0, max(step / steps, elapsed_s() / float(tc.time_limit_s)))
+        progress_frac = min(1.0, max(step / steps, elapsed / float(tc.time_limit_s)))
         lr = float(tc.lr) * min(1.0, (step + 1) / max(1, int(tc.warmup))) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         for g in opt.param_groups:
             g["lr"] = lr
