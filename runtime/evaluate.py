@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from controllers.random_agent import explore_actions
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model
+from runtime.metrics import psnr
 from runtime.tempcache import TempCache
 from worlds.actions import LEFT, RIGHT
 from worlds.overworld import BatchOverworld, OverworldConfig
@@ -39,8 +40,7 @@ from worlds.overworld import BatchOverworld, OverworldConfig
 
 def psnr_u8(a: torch.Tensor, b: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
     """uint8 (..., H, W, 3) pairs -> PSNR per frame (...), capped."""
-    mse = ((a.float() - b.float()) / 255.0).pow(2).flatten(-3).mean(-1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).clamp(max=cap)
+    return psnr(a, b, cap, value_range=255.0)
 
 
 def ssim_u8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -31,15 +31,10 @@ from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cros
 from runtime.checkpoint import save_checkpoint
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_unit
+from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
 from runtime.model import ModelConfig, WorldModel
 from runtime.sampler import FlowSampler, SamplerConfig
 from worlds.overworld import load_config
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
-    """Per-frame PSNR in dB of [-1, 1] images, capped: (..., C, H, W) -> (...)."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).clamp(max=cap)
 
 
 def build_inputs(batch: dict, ctx_sigma: torch.Tensor, t_tgt: torch.Tensor, gen: torch.Generator | None, device):
