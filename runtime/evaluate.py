@@ -275,8 +275,8 @@ def main(cfg: DictConfig) -> None:
     summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, (list, dict))}
     for name, r in res.get("attention_configs", {}).items():
         summary[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                         if k in ("psnr_vs_dense", "psnr_vs_dense_64", "psnr_vs_sim", "revisit_psnr", "merge_rate",
-                                  "cache_tokens_per_layer", "time_s")}
+                         if k.startswith("psnr_vs_dense") or k in ("psnr_vs_sim", "revisit_psnr", "merge_rate",
+                                                                    "cache_tokens_per_layer", "time_s")}
         summary[name]["sa_density"] = r["self_attn"]["density"]
         summary[name]["ca_density"] = r["cross_attn"]["density"]
     print(json.dumps(summary, indent=1))
