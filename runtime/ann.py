@@ -693,9 +693,11 @@ def clustered_qk(H: int, Nq: int, Nk: int, D: int, num_centroids: int = 256, noi
     return (queries * D ** 0.5).to(device), (keys * D ** 0.5).to(device)
 
 
-def _time(fn, device: torch.device, repeats: int):
-    """(ms per call, last result) of fn() after one warm-up call."""
-    out = fn()
+def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1):
+    """(ms per call, last result) of fn() after `warmup` calls (mean over the repeats)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -724,9 +726,9 @@ def _benchmark(shape: tuple[int, int, int, int], device: torch.device, repeats: 
         except ImportError as err:
             print(f"{name:28s} skipped: {err}")
             continue
-        t_topk, res = _time(lambda: ann.topk(q, keys, k), device, repeats)
-        t_blk, blocks = _time(lambda: ann.block_scores(q, keys, block, block), device, repeats)
-        t_mask, mask = _time(lambda: ann.key_mask(q, keys), device, repeats)
+        t_topk, res = time_calls(lambda: ann.topk(q, keys, k), device, repeats)
+        t_blk, blocks = time_calls(lambda: ann.block_scores(q, keys, block, block), device, repeats)
+        t_mask, mask = time_calls(lambda: ann.key_mask(q, keys), device, repeats)
         kept = dense_block_mask(keep_top_blocks(blocks, keep), block, block, Nq, Nk)
         print(f"{name:28s} {t_topk:9.2f} {t_blk:10.2f} {t_mask:9.2f} {recall_at_k(res.indices, ref):6.3f} "
               f"{recall_at_k(res.indices[..., :1], ref[..., :1]):6.3f} "

@@ -38,12 +38,13 @@ from runtime.model import ModelConfig, WorldModel
 from worlds import build_world
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status ('VmRSS', 'VmHWM') in MB; None if absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    return None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -60,11 +61,10 @@ def reset_peak(device: torch.device) -> None:
 def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return rss_mb()
+    peak = status_mb("VmHWM")
+    if peak is None:
+        peak = status_mb("VmRSS")
+    return float("nan") if peak is None else peak
 
 
 def commit_id() -> str:
@@ -127,7 +127,6 @@ def run_config(model, cfg, name: str, world, actions: list[int], device, on_prog
     try:  # a preallocated cache may not fit at all: that is a result too (frame 0)
         rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
     except torch.OutOfMemoryError:
-        del rollout
         return {"rows": rows, "total_s": 0.0, "stopped_at": {"frame": 0, "reason": "out of memory at reset"}}
     from tqdm import tqdm
 
@@ -136,9 +135,7 @@ def run_config(model, cfg, name: str, world, actions: list[int], device, on_prog
         t0 = time.perf_counter()
         try:
             frame = rollout.step(torch.tensor([a]))
-            frame.cpu().numpy()  # frame conversion to the host is part of the cost
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            frame.cpu().numpy()  # frame conversion to the host is part of the cost (and waits for the device)
         except torch.OutOfMemoryError:
             stopped = {"frame": i + 1, "reason": "out of memory"}
             break

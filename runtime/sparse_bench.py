@@ -10,26 +10,17 @@ milliseconds per call. Attention-only figures: not end to end.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from runtime.ann import time_calls
 from runtime.attention import CachedSelfAttention, sdpa
 from runtime.cache import CacheSpec, DenseCache
 from runtime.sparse import AnnCrossAttention, AnnSelfAttention, AttentionConfig, AttentionRuntime
 
 
 def time_ms(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / repeats * 1e3
+    return time_calls(fn, device, repeats, warmup=3)[0]
 
 
 def main() -> None:
