@@ -226,6 +226,7 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
     rng = np.random.default_rng(int(ev.action_seed) + 2)
     moving = rng.choice([1, 2, 3, 4], size=(n, 1)).repeat(frames, axis=1)  # one held direction each
     scripts = {"idle": np.zeros((n, frames), dtype=np.int64), "moving": moving}
+    sims = {kind: simulate(world_cfg, seeds, acts) for kind, acts in scripts.items()}  # the same for every config
     out: dict = {}
     for name in ev.attentions:
         acfg = attention_cfg(str(name))
@@ -234,7 +235,7 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
         sub.attention = acfg
         out[str(name)] = {}
         for kind, acts in scripts.items():
-            truth, _, atlases = simulate(world_cfg, seeds, acts)
+            truth, _, atlases = sims[kind]
             rollout = build_rollout(model, sub, batch=n)
             if isinstance(rollout.cache, TempCache):
                 rollout.cache.track_history = True

@@ -32,8 +32,10 @@ def render(cfg: DictConfig) -> np.ndarray:
         engine = build_engine(sub, build_world(world_cfg))
         truth = [sim.reset(int(cfg.seed))]
         gen = [engine.reset(int(cfg.seed))]
-        for a in actions[: max(shots)]:
-            truth.append(sim.step(a))
+        for a in actions[: max(shots)]:  # one chunk per action: the simulator steps as often
+            for _ in range(engine.chunk_size):
+                frame = sim.step(a)
+            truth.append(frame)
             gen.append(engine.step([a] * engine.chunk_size)[-1])
         pad = np.full((truth[0].shape[0], 4, 3), 255, np.uint8)
         cells = [np.concatenate([truth[i], pad, gen[i]], axis=1) for i in shots]
