@@ -654,6 +654,15 @@ def recall_at_k(approx_indices: Tensor, exact_indices: Tensor) -> float:
     return (hit.sum() / valid.sum().clamp_min(1)).item()
 
 
+def mass_recall(q: Tensor, keys: Tensor, bias: Tensor | None, kept: Tensor) -> Tensor:
+    """Fraction of the dense softmax(q k^T / sqrt(D) + bias) mass on kept keys, a device
+    scalar. q (..., Nq, D), keys (..., Nk, D); kept: bool broadcastable to the scores."""
+    s = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.float()
+    return (torch.softmax(s, dim=-1) * kept).sum(-1).mean()
+
+
 def attention_mass_recall(q: Tensor, k: Tensor, kept_mask: Tensor, scale: float | None = None) -> float:
     """Mean over heads and queries of the dense softmax(scale * q k^T) mass that falls on
     kept keys. kept_mask (H, Nq, Nk) or (H, Nk); scale defaults to 1/sqrt(D)."""

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from runtime.ann import build_ann, pooled_block_scores
+from runtime.ann import build_ann, mass_recall, pooled_block_scores
 from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
 from runtime.configs import strict_dataclass
@@ -152,15 +152,6 @@ class LayerStats:
         recs = [p["recall"] for p in per.values() if p["recall"] is not None]
         return {"density": sum(dens) / len(dens) if dens else None, "recall": sum(recs) / len(recs) if recs else None,
                 "per_layer": per}
-
-
-def mass_recall(q, keys, bias, kept) -> torch.Tensor:
-    """Fraction of dense softmax mass on kept keys. kept: bool broadcastable to scores."""
-    s = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        s = s + bias.float()
-    p = torch.softmax(s, dim=-1)
-    return (p * kept).sum(-1).mean()
 
 
 class AnnSelfAttention:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.ann import AnnBackend, build_ann
+from runtime.ann import AnnBackend, build_ann, mass_recall
 from runtime.cache import CacheSpec, KVCache
 
 
@@ -394,8 +394,7 @@ class TempCache(KVCache):
         slots = torch.cat([h[1] for h in hist], 2)
         gens = torch.cat([h[2] for h in hist], 2)
         alive = torch.gather(self._gen[layer], 2, slots) == gens  # (B, H, T)
-        p = torch.softmax((q.float() @ keys.transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1)
-        recall = (p * alive[:, :, None, :]).sum(-1).mean()
+        recall = mass_recall(q, keys, None, alive[:, :, None, :])
         sums = self.recall_sums.setdefault(layer, [0.0, 0])
         sums[0] = sums[0] + recall
         sums[1] += 1
