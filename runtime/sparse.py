@@ -327,9 +327,7 @@ class AnnCrossAttention:
         keep = torch.cat(keep, dim=2).repeat_interleave(self.n, dim=2)  # (B, H, L, T)
         if bias is not None:
             keep = keep & torch.isfinite(bias)
-        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-        full = mask if bias is None else mask + bias.to(q.dtype)
-        out = sdpa(q, pk, pv, full)
+        out = sdpa(q, pk, pv, merge_mask(bias, ~keep, q.dtype))
         recall = mass_recall(q, pk, bias, keep) if rt.cfg.stats_recall else None
         # density over the real prompt tokens (merged duplicates leave padding behind)
         kept = keep.float().mean()
