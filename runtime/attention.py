@@ -42,17 +42,13 @@ def dense_cross_attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
-    """Boolean mask (L, L), True = attend, for [clean 0..F-1 | noisy 1..F-1] (drawn above)."""
-    f = num_frames
-    fi = torch.arange(f, device=device)
-    clean_clean = fi[None, :] <= fi[:, None]  # (F, F)
-    tgt = fi[1:]  # noisy targets are frames 1..F-1
-    noisy_clean = fi[None, :] < tgt[:, None]  # (F-1, F)
-    noisy_noisy = torch.eye(f - 1, dtype=torch.bool, device=device)
-    top = torch.cat([clean_clean, torch.zeros(f, f - 1, dtype=torch.bool, device=device)], dim=1)
-    bottom = torch.cat([noisy_clean, noisy_noisy], dim=1)
-    frame_mask = torch.cat([top, bottom], dim=0)  # (2F-1, 2F-1)
+def teacher_forcing_mask(num_frames: int, tokens_per_frame: int, device=None, memory: int = 0) -> torch.Tensor:
+    """Boolean mask (L, L), True = attend, for [memory | clean 0..F-1 | noisy 1..F-1]
+    (drawn above; `memory` frames from further back are described at
+    `teacher_forcing_mask_mod`)."""
+    mask_mod, frames = teacher_forcing_mask_mod(num_frames, 1, device, memory)
+    fi = torch.arange(frames, device=device)
+    frame_mask = mask_mod(0, 0, fi[:, None], fi[None, :])  # one token per frame
     n = tokens_per_frame
     return frame_mask.repeat_interleave(n, dim=0).repeat_interleave(n, dim=1)
 
@@ -110,20 +106,35 @@ def staged_attention(q, keys, values, bias, commit: int) -> torch.Tensor:
     return torch.cat([clean, noisy], dim=2)
 
 
-def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int, device):
-    """The same mask as `teacher_forcing_mask`, as a FlexAttention mask_mod."""
-    n, f = tokens_per_frame, num_frames
-    tok = torch.arange((2 * f - 1) * n, device=device)
+def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int, device, memory: int = 0):
+    """The teacher-forcing mask as a FlexAttention mask_mod, and the sequence length.
+
+    With `memory` = M > 0 the sequence starts with M clean frames from further back in
+    the same trajectory (m0..m{M-1}, in time order), what a long rollout keeps in its
+    cache. They attend to each other block-causally; every later frame attends to all
+    of them:
+                  m0 m1 | c0 c1 | n1
+            m0    x     |       |
+            m1    x  x  |       |
+            c0    x  x  | x     |
+            c1    x  x  | x  x  |
+            n1    x  x  | x     | x
+    """
+    n, f, m = tokens_per_frame, num_frames, memory
+    tok = torch.arange((m + 2 * f - 1) * n, device=device)
     frame = tok // n
-    noisy = frame >= f
-    fidx = torch.where(noisy, frame - f + 1, frame)  # clean frame i -> i, noisy target j -> j
+    kind = (frame >= m).long() + (frame >= m + f).long()  # 0 memory, 1 clean, 2 noisy
+    # memory j -> j, clean frame i -> i, noisy target j -> j
+    fidx = torch.where(kind == 0, frame, torch.where(kind == 1, frame - m, frame - m - f + 1))
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qn, kn = noisy[q_idx], noisy[kv_idx]
+        qk, kk = kind[q_idx], kind[kv_idx]
         qf, kf = fidx[q_idx], fidx[kv_idx]
-        clean_q = ~kn & (kf <= qf)
-        noisy_q = (~kn & (kf < qf)) | (kn & (kf == qf))
-        return torch.where(qn, noisy_q, clean_q)
+        mem_k = kk == 0
+        memory_q = mem_k & (kf <= qf)
+        clean_q = mem_k | ((kk == 1) & (kf <= qf))
+        noisy_q = mem_k | ((kk == 1) & (kf < qf)) | ((kk == 2) & (kf == qf))
+        return torch.where(qk == 0, memory_q, torch.where(qk == 1, clean_q, noisy_q))
 
     return mask_mod, tok.numel()
 
@@ -131,10 +142,10 @@ def teacher_forcing_mask_mod(num_frames: int, tokens_per_frame: int, device):
 class FlexSelfAttention:
     """Block-sparse training attention on GPUs (FlexAttention; used inside compiled blocks)."""
 
-    def __init__(self, num_frames: int, tokens_per_frame: int, device):
+    def __init__(self, num_frames: int, tokens_per_frame: int, device, memory: int = 0):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        mask_mod, length = teacher_forcing_mask_mod(num_frames, tokens_per_frame, device)
+        mask_mod, length = teacher_forcing_mask_mod(num_frames, tokens_per_frame, device, memory)
         self.block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
         self.flex = flex_attention
 

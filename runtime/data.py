@@ -10,6 +10,19 @@ A window holds
     frames  (B, F+1, H, W, 3) uint8   x_{-1}, x_0 .. x_{F-1}
     actions (B, F+1) int64            a_i produced x_i from x_{i-1}
     prompt  (B, T, E) float32         each world's tile set
+
+and, with `memory_frames` = M > 0, M earlier frames of the same trajectories, what a
+long rollout's cache holds (the model learns to attend to frames far back, at their
+true temporal distance, and to recall places it has seen):
+    memory          (B, M, H, W, 3) uint8   in time order
+    memory_prev     (B, M, H, W, 3) uint8   the frame before each
+    memory_actions  (B, M) int64            the action that produced each
+    memory_index    (M,) int64              each one's step relative to x_0 (< 0)
+Memory steps are shared by the batch (its worlds step together). With probability
+`memory_recent_prob` they are the M steps just before the window (one longer
+contiguous context); otherwise distinct steps drawn with probability proportional to
+1/distance over the whole past of the episode, so near and far both occur. Episodes
+start with M warm-up steps so that every window has M steps behind it.
 """
 from __future__ import annotations
 
@@ -30,6 +43,14 @@ class DataConfig:
     random_tileset_prob: float = 0.5
     reset_like_prob: float = 0.1  # windows whose first frame looks like a reset (prev = itself, idle)
     seed_base: int = 1_000_000
+    memory_frames: int = 0       # earlier frames of the trajectory given as extra context
+    memory_recent_prob: float = 0.25  # memory = the steps just before the window
+
+    def __post_init__(self):
+        if self.memory_frames < 0:
+            raise ValueError(f"train.data.memory_frames={self.memory_frames!r}; expected an integer >= 0")
+        if not 0.0 <= self.memory_recent_prob <= 1.0:
+            raise ValueError(f"train.data.memory_recent_prob={self.memory_recent_prob!r}; expected a probability in [0, 1]")
 
 
 class WindowStream:
@@ -44,32 +65,66 @@ class WindowStream:
         self._windows_left = 0
 
     def _new_episode(self) -> None:
-        b = self.cfg.env_batch
-        seeds = self.rng.integers(self.cfg.seed_base, 2**31 - 1, size=b)
+        cfg = self.cfg
+        b, m = cfg.env_batch, cfg.memory_frames
+        seeds = self.rng.integers(cfg.seed_base, 2**31 - 1, size=b)
         atlases = []
         for _ in range(b):
-            if self.rng.random() < self.cfg.random_tileset_prob:
+            if self.rng.random() < cfg.random_tileset_prob:
                 atlases.append(random_tileset(self.rng))
             else:
                 wc = self.world_cfgs[self.rng.integers(len(self.world_cfgs))]
                 atlases.append(build_atlas(wc.tileset))
         self.atlases = np.stack(atlases)
         self.prompts = np.stack([atlas_to_prompt(a) for a in self.atlases])
-        self.last = self.world.reset([int(s) for s in seeds], self.atlases)
-        self.actions = explore_actions(self.rng, b, (self.cfg.frames + 1) * self.cfg.episode_windows)
+        first = self.world.reset([int(s) for s in seeds], self.atlases)
+        steps = m + (cfg.frames + 1) * cfg.episode_windows
+        self.actions = explore_actions(self.rng, b, steps)
         self._t = 0
-        self._windows_left = self.cfg.episode_windows
+        self._windows_left = cfg.episode_windows
+        self.history = None
+        if m:  # every step of the episode, for memory: history[s] is step s (0 = reset)
+            self.history = np.empty((steps + 1,) + first.shape, dtype=np.uint8)
+            self.history[0] = first
+            for _ in range(m):
+                self._step()
+
+    def _step(self) -> np.ndarray:
+        """Advance every world by its next scripted action; returns the new frames."""
+        frame = self.world.step(self.actions[:, self._t])
+        self._t += 1
+        if self.history is not None:
+            self.history[self._t] = frame
+        return frame
+
+    def _memory_steps(self, last: int) -> np.ndarray:
+        """M distinct steps in [1, last], in time order (`last` >= M: the warm-up)."""
+        m = self.cfg.memory_frames
+        if self.rng.random() < self.cfg.memory_recent_prob:
+            return np.arange(last - m + 1, last + 1)
+        distance = np.arange(1, last + 1)  # step = last + 1 - distance
+        p = 1.0 / distance
+        picked = self.rng.choice(distance, size=m, replace=False, p=p / p.sum())
+        return np.sort(last + 1 - picked)
 
     def next(self) -> dict[str, torch.Tensor]:
         if self._windows_left == 0:
             self._new_episode()
         f = self.cfg.frames
-        acts = self.actions[:, self._t : self._t + f + 1]
-        self._t += f + 1
+        start = self._t  # the step before x_{-1}
+        acts = self.actions[:, start : start + f + 1]
         self._windows_left -= 1
-        frames = np.empty((self.cfg.env_batch, f + 1) + self.last.shape[1:], dtype=np.uint8)
-        for i in range(f + 1):
-            frames[:, i] = self.world.step(acts[:, i])
+        frames = np.stack([self._step() for _ in range(f + 1)], axis=1)
+        out = {}
+        if self.history is not None:
+            steps = self._memory_steps(start + 1)  # up to x_{-1}, step start + 1
+            out = {
+                "memory": torch.from_numpy(self.history[steps].swapaxes(0, 1).copy()),
+                "memory_prev": torch.from_numpy(self.history[steps - 1].swapaxes(0, 1).copy()),
+                # actions[:, s - 1] produced step s
+                "memory_actions": torch.from_numpy(self.actions[:, steps - 1].astype(np.int64)),
+                "memory_index": torch.from_numpy(steps - (start + 2)),  # x_0 is step start + 2
+            }
         reset_like = self.rng.random(self.cfg.env_batch) < self.cfg.reset_like_prob
         frames[reset_like, 0] = frames[reset_like, 1]
         acts = acts.copy()
@@ -78,6 +133,7 @@ class WindowStream:
             "frames": torch.from_numpy(frames),
             "actions": torch.from_numpy(acts.astype(np.int64)),
             "prompt": torch.from_numpy(self.prompts.astype(np.float32)),
+            **out,
         }
 
 

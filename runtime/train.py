@@ -5,7 +5,10 @@ context frames and F-1 noisy targets, each target attending to the clean frames 
 it and to itself, exactly as generation does with a KV cache. Flow matching with
 x0-prediction; context-noise augmentation on half of the sequences (the clean frames
 get a small noise level, which the model is told) so free-running rollouts, whose
-context is the model's own output, do not drift.
+context is the model's own output, do not drift. With `train.data.memory_frames` > 0
+the sequence starts with earlier frames of the same trajectory at their true temporal
+distance (runtime/data.py), so the model learns to use a long cache rather than
+only the last F frames it was trained on.
 
 Runs on CPU (the tests' smoke run) and on GPUs (bf16 autocast). Several processes
 through torchrun use DDP: NCCL on GPUs, gloo on CPU. Checkpoints are safetensors (EMA
@@ -38,24 +41,36 @@ from worlds.overworld import load_config
 
 
 def build_inputs(batch: dict, ctx_sigma: torch.Tensor, t_tgt: torch.Tensor, gen: torch.Generator | None, device):
-    """Assemble the doubled sequence. Returns (noisy, prev, t, actions, frame_index, targets)."""
+    """Assemble [memory | clean | noisy targets] (the mask in runtime/attention.py).
+    Returns (noisy, prev, t, actions, frame_index, targets)."""
     x = to_unit(batch["frames"].to(device))  # (B, F+1, 3, S, S): x_{-1}, x_0 .. x_{F-1}
     acts = batch["actions"].to(device)  # (B, F+1)
     b, f1 = x.shape[:2]
     f = f1 - 1
-    eps_c = torch.randn(x.shape, generator=gen, device=device)
     s = ctx_sigma.view(b, 1, 1, 1, 1)
-    ctx = (1 - s) * x + s * eps_c  # context noise on every clean frame (and x_{-1})
+
+    def context(frames: torch.Tensor) -> torch.Tensor:  # context noise on clean frames
+        return (1 - s) * frames + s * torch.randn(frames.shape, generator=gen, device=device)
+
+    ctx = context(x)
     targets = x[:, 2:]  # x_1 .. x_{F-1}
     eps_t = torch.randn(targets.shape, generator=gen, device=device)
     tt = t_tgt.view(b, f - 1, 1, 1, 1)
     noisy_tgt = (1 - tt) * targets + tt * eps_t
-    noisy = torch.cat([ctx[:, 1:], noisy_tgt], dim=1)  # (B, 2F-1, 3, S, S)
-    prev = torch.cat([ctx[:, :-1], ctx[:, 1:-1]], dim=1)
-    t = torch.cat([ctx_sigma.view(b, 1).expand(b, f), t_tgt], dim=1)
-    actions = torch.cat([acts[:, 1:], acts[:, 2:]], dim=1)
-    frame_index = torch.cat([torch.arange(f, device=device), torch.arange(1, f, device=device)])
-    return noisy, prev, t, actions, frame_index, targets
+    noisy = [ctx[:, 1:], noisy_tgt]
+    prev = [ctx[:, :-1], ctx[:, 1:-1]]
+    t = [ctx_sigma.view(b, 1).expand(b, f), t_tgt]
+    actions = [acts[:, 1:], acts[:, 2:]]
+    frame_index = [torch.arange(f, device=device), torch.arange(1, f, device=device)]
+    if "memory" in batch:  # earlier frames of the trajectories, at their true distance
+        m = batch["memory"].shape[1]
+        noisy.insert(0, context(to_unit(batch["memory"].to(device))))
+        prev.insert(0, context(to_unit(batch["memory_prev"].to(device))))
+        t.insert(0, ctx_sigma.view(b, 1).expand(b, m))
+        actions.insert(0, batch["memory_actions"].to(device))
+        frame_index.insert(0, batch["memory_index"].to(device))
+    cat = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
+    return cat(noisy), cat(prev), cat(t), cat(actions), torch.cat(frame_index), targets
 
 
 def sample_times(b: int, n: int, sampler_times: list[float], gen, device) -> torch.Tensor:
@@ -71,8 +86,7 @@ def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
     noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device)
     prompt = batch["prompt"].to(device)
     out = model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt)
-    f = (noisy.shape[1] + 1) // 2
-    return out[:, f:], targets
+    return out[:, out.shape[1] - targets.shape[1] :], targets
 
 
 @torch.no_grad()
@@ -186,9 +200,9 @@ def train(cfg: DictConfig) -> dict:
     )
     micro = int(tc.batch_size) // dcfg.env_batch  # >= 1: check_train_settings
     if str(tc.attention) == "flex" and device.type == "cuda":
-        train_attn = FlexSelfAttention(dcfg.frames, mcfg.tokens_per_frame, device)
+        train_attn = FlexSelfAttention(dcfg.frames, mcfg.tokens_per_frame, device, dcfg.memory_frames)
     elif str(tc.attention) in ("flex", "sdpa"):
-        train_attn = MaskedSelfAttention(teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device=device))
+        train_attn = MaskedSelfAttention(teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device, dcfg.memory_frames))
     else:
         raise ValueError(f"train.attention={tc.attention!r}; expected 'flex' (GPU) or 'sdpa'")
     if bool(tc.compile):

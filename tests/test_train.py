@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, compose
@@ -50,10 +51,11 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- smoke runs
 
 
-def test_cpu_smoke_run(tmp_path):
+@pytest.mark.parametrize("memory", [0, 3])
+def test_cpu_smoke_run(tmp_path, memory):
     from runtime.train import train
 
-    cfg = compose_train(SMOKE + [f"out={tmp_path}"])
+    cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}"])
     res = train(cfg)
     assert res["steps"] == 2
     ckpt, log = tmp_path / "model.safetensors", tmp_path / "log.jsonl"
@@ -201,6 +203,53 @@ def test_mask_is_the_documented_picture():
     assert torch.equal(teacher_forcing_mask(4, 1), want)
     blocks = teacher_forcing_mask(4, 3)
     assert torch.equal(blocks, want.repeat_interleave(3, 0).repeat_interleave(3, 1))
+
+
+def test_memory_mask_is_the_documented_picture():
+    # memory m0 m1 | clean c0 c1 | noisy n1 (the drawing at teacher_forcing_mask_mod)
+    picture = [
+        "x....",
+        "xx...",
+        "xxx..",
+        "xxxx.",
+        "xxx.x",
+    ]
+    want = torch.tensor([[c == "x" for c in row] for row in picture])
+    assert torch.equal(teacher_forcing_mask(2, 1, memory=2), want)
+    mask_mod, length = teacher_forcing_mask_mod(2, 3, torch.device("cpu"), memory=2)
+    assert length == 15
+    q, kv = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    assert torch.equal(mask_mod(0, 0, q, kv), want.repeat_interleave(3, 0).repeat_interleave(3, 1))
+
+
+@pytest.mark.parametrize("recent_prob", [0.0, 1.0])
+def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob):
+    from runtime.data import DataConfig, WindowStream
+    from worlds.overworld import load_config
+
+    f, m = 4, 3
+    cfg = DataConfig(env_batch=2, frames=f, episode_windows=6, memory_frames=m, memory_recent_prob=recent_prob, reset_like_prob=0.0)
+    stream = WindowStream([load_config("overworld")], cfg, rank=0)
+    frames_seen: list[np.ndarray] = []  # every window's frames in order: one trajectory
+    actions_seen: list[np.ndarray] = []  # the action that produced each of them
+    checked = 0
+    for _ in range(cfg.episode_windows):
+        w = stream.next()
+        index = w["memory_index"].numpy()
+        assert index.shape == (m,) and (np.diff(index) > 0).all() and index.max() <= -1
+        if recent_prob == 1.0:
+            assert index.tolist() == list(range(-m, 0))  # contiguous, ending at x_{-1}
+        x_minus_1 = len(frames_seen)
+        frames_seen.extend(w["frames"].numpy().swapaxes(0, 1))
+        actions_seen.extend(w["actions"].numpy().T)
+        for j, i in enumerate(index):
+            step = x_minus_1 + 1 + int(i)  # x_0 has memory index 0
+            if step >= 1:  # earlier windows (the warm-up steps are in no window)
+                np.testing.assert_array_equal(w["memory"][:, j].numpy(), frames_seen[step])
+                np.testing.assert_array_equal(w["memory_prev"][:, j].numpy(), frames_seen[step - 1])
+                np.testing.assert_array_equal(w["memory_actions"][:, j].numpy(), actions_seen[step])
+                checked += 1
+    assert checked >= m * (cfg.episode_windows - 2)
 
 
 # ----------------------------------------------------------------------------- bad settings
