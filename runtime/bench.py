@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -178,22 +179,29 @@ def plot(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for key, label, fname in (("fps", "frames per second", "fps.png"), ("peak_mem_mb", "peak memory (MB)", "memory.png"),
-                              ("cache_tokens", "cache tokens per layer", "cache_tokens.png")):
-        fig, ax = plt.subplots(figsize=(7, 4))
+    label_of = {"fps": "frames per second", "peak_mem_mb": "peak memory (MB)", "cache_tokens": "cache tokens per layer"}
+    for key, fname in (("fps", "fps.png"), ("peak_mem_mb", "memory.png"), ("cache_tokens", "cache_tokens.png")):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for name, c in result["configs"].items():
             rows = c["rows"]
+            if not rows:
+                continue
             ys = np.array([x[key] for x in rows], dtype=float)
             if key == "fps" and len(ys) > 20:  # a running median keeps the lines readable
                 ys = np.array([np.median(ys[max(0, i - 10) : i + 11]) for i in range(len(ys))])
-            ax.plot([x["frame"] for x in rows], ys, label=name)
+            stop = c.get("stopped_at") or {}
+            if stop.get("reason") and stop["reason"] != "in progress":
+                name += f" (stopped at {stop['frame']}: {stop['reason'].split(' >')[0]})"
+            # long variant specs ("fastar:a=1;b=2;...") wrap at their separators
+            label = "\n  ".join(textwrap.wrap(name.replace(";", "; "), 60))
+            ax.plot([x["frame"] for x in rows], ys, label=label)
         ax.set_xlabel("frame")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs frames ({result['device_name']})")
+        ax.set_ylabel(label_of[key])
+        ax.set_title(f"{label_of[key]} vs frames\n{result['device_name']}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        fig.savefig(out / fname, dpi=110, bbox_inches="tight")
         plt.close(fig)
 
 
