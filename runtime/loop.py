@@ -139,27 +139,31 @@ class FixedClock:
 
     If a tick comes more than one period late the schedule restarts from now rather
     than rushing to catch up (which would show frames in a burst).
+
+    It waits by sleeping only, never by spinning: a busy-wait before each deadline holds
+    the GIL and a core that the producer thread needs (on a 2-core CPU a 2 ms spin per
+    tick cost the neural engine more than a tenth of its frames; BENCHMARKS.md, pacing), and
+    the operating system's wake-up delay is far below a frame period.
     """
 
-    def __init__(self, fps: float, spin_s: float = 0.002):
+    def __init__(self, fps: float, now: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep):
         if fps <= 0:
             raise ValueError(f"window.fps must be > 0, got {fps}")
         self.period = 1.0 / fps
-        self.spin_s = spin_s
-        self.deadline = time.perf_counter() + self.period
+        self._now, self._sleep = now, sleep
+        self.deadline = now() + self.period
         self.late_ticks = 0
 
     def wait(self) -> float:
         """Sleep until the next deadline; returns the time it woke."""
-        now = time.perf_counter()
+        now = self._now()
         if now - self.deadline > self.period:
             self.late_ticks += 1
             self.deadline = now
-        remaining = self.deadline - now
-        if remaining > self.spin_s:
-            time.sleep(remaining - self.spin_s)
-        while (now := time.perf_counter()) < self.deadline:
-            pass  # the last ~2 ms: spin, sleep() is not that precise
+        while now < self.deadline:  # a loop only in case a sleep returns early
+            self._sleep(self.deadline - now)
+            now = self._now()
         self.deadline += self.period
         return now
 

@@ -1,0 +1,60 @@
+"""The presenter's clock (behaviour, not speed)."""
+from __future__ import annotations
+
+import pytest
+
+from runtime.loop import FixedClock
+
+
+class FakeTime:
+    """A clock that only moves when slept on; counts the calls a clock makes."""
+
+    def __init__(self, start: float = 100.0):
+        self.t = start
+        self.reads = 0
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        self.reads += 1
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += seconds
+
+
+def test_clock_sleeps_to_each_deadline_without_spinning():
+    fake = FakeTime()
+    clock = FixedClock(25.0, now=fake.now, sleep=fake.sleep)
+    fake.t += 0.01  # the tick's work took 10 ms
+    reads = fake.reads
+    woke = clock.wait()
+    assert woke == pytest.approx(100.04)
+    assert fake.sleeps == [pytest.approx(0.03)]  # one sleep for the whole remainder
+    assert fake.reads - reads == 2  # read before and after the sleep: no busy-wait
+    for k in range(2, 6):  # deadlines are absolute: no drift over ticks
+        fake.t += 0.005
+        assert clock.wait() == pytest.approx(100.0 + 0.04 * k)
+    assert clock.late_ticks == 0
+
+
+def test_clock_sleeps_again_when_a_sleep_returns_early():
+    fake = FakeTime()
+    early = iter([0.5, 1.0])  # the first sleep gives back only half the time asked
+    clock = FixedClock(10.0, now=fake.now, sleep=lambda s: fake.sleep(s * next(early)))
+    assert clock.wait() == pytest.approx(100.1)
+    assert fake.sleeps == [pytest.approx(0.05), pytest.approx(0.05)]
+
+
+def test_clock_restarts_its_schedule_after_a_long_delay():
+    fake = FakeTime()
+    clock = FixedClock(10.0, now=fake.now, sleep=fake.sleep)
+    fake.t += 0.35  # three periods late: show now, do not rush through the missed ticks
+    assert clock.wait() == pytest.approx(100.35)
+    assert fake.sleeps == [] and clock.late_ticks == 1
+    assert clock.wait() == pytest.approx(100.45)  # then steady again from there
+
+
+def test_clock_rejects_a_bad_rate():
+    with pytest.raises(ValueError, match="window.fps"):
+        FixedClock(0)
