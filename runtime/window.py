@@ -98,6 +98,8 @@ class Window:
         self.meter = FpsMeter()
 
         self.current: FrameItem | None = None
+        self._scaled_item: FrameItem | None = None  # the item `_scaled` shows, scaled to the window
+        self._scaled = None
         self.show_hud = cfg.hud
         self.show_help = False
         self.paused = False
@@ -191,10 +193,13 @@ class Window:
         if self.current is None:
             self.screen.fill((0, 0, 0))
         else:
-            frame = np.ascontiguousarray(self.current.frame)
-            height, width, _ = frame.shape
-            small = pg.image.frombuffer(frame.tobytes(), (width, height), "RGB")
-            self.screen.blit(pg.transform.scale(small, self.size), (0, 0))  # nearest neighbour
+            if self._scaled_item is not self.current:  # scale each frame once, not on every tick that shows it
+                frame = np.ascontiguousarray(self.current.frame)
+                height, width, _ = frame.shape
+                small = pg.image.frombuffer(frame.tobytes(), (width, height), "RGB")
+                self._scaled = pg.transform.scale(small, self.size)  # nearest neighbour
+                self._scaled_item = self.current
+            self.screen.blit(self._scaled, (0, 0))
         if self.message and time.perf_counter() > self._message_until:
             self.message = ""
         if self.show_hud:

@@ -221,3 +221,30 @@ def test_real_window_under_xvfb(tmp_path):
     for row in rows:
         world.step(row["action_id"])
     assert world.player_pos[1] > start[1]  # the held key moved the player right
+
+
+def test_a_frame_is_scaled_once_however_many_ticks_show_it(tmp_path, monkeypatch):
+    window = make_window(tmp_path, controller="scripted").start()
+    scaled = []
+    real_scale = pygame.transform.scale
+
+    def counting_scale(surface, size):
+        scaled.append(size)
+        return real_scale(surface, size)
+
+    monkeypatch.setattr(pygame.transform, "scale", counting_scale)
+    try:
+        frames_after(window, 2)
+        window.command("pause")
+        shown = window.current
+        before = len(scaled)
+        for _ in range(5):  # paused: the same frame on every tick
+            window.tick()
+        assert window.current is shown and len(scaled) == before
+        window.command("step")
+        tick_until(window, lambda: window.current is not shown)
+        window.tick()
+        assert len(scaled) == before + 1  # the next frame is scaled once
+        assert window.screen.get_at((0, 0))[:3] == tuple(window.current.frame[0, 0])
+    finally:
+        window.close()
