@@ -1,13 +1,16 @@
 """Pacing benchmark: how steadily the real presenter shows frames (not a test).
 
-    python -m runtime.pacing_bench [seconds=10] [warmup=1] [engine=simulator window.fps=30 ...]
+    python -m runtime.pacing_bench [seconds=10] [warmup=1] [alone=10] [engine=simulator window.fps=30 ...]
 
-Runs the pygame window (SDL's dummy video driver unless SDL_VIDEODRIVER is set) with
-the producer thread and engine as configured, for `seconds` after `warmup` seconds, and
-prints the presented frame rate and the frame-interval jitter: p50 / p99 of the time
-between presented frames and their ratio (1.0 is perfectly even). Other arguments
-are Hydra overrides of conf/config.yaml; the controller defaults to a looping script
-so the world keeps moving.
+First runs the engine alone on the main thread for `alone` seconds (0: skip) and prints
+its frame rate, for comparison. Then runs the pygame window (SDL's dummy video driver
+unless SDL_VIDEODRIVER is set) with the producer thread and engine as configured, for
+`seconds` after `warmup` seconds, and prints the presented frame rate, how many of the
+presented frames were new (`new_fps`; the others re-showed the previous frame: stalls),
+the engine's own frame rate inside play (from its median step latency), and the
+frame-interval jitter: p50 / p99 of the time between presented frames and their ratio
+(1.0 is perfectly even). Other arguments are Hydra overrides of conf/config.yaml; the
+controller defaults to a looping script so the world keeps moving.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +27,45 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULTS = ["controller=scripted", "controller.script=R*20 D*20 L*20 U*20 P", "controller.loop=true"]
 
 
-def parse_args(argv: list[str]) -> tuple[float, float, list[str]]:
-    """Split `seconds=` and `warmup=` off the Hydra overrides."""
-    seconds, warmup, overrides = 10.0, 1.0, []
+@dataclass
+class BenchArgs:
+    seconds: float = 10.0  # measured play time
+    warmup: float = 1.0  # play time before the measurement
+    alone: float = 10.0  # the engine alone on the main thread first (0: skip)
+    overrides: list[str] = field(default_factory=list)  # Hydra overrides of conf/config.yaml
+
+
+def parse_args(argv: list[str]) -> BenchArgs:
+    """Split `seconds=`, `warmup=` and `alone=` off the Hydra overrides."""
+    args = BenchArgs()
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key in ("seconds", "warmup"):
+        if key in ("seconds", "warmup", "alone"):
             try:
                 number = float(value)
             except ValueError:
                 raise ValueError(f"{key} must be a number of seconds, got {value!r}") from None
             if number < 0 or (key == "seconds" and number == 0):
                 raise ValueError(f"{key} must be positive, got {value!r}")
-            seconds, warmup = (number, warmup) if key == "seconds" else (seconds, number)
+            setattr(args, key, number)
         else:
-            overrides.append(arg)
-    return seconds, warmup, overrides
+            args.overrides.append(arg)
+    return args
+
+
+def engine_alone(engine, controller, seed: int, seconds: float) -> float:
+    """Frames per second of `engine.step` on this thread with nothing else running.
+
+    The first few chunks are warm-up and not counted."""
+    engine.reset(seed)
+    controller.reset()
+    for _ in range(3):
+        engine.step(controller.actions(engine.chunk_size))
+    frames, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        engine.step(controller.actions(engine.chunk_size))
+        frames += engine.chunk_size
+    return frames / (time.perf_counter() - start)
 
 
 def main(argv: list[str]) -> dict[str, float]:
@@ -52,18 +79,32 @@ def main(argv: list[str]) -> dict[str, float]:
     from runtime.window import Window, WindowConfig
     from worlds import build_world
 
-    seconds, warmup, overrides = parse_args(argv)
+    args = parse_args(argv)
+    seconds, warmup = args.seconds, args.warmup
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=DEFAULTS + overrides)
+        cfg = compose(config_name="config", overrides=DEFAULTS + args.overrides)
     if cfg.window.kind != "pygame":
         raise ValueError(f"the pacing benchmark needs window=pygame, got window.kind={cfg.window.kind!r}")
     window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")
     engine = build_engine(cfg, build_world(cfg.world))
     controller = build_controller(cfg)
+    result: dict[str, float] = {}
+    if args.alone > 0:
+        result["engine_fps_alone"] = engine_alone(engine, controller, int(cfg.seed), args.alone)
 
-    times: list[float] = []
-    window = Window(window_cfg, engine, controller, int(cfg.seed), recording=None,
-                    on_present=times.append)
+    times: list[float] = []  # when each tick was presented
+    new_frames: list[tuple[float, float]] = []  # (when, step latency ms) of each newly shown generated frame
+    window = Window(window_cfg, engine, controller, int(cfg.seed), recording=None)
+    shown: list = [None]  # the FrameItem of the previous tick
+
+    def on_present(now: float) -> None:
+        times.append(now)
+        item = window.current
+        if item is not None and item is not shown[0] and item.index >= 0:
+            new_frames.append((now, item.latency_ms))
+        shown[0] = item
+
+    window.on_present = on_present
     start = time.perf_counter()
     stalls_at_warmup: list[int] = []
 
@@ -75,11 +116,17 @@ def main(argv: list[str]) -> dict[str, float]:
 
     window.run(should_stop)
     measured = np.array([t for t in times if t - start >= warmup])
+    span = measured[-1] - measured[0]
     intervals_ms = np.diff(measured) * 1e3
     p50, p99 = np.percentile(intervals_ms, [50, 99])
-    result = {
+    new = [ms for t, ms in new_frames if measured[0] < t <= measured[-1]]
+    step_ms = float(np.median(new)) if new else float("nan")
+    result.update({
         "target_fps": float(window_cfg.fps),
-        "presented_fps": (len(measured) - 1) / (measured[-1] - measured[0]),
+        "presented_fps": (len(measured) - 1) / span,
+        "new_fps": len(new) / span,
+        "engine_fps_in_play": engine.chunk_size * 1e3 / step_ms,
+        "step_p50_ms": step_ms,
         "interval_p50_ms": float(p50),
         "interval_p99_ms": float(p99),
         "interval_max_ms": float(intervals_ms.max()),
@@ -87,10 +134,11 @@ def main(argv: list[str]) -> dict[str, float]:
         "stalls": window.stalls - (stalls_at_warmup[0] if stalls_at_warmup else 0),
         "frames": len(measured),
         "last_latency_ms": float(engine.stats.latency_ms),
-    }
+    })
     print(f"pacing: {platform.processor() or platform.machine()}, SDL video driver "
           f"{os.environ['SDL_VIDEODRIVER']}, engine {cfg.engine.kind} (chunk {engine.chunk_size}), "
-          f"{seconds:g} s after {warmup:g} s warm-up")
+          f"{seconds:g} s after {warmup:g} s warm-up"
+          + (f", engine alone {args.alone:g} s before" if args.alone > 0 else ""))
     for key, value in result.items():
         print(f"  {key:18s} {value:10.3f}" if isinstance(value, float) else f"  {key:18s} {value:10d}")
     return result

@@ -1,4 +1,4 @@
-"""The presenter's clock (behaviour, not speed)."""
+"""The presenter's clock and the pacing benchmark's report (behaviour, not speed)."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +58,28 @@ def test_clock_restarts_its_schedule_after_a_long_delay():
 def test_clock_rejects_a_bad_rate():
     with pytest.raises(ValueError, match="window.fps"):
         FixedClock(0)
+
+
+def test_pacing_bench_arguments():
+    from runtime.pacing_bench import parse_args
+
+    args = parse_args(["seconds=100", "warmup=2", "alone=0", "engine=simulator"])
+    assert (args.seconds, args.warmup, args.alone, args.overrides) == (100.0, 2.0, 0.0, ["engine=simulator"])
+    assert parse_args([]).alone > 0  # the engine alone is measured by default, for comparison
+    with pytest.raises(ValueError, match="alone"):
+        parse_args(["alone=x"])
+    with pytest.raises(ValueError, match="seconds"):
+        parse_args(["seconds=0"])
+
+
+def test_pacing_bench_reports_new_frames_and_the_engine_rate():
+    pytest.importorskip("pygame")
+    from runtime.pacing_bench import main
+
+    result = main(["seconds=0.5", "warmup=0.1", "alone=0.1", "engine=simulator", "window.fps=60"])
+    for key in ("engine_fps_alone", "presented_fps", "new_fps", "engine_fps_in_play", "step_p50_ms",
+                "p99_over_p50", "stalls", "frames"):
+        assert key in result
+    # every presented tick either showed a new frame or re-showed the last one (a stall)
+    assert 0 < result["new_fps"] <= result["presented_fps"] * 1.0001
+    assert result["engine_fps_in_play"] > 0 and result["engine_fps_alone"] > 0
