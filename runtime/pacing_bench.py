@@ -2,15 +2,16 @@
 
     python -m runtime.pacing_bench [seconds=10] [warmup=1] [alone=10] [engine=simulator window.fps=30 ...]
 
-First runs the engine alone on the main thread for `alone` seconds (0: skip) and prints
-its frame rate, for comparison. Then runs the pygame window (SDL's dummy video driver
-unless SDL_VIDEODRIVER is set) with the producer thread and engine as configured, for
-`seconds` after `warmup` seconds, and prints the presented frame rate, how many of the
-presented frames were new (`new_fps`; the others re-showed the previous frame: stalls),
-the engine's own frame rate inside play (from its median step latency), and the
-frame-interval jitter: p50 / p99 of the time between presented frames and their ratio
-(1.0 is perfectly even). Other arguments are Hydra overrides of conf/config.yaml; the
-controller defaults to a looping script so the world keeps moving.
+Runs the pygame window (SDL's dummy video driver unless SDL_VIDEODRIVER is set) with the
+producer thread and engine as configured, for `seconds` after `warmup` seconds, and
+prints the presented frame rate, how many of the presented frames were new (`new_fps`;
+the others re-showed the previous frame: stalls), the engine's own frame rate inside
+play (from its median step latency), and the frame-interval jitter: p50 / p99 of the
+time between presented frames and their ratio (1.0 is perfectly even). Then, for
+comparison, the same play-through goes on with the engine alone on the main thread for
+`alone` seconds (0: skip): `engine_fps_alone`, with the cache in the same state as play
+left it. Other arguments are Hydra overrides of conf/config.yaml; the controller
+defaults to a looping script so the world keeps moving.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ DEFAULTS = ["controller=scripted", "controller.script=R*20 D*20 L*20 U*20 P", "c
 class BenchArgs:
     seconds: float = 10.0  # measured play time
     warmup: float = 1.0  # play time before the measurement
-    alone: float = 10.0  # the engine alone on the main thread first (0: skip)
+    alone: float = 10.0  # then the engine alone on the main thread (0: skip)
     overrides: list[str] = field(default_factory=list)  # Hydra overrides of conf/config.yaml
 
 
@@ -53,14 +54,9 @@ def parse_args(argv: list[str]) -> BenchArgs:
     return args
 
 
-def engine_alone(engine, controller, seed: int, seconds: float) -> float:
-    """Frames per second of `engine.step` on this thread with nothing else running.
-
-    The first few chunks are warm-up and not counted."""
-    engine.reset(seed)
-    controller.reset()
-    for _ in range(3):
-        engine.step(controller.actions(engine.chunk_size))
+def engine_alone(engine, controller, seconds: float) -> float:
+    """Frames per second of `engine.step` on this thread with nothing else running,
+    continuing the engine's current play-through."""
     frames, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         engine.step(controller.actions(engine.chunk_size))
@@ -88,9 +84,6 @@ def main(argv: list[str]) -> dict[str, float]:
     window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")
     engine = build_engine(cfg, build_world(cfg.world))
     controller = build_controller(cfg)
-    result: dict[str, float] = {}
-    if args.alone > 0:
-        result["engine_fps_alone"] = engine_alone(engine, controller, int(cfg.seed), args.alone)
 
     times: list[float] = []  # when each tick was presented
     new_frames: list[tuple[float, float]] = []  # (when, step latency ms) of each newly shown generated frame
@@ -115,13 +108,16 @@ def main(argv: list[str]) -> dict[str, float]:
         return now - start >= warmup + seconds
 
     window.run(should_stop)
+    window.producer.stop(timeout=None)  # the engine is this thread's from here on
+    last_latency_ms = float(engine.stats.latency_ms)
+    alone = engine_alone(engine, controller, args.alone) if args.alone > 0 else None
     measured = np.array([t for t in times if t - start >= warmup])
     span = measured[-1] - measured[0]
     intervals_ms = np.diff(measured) * 1e3
     p50, p99 = np.percentile(intervals_ms, [50, 99])
     new = [ms for t, ms in new_frames if measured[0] < t <= measured[-1]]
     step_ms = float(np.median(new)) if new else float("nan")
-    result.update({
+    result = {
         "target_fps": float(window_cfg.fps),
         "presented_fps": (len(measured) - 1) / span,
         "new_fps": len(new) / span,
@@ -133,12 +129,14 @@ def main(argv: list[str]) -> dict[str, float]:
         "p99_over_p50": float(p99 / p50),
         "stalls": window.stalls - (stalls_at_warmup[0] if stalls_at_warmup else 0),
         "frames": len(measured),
-        "last_latency_ms": float(engine.stats.latency_ms),
-    })
+        "last_latency_ms": last_latency_ms,
+    }
+    if alone is not None:
+        result["engine_fps_alone"] = alone
     print(f"pacing: {platform.processor() or platform.machine()}, SDL video driver "
           f"{os.environ['SDL_VIDEODRIVER']}, engine {cfg.engine.kind} (chunk {engine.chunk_size}), "
           f"{seconds:g} s after {warmup:g} s warm-up"
-          + (f", engine alone {args.alone:g} s before" if args.alone > 0 else ""))
+          + (f", then the engine alone {args.alone:g} s" if args.alone > 0 else ""))
     for key, value in result.items():
         print(f"  {key:18s} {value:10.3f}" if isinstance(value, float) else f"  {key:18s} {value:10d}")
     return result
