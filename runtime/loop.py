@@ -142,8 +142,8 @@ class FixedClock:
 
     It waits by sleeping only, never by spinning: a busy-wait before each deadline holds
     the GIL and a core that the producer thread needs (on a 2-core CPU a 2 ms spin per
-    tick cost the neural engine more than a tenth of its frames; BENCHMARKS.md, pacing), and
-    the operating system's wake-up delay is far below a frame period.
+    tick cost the neural engine frames in play: BENCHMARKS.md, pacing), and the operating
+    system's wake-up delay is far below a frame period.
     """
 
     def __init__(self, fps: float, now: Callable[[], float] = time.perf_counter,
