@@ -249,7 +249,6 @@ class TempCache(KVCache):
         # Work on the c merging tokens, not on the whole budget. Every token that joins
         # group j moves j's mean value by (v_t - v_j) / n_j(new); summed over the tokens
         # joining j this gives (v_j * n_old + sum v_t) / n_new, the mean of all members.
-        e = idx[..., None].expand(-1, -1, -1, d)
         v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
         n_grp = torch.gather(new_count, 2, idx)[..., None]
         delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
@@ -263,13 +262,12 @@ class TempCache(KVCache):
             _put(st["k"], dst, k_new)
             _put(st["mkey"], dst, m_new)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
-        else:
+        else:  # the mean key, updated like the mean value: work on the merging tokens only
             k_grp = _take(st["k"], idx).float()
             kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
-            kf = st["k"][:, :, :cap].float().scatter_add_(2, e, kd)
-            st["k"][:, :, :cap] = kf.to(self.spec.dtype)
-            if self.match == "post":
-                st["mkey"][:, :, :cap] = torch.where(touched[..., None], F.normalize(kf, dim=-1), st["mkey"][:, :, :cap])
+            _put(st["k"], idx, kd.to(self.spec.dtype), add=True)
+            if self.match == "post":  # match keys follow the mean (rewriting an unchanged group is a no-op)
+                _put(st["mkey"], idx, F.normalize(_take(st["k"], idx).float(), dim=-1).to(st["mkey"].dtype))
         count[:, :, :cap] = new_count
         st["stamp"][:, :, :cap].masked_fill_(touched, step)
         return merged, idx

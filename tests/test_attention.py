@@ -194,6 +194,28 @@ def test_tempcache_merges_similar_and_appends_dissimilar():
     assert temp.last_merge_rate[0] == 0.0
 
 
+@pytest.mark.parametrize("match", ["post", "local"])
+def test_mean_representative_keeps_the_mean_key_and_value_of_each_group(match):
+    """representative=mean: after several near-duplicate frames merge, each group's key
+    and value are the means of its members', and its count is the number of members."""
+    g = torch.Generator().manual_seed(5)
+    temp = TempCache(spec(), budget_frames=8, sink_frames=1, threshold=0.9, match=match, radius=0, match_frames=1,
+                     representative="mean")
+    commit_frame(temp, torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g))  # sink
+    base = torch.randn(1, H, N, D, generator=g)
+    keys, values = [], []
+    for _ in range(4):  # the same content, slightly perturbed each frame: one group per token
+        k, v = base + 0.01 * torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g)
+        commit_frame(temp, k, v)
+        keys.append(k)
+        values.append(v)
+    assert temp.merge_rate() == pytest.approx(3 / 4)  # the first commit after the sink starts the groups
+    group = slice(N, 2 * N)  # the slots right after the sink
+    assert torch.equal(temp.count[0][:, :, group], torch.full((1, H, N), 4.0))
+    assert torch.allclose(temp.k[0][:, :, group], torch.stack(keys).mean(0), atol=1e-5)
+    assert torch.allclose(temp.v[0][:, :, group], torch.stack(values).mean(0), atol=1e-5)
+
+
 @pytest.mark.parametrize("match_frames", [0, 1, 2])
 def test_local_matching_follows_content_that_moves_one_patch(match_frames):
     """A frame whose tokens are the previous frame shifted one column right merges into the
