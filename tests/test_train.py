@@ -271,6 +271,8 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob):
     ("train.context_noise_prob=-0.1", "train.context_noise_prob=-0.1; expected a probability in [0, 1]"),
     ("train.time_limit_s=0", "train.time_limit_s=0; expected a number of seconds > 0"),
     ("train.steps=many", "train.steps='many'; expected an integer"),
+    ("train.data.memory_frames=-1", "train.data.memory_frames=-1; expected an integer >= 0"),
+    ("train.data.memory_recent_prob=2", "train.data.memory_recent_prob=2; expected a probability in [0, 1]"),
 ])
 def test_bad_train_settings_raise(tmp_path, override, needle):
     from runtime.train import train
