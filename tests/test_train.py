@@ -172,20 +172,39 @@ def test_ddp_time_limit_is_shared_by_both_processes(tmp_path):
 # ----------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("frames, tokens", [(1, 3), (2, 1), (4, 2), (5, 4), (9, 3)])
-def test_mask_mod_matches_dense_mask(frames, tokens):
-    dense = teacher_forcing_mask(frames, tokens)
-    mask_mod, length = teacher_forcing_mask_mod(frames, tokens, torch.device("cpu"))
-    assert length == (2 * frames - 1) * tokens
+def reference_frame_mask(frames: int, memory: int) -> torch.Tensor:
+    """The teacher-forcing rule spelled out frame by frame, independently of the code:
+    memory m_j sees m_i (i <= j); clean c_j sees every memory frame and c_i (i <= j);
+    noisy n_j sees every memory frame, c_i (i < j) and itself."""
+    seq = [("m", j) for j in range(memory)] + [("c", j) for j in range(frames)] + [("n", j) for j in range(1, frames)]
+
+    def sees(q, k):
+        (qk, qj), (kk, kj) = q, k
+        if kk == "m":
+            return qk != "m" or kj <= qj
+        if kk == "c":
+            return (qk == "c" and kj <= qj) or (qk == "n" and kj < qj)
+        return qk == "n" and kj == qj
+
+    return torch.tensor([[sees(q, k) for k in seq] for q in seq])
+
+
+@pytest.mark.parametrize("frames, tokens, memory", [(1, 3, 0), (2, 1, 0), (4, 2, 0), (5, 4, 0), (9, 3, 0), (3, 2, 2), (5, 3, 4)])
+def test_mask_mod_matches_dense_mask(frames, tokens, memory):
+    dense = teacher_forcing_mask(frames, tokens, memory=memory)
+    mask_mod, length = teacher_forcing_mask_mod(frames, tokens, torch.device("cpu"), memory)
+    assert length == (memory + 2 * frames - 1) * tokens
     assert dense.shape == (length, length) and dense.dtype == torch.bool
+    want = reference_frame_mask(frames, memory).repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+    assert torch.equal(dense, want)
     q = torch.arange(length)[:, None]
     kv = torch.arange(length)[None, :]
     grid = mask_mod(torch.tensor(0), torch.tensor(0), q, kv)
-    assert torch.equal(grid.expand(length, length), dense)
+    assert torch.equal(grid.expand(length, length), want)
     # element-wise, the way FlexAttention calls it
     for qi in range(0, length, max(1, length // 7)):
         for ki in range(length):
-            assert bool(mask_mod(0, 0, torch.tensor(qi), torch.tensor(ki))) == bool(dense[qi, ki])
+            assert bool(mask_mod(0, 0, torch.tensor(qi), torch.tensor(ki))) == bool(want[qi, ki])
 
 
 def test_mask_is_the_documented_picture():
