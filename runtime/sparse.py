@@ -392,6 +392,8 @@ class AttentionRuntime:
             k2, v2, lc = dedupe_tokens(pk, pv)
             out.append((k2, v2))
             self.prompt_logc.append(lc)
+        if all(lc is None for lc in self.prompt_logc):
+            self.prompt_logc = []
         return out
 
     def build(self, cache: KVCache, commit: int, step_index: int | None, num_steps: int):
@@ -420,7 +422,9 @@ class AttentionRuntime:
 
 def dedupe_tokens(pk: torch.Tensor, pv: torch.Tensor):
     """(B, H, T, D) keys/values -> unique (key, value) rows per head, padded, and log counts
-    (B, H, 1, T') with -inf on padding. Exact: identical tokens get one row + log(count)."""
+    (B, H, 1, T') with -inf on padding. Exact: identical tokens get one row + log(count).
+    When no token repeats, the prompt comes back unchanged with no bias (None), so
+    cross-attention runs exactly the dense computation."""
     b, h, t, d = pk.shape
     rows = torch.cat([pk, pv], dim=-1).reshape(b * h, t, 2 * d)
     uniq, counts = [], []
@@ -429,6 +433,8 @@ def dedupe_tokens(pk: torch.Tensor, pv: torch.Tensor):
         uniq.append(u)
         counts.append(cnt)
     tmax = max(u.shape[0] for u in uniq)
+    if tmax == t and all(int(cnt.max()) == 1 for cnt in counts):
+        return pk, pv, None  # nothing repeats: the prompt as it is, in its order, without a bias
     k2 = torch.zeros(b * h, tmax, d, dtype=pk.dtype, device=pk.device)
     v2 = torch.zeros_like(k2)
     lc = torch.full((b * h, tmax), float("-inf"), device=pk.device)

@@ -98,6 +98,10 @@ class TempCache(KVCache):
         self.count, self.logc = list(self._count.unbind(0)), list(self._logc.unbind(0))
         self.mkey, self.stamp, self.pos = list(self._mkey.unbind(0)), list(self._stamp.unbind(0)), list(self._pos.unbind(0))
         self._pending: dict[int, int] = {}  # layer -> tokens committed but not merged yet
+        # merge_when full: while nothing can have merged or been evicted, the filled slots
+        # are a prefix [0, n) holding every committed token once (count 1). Attention then
+        # runs over that prefix without a bias: the dense computation exactly (None: no longer)
+        self._exact_prefix: list[int | None] = [0 if self.merge_when == "full" else None] * s.num_layers
         # history tracking (track_history): how often each slot was (re)assigned, and per
         # layer every committed key with the slot and assignment it went to
         self._gen = torch.zeros(lbh + (cap + 1,), device=dev, dtype=torch.long)
@@ -135,6 +139,13 @@ class TempCache(KVCache):
         self.staged[layer] = m
         if self.match in ("pre", "local") and k_pre is not None:
             self._pre[layer][:, :, :m] = k_pre
+        n = self._exact_prefix[layer]
+        if n is not None and n + m <= cap:
+            # nothing merged yet: the chunk also goes right after the prefix (free slots;
+            # commit still reads it at `cap`), and attention is dense over [prefix | chunk]
+            self.k[layer][:, :, n : n + m] = k
+            self.v[layer][:, :, n : n + m] = v
+            return self.k[layer][:, :, : n + m], self.v[layer][:, :, : n + m], None
         bias = self.logc[layer][:, :, None, : cap + m]  # (B, H, 1, cap + m)
         return self.k[layer][:, :, : cap + m], self.v[layer][:, :, : cap + m], bias
 
@@ -193,6 +204,9 @@ class TempCache(KVCache):
         # statistics stay on the device (no host sync in the hot loop); read them lazily
         rates = merged.view(nl, -1).float().mean(-1)
         for i, layer in enumerate(range(lo, hi)):
+            n = self._exact_prefix[layer]
+            # a frame that fits the free slots appends in slot order without merging
+            self._exact_prefix[layer] = n + c if n is not None and n + c <= cap else None
             self.merged_tokens[layer] = self.merged_tokens[layer] + rates[i] * c
             self.new_tokens[layer] += c
             self.last_merge_rate[layer] = rates[i]

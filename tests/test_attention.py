@@ -305,6 +305,18 @@ def test_annca_below_its_minimum_prompt_size_runs_dense():
     assert torch.allclose(out, sdpa(q, pk, pv), atol=1e-5)
 
 
+def test_a_prompt_without_repeated_tokens_is_used_as_it_is():
+    g = torch.Generator().manual_seed(7)
+    pk, pv = torch.randn(1, H, 16, D, generator=g), torch.randn(1, H, 16, D, generator=g)
+    k2, v2, logc = dedupe_tokens(pk, pv)
+    assert k2 is pk and v2 is pv and logc is None
+    rt = make_runtime(annca=True, ann="quant", ann_options={"mask_k": 16})
+    rt.tokens_per_frame = N
+    kv = rt.prepare_prompt([(pk, pv)])
+    q = torch.randn(1, H, N, D, generator=g)
+    assert rt.prompt_logc == [] and torch.equal(AnnCrossAttention(rt, N)(0, q, *kv[0]), sdpa(q, pk, pv))
+
+
 def test_identical_prompt_tokens_merge_exactly():
     g = torch.Generator().manual_seed(6)
     pk, pv = torch.randn(1, H, 4, D, generator=g), torch.randn(1, H, 4, D, generator=g)
@@ -389,3 +401,24 @@ def test_merge_when_full_appends_exactly_until_the_budget_is_reached():
     assert float(lazy.last_merge_rate[0]) == 1.0
     with pytest.raises(ValueError, match="merge_when='later'"):
         TempCache(spec(), budget_frames=4, merge_when="later")
+
+
+def test_merge_when_full_is_the_dense_computation_bit_for_bit_until_the_budget_fills():
+    """While no frame could have merged, attention runs over the filled prefix without a
+    bias: the same keys in the same order as dense, so the outputs are identical (not
+    merely close), in the merged pass too ([clean | noisy], the clean frame committed)."""
+    g = torch.Generator().manual_seed(23)
+    dense = DenseCache(spec(), initial_frames=8)
+    lazy = TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.9, merge_when="full")
+    base = torch.randn(1, H, N, D, generator=g)  # identical keys: merge_when=always would merge them
+    for f in range(6):
+        q, v, noisy = (torch.randn(1, H, 2 * N, D, generator=g) for _ in range(3))
+        k = torch.cat([base, noisy[:, :, :N]], 2)
+        _, _, bias = lazy.stage(0, k, v, k)
+        lazy.staged[0] = 0  # look only: the pass below stages again
+        outs = [CachedSelfAttention(c, commit=N)(0, q, k, v, k) for c in (dense, lazy)]
+        if (f + 2) * N <= 4 * N:  # the f committed frames + [clean | noisy] fit the budget
+            assert bias is None and torch.equal(outs[0], outs[1]), f
+        else:  # the budget is reached: groups carry their log-count bias from here on
+            assert bias is not None, f
+    assert lazy.merge_rate() > 0  # frames 4 and 5 found no room and merged
