@@ -176,7 +176,7 @@ class Block(nn.Module):
         self.xk_norm = RMSNorm(cfg.head_dim)
         self.xproj = nn.Linear(w, w)
         self.norm2 = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        hidden = int(w * cfg.mlp_ratio)
+        hidden = round(w * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(w, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, w))
         self.ada = nn.Linear(w, 6 * w)
         nn.init.zeros_(self.ada.weight)
