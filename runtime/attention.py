@@ -27,14 +27,31 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from runtime.cache import KVCache
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense attention, the reference. bias: broadcastable to (B, H, Lq, Lk) or None."""
+# On CUDA, PyTorch's cuDNN attention builds an execution plan for every new input shape
+# and keeps it: 40-65 ms per new key length on an H100, against 0.02-1.5 ms for the call
+# itself (BENCHMARKS.md). A cache whose length changes every frame (dense, and the others
+# until they fill) would pay that on every frame. Such calls go to the flash / memory-
+# efficient kernels, which need no plan, unless the call is so large that cuDNN's faster
+# kernel earns its plan back (at 2^27 query-key pairs, 3200 queries x 42k keys, the two
+# cost about the same over 30 layers).
+CUDNN_MIN_PAIRS_FOR_NEW_SHAPES = 1 << 27
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+         static: bool = True) -> torch.Tensor:
+    """Dense attention, the reference. bias: broadcastable to (B, H, Lq, Lk) or None.
+    static=False: the key length is new on (nearly) every call; see above."""
     if bias is not None:
         bias = bias.to(q.dtype)
+    if not static and q.is_cuda and q.shape[2] * k.shape[2] < CUDNN_MIN_PAIRS_FOR_NEW_SHAPES:
+        with sdpa_kernel(_NO_CUDNN):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
@@ -87,22 +104,24 @@ class CachedSelfAttention:
 
     def __call__(self, layer: int, q, k, v, k_pre=None):
         keys, values, bias = self.cache.stage(layer, k, v, k_pre if self.commit else None)
-        out = staged_attention(q, keys, values, bias, self.commit)
+        out = staged_attention(q, keys, values, bias, self.commit, self.cache.static_shape)
         if self.commit:
             self.cache.commit(layer, self.commit)
         return out
 
 
-def staged_attention(q, keys, values, bias, commit: int) -> torch.Tensor:
+def staged_attention(q, keys, values, bias, commit: int, static: bool = True) -> torch.Tensor:
     """Dense attention of a staged chunk over [cache | chunk]. When the chunk is
     [clean (commit tokens) | noisy], each query group sees a key prefix, so this runs two
-    unmasked calls instead of one masked call."""
+    unmasked calls instead of one masked call. static: the cache's shapes repeat from
+    frame to frame (`KVCache.static_shape`)."""
     m = q.shape[2]
     if not 0 < commit < m:
-        return sdpa(q, keys, values, bias)
+        return sdpa(q, keys, values, bias, static)
     seen = keys.shape[2] - (m - commit)
-    clean = sdpa(q[:, :, :commit], keys[:, :, :seen], values[:, :, :seen], None if bias is None else bias[..., :seen])
-    noisy = sdpa(q[:, :, commit:], keys, values, bias)
+    clean = sdpa(q[:, :, :commit], keys[:, :, :seen], values[:, :, :seen], None if bias is None else bias[..., :seen],
+                 static)
+    noisy = sdpa(q[:, :, commit:], keys, values, bias, static)
     return torch.cat([clean, noisy], dim=2)
 
 

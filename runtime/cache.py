@@ -43,6 +43,7 @@ class KVCache:
     """Base class: contiguous valid tokens per layer; subclasses choose what commit keeps."""
 
     policy = "base"
+    grows = False  # capacity grows with the rollout (dense): lengths never repeat
     sink_tokens = 0  # leading slots that always count as recent (window sinks)
 
     def __init__(self, spec: CacheSpec, capacity_tokens: int):
@@ -60,6 +61,10 @@ class KVCache:
         self.length = [0] * s.num_layers  # valid tokens per layer
         self.staged = [0] * s.num_layers
         self.commits = [0] * s.num_layers  # clean frames committed per layer
+        # whether the last `stage` returned views of the same length as the frame before
+        # (a full cache) rather than a length new on every frame: GPU kernels that build
+        # a plan per shape are only worth it for the former (runtime/attention.py)
+        self.static_shape = False
         # which commit wrote each slot (-1: never): what "recent" means for AnnSA
         self.slot_frame = [torch.full(shape[2:3], -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.frames_seen = 0
@@ -81,6 +86,7 @@ class KVCache:
         self.k[layer][:, :, n : n + m] = k
         self.v[layer][:, :, n : n + m] = v
         self.staged[layer] = m
+        self.static_shape = not self.grows and n >= self._capacity  # full: the length stops changing
         return self.k[layer][:, :, : n + m], self.v[layer][:, :, : n + m], None
 
     def commit(self, layer: int, count: int | None = None) -> None:
@@ -124,6 +130,7 @@ class DenseCache(KVCache):
     """Keeps every past token: the reference, and what grows without bound."""
 
     policy = "dense"
+    grows = True
 
     def __init__(self, spec: CacheSpec, initial_frames: int = 64):
         super().__init__(spec, initial_frames * spec.tokens_per_frame)

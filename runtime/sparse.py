@@ -177,7 +177,7 @@ class AnnSelfAttention:
         keep_n = min(nkb, math.ceil(cfg.density * nkb))
         if (not self.sparse or nkb < max(1, cfg.min_blocks) or (not flex and (lc % blk or m % blk))
                 or keep_n / max(nkb, 1) > cfg.max_density):
-            out = staged_attention(q, keys, values, bias, c)
+            out = staged_attention(q, keys, values, bias, c, self.cache.static_shape)
             self.rt.sa_stats.add(layer, 1.0, 1.0 if cfg.stats_recall else None)
         elif flex:
             out = self._flex(layer, q, keys, values, bias, lc, nkb, keep_n)

@@ -145,7 +145,9 @@ class TempCache(KVCache):
             # commit still reads it at `cap`), and attention is dense over [prefix | chunk]
             self.k[layer][:, :, n : n + m] = k
             self.v[layer][:, :, n : n + m] = v
+            self.static_shape = False
             return self.k[layer][:, :, : n + m], self.v[layer][:, :, : n + m], None
+        self.static_shape = True  # the whole budget every frame
         bias = self.logc[layer][:, :, None, : cap + m]  # (B, H, 1, cap + m)
         return self.k[layer][:, :, : cap + m], self.v[layer][:, :, : cap + m], bias
 

@@ -6,7 +6,7 @@ import torch
 
 from runtime.ann import build_ann
 from runtime.attention import CachedSelfAttention, sdpa
-from runtime.cache import CacheSpec, DenseCache
+from runtime.cache import CacheSpec, DenseCache, WindowCache
 from runtime.sparse import AnnCrossAttention, AnnSelfAttention, AttentionConfig, AttentionRuntime, dedupe_tokens
 from runtime.tempcache import TempCache
 
@@ -422,3 +422,22 @@ def test_merge_when_full_is_the_dense_computation_bit_for_bit_until_the_budget_f
         else:  # the budget is reached: groups carry their log-count bias from here on
             assert bias is not None, f
     assert lazy.merge_rate() > 0  # frames 4 and 5 found no room and merged
+
+
+def test_caches_report_whether_their_attention_shapes_repeat():
+    """`static_shape` after each stage: dense never (it grows), window once full, TempCache
+    once its budget is in use (before, it attends over its growing filled prefix). GPU
+    attention keeps plan-building kernels for shapes that repeat (runtime/attention.py)."""
+    g = torch.Generator().manual_seed(29)
+    caches = {"dense": DenseCache(spec(), initial_frames=2), "window": WindowCache(spec(), sink_frames=1, window_frames=2),
+              "tempcache": TempCache(spec(), budget_frames=3, sink_frames=1, merge_when="full")}
+    seen = {name: [] for name in caches}
+    for f in range(6):
+        k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(2))
+        for name, cache in caches.items():
+            cache.stage(0, k, v, k)
+            seen[name].append(cache.static_shape)
+            cache.commit(0)
+    assert seen["dense"] == [False] * 6
+    assert seen["window"] == [False, False, False, True, True, True]  # 3 frames fill it
+    assert seen["tempcache"] == [False, False, False, True, True, True]  # the 3-frame budget fills
