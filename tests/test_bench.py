@@ -80,3 +80,25 @@ def test_every_default_attention_of_both_bench_configs_is_a_valid_variant():
     for name in ("bench", "bench_wan"):
         for spec in compose([], config_name=name).bench.attentions:
             AttentionConfig.from_dict(attention_cfg(str(spec)))
+
+
+def test_profile_step_reports_where_each_configs_frames_go(tmp_path):
+    import sys
+
+    from runtime import profile_step
+
+    out = tmp_path / "profile.json"
+    argv = ["profile_step", "--config", "bench_wan", "--attentions", f"window|{FASTAR}", "--frames", "6",
+            "--profile", "2", "--out", str(out), "model=tiny", "device=cpu", "engine.dtype=float32"]
+    old, sys.argv = sys.argv, argv
+    try:
+        profile_step.main()
+    finally:
+        sys.argv = old
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and set(res["specs"]) == {"window", FASTAR}
+    for r in res["specs"].values():
+        assert r["median_ms"] > 0 and r["profiled_ms_per_frame"] > 0 and r["top"]
+        assert all(t["ms_per_frame"] > 0 and t["calls_per_frame"] > 0 for t in r["top"])
+    assert res["specs"][FASTAR]["cache_tokens"] == 4 * 64  # the tiny model's budget, full
+    assert res["specs"]["window"]["cache_tokens"] == (6 + 2) * 64  # every frame run and profiled

@@ -1,0 +1,95 @@
+"""Where a frame's time goes: `python -m runtime.profile_step [--config bench|bench_wan]
+[--attentions "SPEC|SPEC"] [--frames 60] [--profile 4] [--out FILE.json] [OVERRIDES...]`.
+
+For each attention spec (as in `bench.attentions`, separated by `|`): runs `--frames`
+frames of the bench's source (the checkpoint, or random weights for `bench_wan`), then
+profiles `--profile` more with torch.profiler and prints the median latency of the last 40
+frames and the kernels (CUDA) or operators (CPU) that took the most time per frame.
+OVERRIDES are Hydra overrides of the chosen config (e.g. `device=cpu`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
+
+from runtime.bench import build_source
+from runtime.evaluate import attention_cfg
+from runtime.factory import build_rollout
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int, top: int) -> dict:
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    sub.attention = attention_cfg(spec)
+    rollout = build_rollout(model, sub, batch=1)
+    first = world.reset(int(cfg.seed))
+    prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None]
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
+    lat = []
+    for i in range(frames):
+        t0 = time.perf_counter()
+        rollout.step(torch.tensor([i % 6])).cpu()
+        lat.append((time.perf_counter() - t0) * 1e3)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for i in range(n_prof):
+            rollout.step(torch.tensor([i % 6])).cpu()
+    events = prof.key_averages()
+    if cuda:  # kernels only: operator rows would count their kernels again
+        rows = [(e.key, e.device_time_total, e.count) for e in events
+                if e.device_time_total > 0 and not e.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda"))]
+    else:  # operators by their own time (self), so nested calls are not counted twice
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    tail = lat[-40:]
+    out = {"median_ms": float(np.median(tail)), "p90_ms": float(np.percentile(tail, 90)),
+           "cache_tokens": rollout.cache.num_tokens(0),
+           "profiled_ms_per_frame": sum(r[1] for r in rows) / n_prof / 1e3,
+           "top": [{"name": k[:160], "ms_per_frame": t / n_prof / 1e3, "calls_per_frame": c / n_prof} for k, t, c in rows[:top]]}
+    if cuda:
+        out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="bench", choices=["bench", "bench_wan"])
+    ap.add_argument("--attentions", default="fastar|window", help="attention specs separated by |")
+    ap.add_argument("--frames", type=int, default=60, help="frames before profiling")
+    ap.add_argument("--profile", type=int, default=4, help="frames profiled")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=args.config, overrides=args.overrides)
+    world, model, device, _ = build_source(cfg)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "config": args.config,
+           "overrides": args.overrides, "frames": args.frames, "profiled": args.profile, "specs": {}}
+    for spec in args.attentions.split("|"):
+        r = profile_spec(model, cfg, world, device, spec, args.frames, args.profile, args.top)
+        res["specs"][spec] = r
+        print(f"== {spec}: median {r['median_ms']:.1f} ms (p90 {r['p90_ms']:.1f}); profiled "
+              f"{r['profiled_ms_per_frame']:.1f} ms per frame", flush=True)
+        for t in r["top"]:
+            print(f"   {t['ms_per_frame']:8.2f} ms  x{t['calls_per_frame']:<7.1f} {t['name'][:100]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
