@@ -4,7 +4,9 @@
 For each attention spec (as in `bench.attentions`, separated by `|`): runs `--frames`
 frames of the bench's source (the checkpoint, or random weights for `bench_wan`), then
 profiles `--profile` more with torch.profiler and prints the median latency of the last 40
-frames and the kernels (CUDA) or operators (CPU) that took the most time per frame.
+frames, the kernels (CUDA) or operators (CPU) that took the most time per frame, and the
+host's own time per frame under the profiler (operators and runtime calls, self time)
+with the number of calls that make the host wait for the device.
 OVERRIDES are Hydra overrides of the chosen config (e.g. `device=cpu`).
 """
 from __future__ import annotations
@@ -55,9 +57,15 @@ def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int,
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     tail = lat[-40:]
+    # host side: the CPU time of every operator and runtime call (self time, so nothing
+    # counts twice), and the calls that make the host wait for the device
+    host = sum(e.self_cpu_time_total for e in events) / n_prof / 1e3
+    waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                      "cudaEventSynchronize")) / n_prof
     out = {"median_ms": float(np.median(tail)), "p90_ms": float(np.percentile(tail, 90)),
            "cache_tokens": rollout.cache.num_tokens(0),
            "profiled_ms_per_frame": sum(r[1] for r in rows) / n_prof / 1e3,
+           "host_ms_per_frame": host, "host_waits_per_frame": waits,
            "top": [{"name": k[:160], "ms_per_frame": t / n_prof / 1e3, "calls_per_frame": c / n_prof} for k, t, c in rows[:top]]}
     if cuda:
         out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -84,7 +92,8 @@ def main() -> None:
         r = profile_spec(model, cfg, world, device, spec, args.frames, args.profile, args.top)
         res["specs"][spec] = r
         print(f"== {spec}: median {r['median_ms']:.1f} ms (p90 {r['p90_ms']:.1f}); profiled "
-              f"{r['profiled_ms_per_frame']:.1f} ms per frame", flush=True)
+              f"{r['profiled_ms_per_frame']:.1f} ms per frame; host {r['host_ms_per_frame']:.1f} ms, "
+              f"{r['host_waits_per_frame']:.1f} waits per frame", flush=True)
         for t in r["top"]:
             print(f"   {t['ms_per_frame']:8.2f} ms  x{t['calls_per_frame']:<7.1f} {t['name'][:100]}")
     if args.out:
