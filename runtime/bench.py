@@ -212,7 +212,9 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-              "torch": torch.__version__, "commit": commit_id(), "compile": False, "frames": int(b.frames),
+              "torch": torch.__version__, "commit": commit_id(), "compile": False,
+              "cuda_graph": device.type == "cuda" and bool((cfg.get("engine") or {}).get("cuda_graph", False)),
+              "frames": int(b.frames),
               "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}
     t0 = time.time()

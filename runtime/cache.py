@@ -61,6 +61,9 @@ class KVCache:
         self.length = [0] * s.num_layers  # valid tokens per layer
         self.staged = [0] * s.num_layers
         self.commits = [0] * s.num_layers  # clean frames committed per layer
+        # the same count on the device: tensor code reads this one, so a CUDA graph that
+        # captured a commit keeps counting when it replays (runtime/engine.py)
+        self._steps_t = torch.zeros(s.num_layers, device=s.device, dtype=torch.long)
         # whether the last `stage` returned views of the same length as the frame before
         # (a full cache) rather than a length new on every frame: GPU kernels that build
         # a plan per shape are only worth it for the former (runtime/attention.py)
@@ -96,9 +99,14 @@ class KVCache:
         self._committed(layer, n, m)
         self.length[layer] = n + m
 
-    def _committed(self, layer: int, start: int, m: int) -> None:
-        """Book-keeping after slots [start, start + m) received a clean frame."""
-        self.slot_frame[layer][start : start + m] = self.commits[layer]
+    def _committed(self, layer: int, start: int | torch.Tensor, m: int) -> None:
+        """Book-keeping after slots [start, start + m) (or the slot indices `start`)
+        received a clean frame."""
+        if isinstance(start, torch.Tensor):
+            self.slot_frame[layer].index_copy_(0, start, self._steps_t[layer].expand(m))
+        else:
+            self.slot_frame[layer][start : start + m] = self.commits[layer]
+        self._steps_t[layer].add_(1)
         self.commits[layer] += 1
         self.staged[layer] = 0
         if layer == self.spec.num_layers - 1:
@@ -111,9 +119,15 @@ class KVCache:
     def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
         """(B, H, slots) True for slots written by the last `frames` commits, and sinks."""
         sf = self.slot_frame[layer]
-        keep = sf >= self.commits[layer] - frames
+        keep = sf >= self._steps_t[layer] - frames
         keep[: self.sink_tokens] = True
         return keep[None, None].expand(self.spec.batch, self.spec.heads, -1)
+
+    def graph_ready(self) -> bool:
+        """Every stage and commit from now on has the same shapes and Python-side control
+        flow, so a CUDA graph may capture them (runtime/engine.py). Subclasses that reach
+        such a state say when."""
+        return False
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -166,11 +180,11 @@ class WindowCache(KVCache):
         self.sink_tokens = sink_frames * spec.tokens_per_frame
         self.ring_tokens = window_frames * spec.tokens_per_frame
         super().__init__(spec, self.sink_tokens + self.ring_tokens)
-        self._next = [0] * spec.num_layers  # next ring slot to overwrite once full
 
     def reset(self) -> None:
         super().reset()
-        self._next = [0] * self.spec.num_layers
+        # next ring slot to overwrite once full, on the device (a CUDA graph replays it)
+        self._next_t = torch.zeros(self.spec.num_layers, device=self.spec.device, dtype=torch.long)
 
     def commit(self, layer: int, count: int | None = None) -> None:
         cap = self._capacity
@@ -181,8 +195,12 @@ class WindowCache(KVCache):
             return
         # full: move the committed part of the chunk (at [cap, cap+m)) over the oldest ring slots
         assert m <= self.ring_tokens, "a chunk larger than the window cannot be cached"
-        start = self.sink_tokens + self._next[layer]
+        nxt = self._next_t[layer]
+        slots = self.sink_tokens + (nxt + torch.arange(m, device=nxt.device)) % self.ring_tokens
         for store in (self.k, self.v):
-            store[layer][:, :, start : start + m] = store[layer][:, :, cap : cap + m]
-        self._next[layer] = (self._next[layer] + m) % self.ring_tokens
-        self._committed(layer, start, m)
+            store[layer].index_copy_(2, slots, store[layer][:, :, cap : cap + m])
+        nxt.copy_((nxt + m) % self.ring_tokens)
+        self._committed(layer, slots, m)
+
+    def graph_ready(self) -> bool:
+        return min(self.length) >= self._capacity  # full: the same shapes every frame

@@ -98,7 +98,7 @@ class Rollout:
     passes of one; identical results, see CachedSelfAttention). `flush()` runs it alone.
     """
 
-    def __init__(self, model, sampler, cache: KVCache, attention=None):
+    def __init__(self, model, sampler, cache: KVCache, attention=None, cuda_graph: bool = False):
         self.model = model
         self.sampler = sampler
         self.cache = cache
@@ -106,6 +106,10 @@ class Rollout:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.pending = None
+        # CUDA graphs (runtime/graphs.py): once the cache's shapes stop changing, one frame
+        # is captured and every later frame replays it: no Python or launch cost per kernel
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.graph = None
 
     def _attn(self, commit: int, step_index: int | None):
         if self.attention is None:
@@ -115,8 +119,9 @@ class Rollout:
     def _forward(self, x, prev, times: list[float], actions, indices: list[int], commit: int, step_index):
         """x, prev: (B, F, 3, H, W); actions (B, F); one time and frame index per frame."""
         b = x.shape[0]
-        tt = torch.tensor(times, device=self.device, dtype=torch.float32).expand(b, -1)
-        idx = torch.tensor(indices, device=self.device)
+        tt = (times if isinstance(times, torch.Tensor)
+              else torch.tensor(times, device=self.device, dtype=torch.float32)).expand(b, -1)
+        idx = indices if isinstance(indices, torch.Tensor) else torch.tensor(indices, device=self.device)
         sa, ca = self._attn(commit, step_index)
         return self.model(x, prev, tt, actions, idx, sa, ca, self.prompt_kv)
 
@@ -124,6 +129,8 @@ class Rollout:
     def reset(self, first_frames_u8: torch.Tensor, prompt: torch.Tensor, seed: int) -> None:
         """first_frames_u8: (B, H, W, 3); prompt: (B, T, E)."""
         self.gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.graph = None
+        self.steady_frames = 0  # eager frames in a row with graph_ready() (warm-up before capture)
         self.cache.reset()
         if self.attention is not None:
             self.attention.reset()
@@ -161,6 +168,7 @@ class Rollout:
     @torch.no_grad()
     def flush(self) -> None:
         """Write a pending clean frame into the cache now (a clean pass of its own)."""
+        self.leave_graph()
         if self.pending is None:
             return
         clean, prev, act, index = self.pending
@@ -173,6 +181,14 @@ class Rollout:
 
         With `true_next` (B, H, W, 3) uint8 the cache keeps that frame instead of the
         generated one: next-frame prediction from the true context (evaluation)."""
+        if true_next is None and self.graph is None and self._graph_allowed():
+            from runtime.graphs import FrameGraph
+
+            if self.steady_frames >= FrameGraph.WARMUP_FRAMES:
+                self.graph = FrameGraph(self)
+        if true_next is None and self.graph is not None:
+            return self.graph.step(actions)
+        self.leave_graph()
         actions = actions.to(self.device)
         self.frame_index += 1
         noise = torch.randn(self.prev.shape, generator=self.gen, device=self.device, dtype=torch.float32).to(self.dtype)
@@ -186,7 +202,23 @@ class Rollout:
         frame_u8 = to_uint8(x0[:, 0])
         kept = frame_u8 if true_next is None else true_next.to(self.device)
         self.append(to_unit(kept)[:, None].to(self.dtype), actions)
+        self.steady_frames = self.steady_frames + 1 if self.cuda_graph and self.cache.graph_ready() else 0
         return frame_u8
+
+    def _graph_allowed(self) -> bool:
+        """CUDA graphs are on, the cache's shapes have stopped changing, and nothing
+        measures per call (recall statistics read every attention call's inputs)."""
+        if not self.cuda_graph or self.pending is None or not self.cache.graph_ready():
+            return False
+        return self.attention is None or not self.attention.cfg.stats_recall
+
+    def leave_graph(self) -> None:
+        """Back to eager frames: the state the graph kept in its buffers becomes the
+        rollout's own again (a copy, so the graph's next replay cannot change it)."""
+        if self.graph is not None:
+            self.graph.release()
+            self.graph = None
+            self.steady_frames = 0
 
 
 class NeuralEngine:

@@ -56,7 +56,8 @@ def build_rollout(model, cfg, batch: int = 1) -> Rollout:
     runtime = AttentionRuntime(AttentionConfig.from_dict(cfg.attention))
     cache = runtime.build_cache(spec)
     sampler = FlowSampler(SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)))
-    return Rollout(model, sampler, cache, attention=runtime)
+    engine = cfg.get("engine") or {}
+    return Rollout(model, sampler, cache, attention=runtime, cuda_graph=bool(engine.get("cuda_graph", False)))
 
 
 @dataclass

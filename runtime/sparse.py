@@ -136,8 +136,11 @@ class LayerStats:
 
     def __init__(self):
         self.sums: dict[int, list] = {}
+        self.log: list | None = None  # when a list, every add() is also recorded (CUDA graph capture)
 
     def add(self, layer: int, density, recall=None) -> None:
+        if self.log is not None:
+            self.log.append((layer, density, recall))
         s = self.sums.setdefault(layer, [0.0, 0.0, 0, 0])
         s[0] = s[0] + density
         s[2] += 1

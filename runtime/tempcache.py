@@ -110,7 +110,7 @@ class TempCache(KVCache):
         self._trail = torch.full(lbh + (max(1, self.match_frames), s.tokens_per_frame + 1), -1, device=dev, dtype=torch.long)
         self._history: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(s.num_layers)]
         self.recall_sums: dict[int, list] = {}
-        self.merged_tokens = [0.0] * s.num_layers  # running totals (for the merge rate)
+        self._merged_acc = torch.zeros(s.num_layers, device=dev)  # merged tokens per layer (for the merge rate)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
 
@@ -195,21 +195,26 @@ class TempCache(KVCache):
             idx = torch.zeros_like(merged, dtype=torch.long)
             dst = self._append(st, k_new, v_new, None, merged, step, sink=True)
         else:
-            merged, idx = self._merge(st, k_new, v_new, m_new, step)
-            dst = self._append(st, k_new, v_new, m_new, merged, step, sink=False)
+            # the commit number as a device scalar: what the stamps record, so a captured
+            # CUDA graph that replays this commit keeps counting (runtime/engine.py)
+            step_t = self._steps_t[lo]
+            merged, idx = self._merge(st, k_new, v_new, m_new, step_t)
+            dst = self._append(st, k_new, v_new, m_new, merged, step_t, sink=False)
         if self.track_history:
             self._record_history(lo, hi, k_kept, torch.where(merged, idx, dst), merged)
         if self._uses_trail(c):
             slots = torch.where(merged, idx, dst) if step >= self.sink_frames else torch.full_like(dst, -1)
-            st["trail"][:, :, step % self._trail.shape[3], :c] = slots
+            at = (self._steps_t[lo] % self._trail.shape[3]).view(1)  # this commit's row of the trail
+            st["trail"][..., :c].index_copy_(2, at, slots[:, :, None, :])
         st["logc"][:, :, :cap] = self._logc_of(st["count"][:, :, :cap])
         # statistics stay on the device (no host sync in the hot loop); read them lazily
         rates = merged.view(nl, -1).float().mean(-1)
+        self._merged_acc[lo:hi].add_(rates * c)  # in place: also right when a CUDA graph replays it
+        self._steps_t[lo:hi].add_(1)
         for i, layer in enumerate(range(lo, hi)):
             n = self._exact_prefix[layer]
             # a frame that fits the free slots appends in slot order without merging
             self._exact_prefix[layer] = n + c if n is not None and n + c <= cap else None
-            self.merged_tokens[layer] = self.merged_tokens[layer] + rates[i] * c
             self.new_tokens[layer] += c
             self.last_merge_rate[layer] = rates[i]
             self.staged[layer] = 0
@@ -381,7 +386,7 @@ class TempCache(KVCache):
         st["count"].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
         st["pos"].scatter_(2, dst, torch.where(keep, tok, st["pos"][:, :, cap:cap + 1].expand(b, h, c)))
-        st["stamp"].scatter_(2, dst, torch.full_like(dst, -2 if sink else step))
+        st["stamp"].scatter_(2, dst, torch.full_like(dst, -2) if sink else step.expand(dst.shape))
         return dst
 
     # --- history (evaluation only)
@@ -424,12 +429,19 @@ class TempCache(KVCache):
     def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
         """(B, H, cap) True for groups updated within the last `frames` commits, and sinks."""
         st = self.stamp[layer][:, :, : self._capacity]
-        return (st >= self.commits[layer] - frames) | (st == -2)
+        return (st >= self._steps_t[layer] - frames) | (st == -2)
+
+    def graph_ready(self) -> bool:
+        """Every commit from now on has the same shapes and Python-side control flow (the
+        budget is in use, the sinks are written, no history kept): a CUDA graph may
+        capture it."""
+        return (not self.track_history and all(n is None for n in self._exact_prefix)
+                and min(self.commits) >= self.sink_frames)
 
     def merge_rate(self) -> float:
         """Fraction of committed tokens (after the sinks) that merged into a group."""
         new = sum(self.new_tokens) - self.sink_frames * self.spec.tokens_per_frame * self.spec.num_layers
-        return float(sum(self.merged_tokens)) / max(1, new)
+        return float(self._merged_acc.sum()) / max(1, new)
 
     def last_merge_rates(self) -> list[float]:
         return [float(r) for r in self.last_merge_rate]
