@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -185,7 +186,11 @@ class Rollout:
             from runtime.graphs import FrameGraph
 
             if self.steady_frames >= FrameGraph.WARMUP_FRAMES:
-                self.graph = FrameGraph(self)
+                try:
+                    self.graph = FrameGraph(self)
+                except Exception as err:  # keep playing, eagerly
+                    warnings.warn(f"CUDA graph capture failed, frames stay eager: {err}", RuntimeWarning, stacklevel=2)
+                    self.cuda_graph = False
         if true_next is None and self.graph is not None:
             return self.graph.step(actions)
         self.leave_graph()

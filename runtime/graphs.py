@@ -26,6 +26,8 @@ import copy
 import torch
 
 HOST_COUNTERS = ("commits", "new_tokens", "frames_seen")
+# everything a frame may change on the host side of a cache (put back if a capture fails)
+SAVED_STATE = HOST_COUNTERS + ("staged", "length", "last_merge_rate", "_pending", "_exact_prefix")
 
 
 class FrameGraph:
@@ -37,6 +39,7 @@ class FrameGraph:
         dev = ro.device
         # the state one frame reads and leaves for the next, updated in place by the graph
         self.pend_clean, self.pend_prev, self.pend_act = clean.clone(), prev_of_clean.clone(), act.clone()
+        self.prev_eager = ro.prev
         self.prev = ro.prev.clone()
         self.idx = torch.tensor([index, ro.frame_index + 1], device=dev)
         # per-frame inputs, written before every replay
@@ -50,13 +53,28 @@ class FrameGraph:
 
         cache, stats = ro.cache, self._stats()
         counters = self._counters()
+        saved = {k: copy.copy(getattr(cache, k)) for k in SAVED_STATE if hasattr(cache, k)}
         sums = [copy.deepcopy(s.sums) for s in stats]
         for s in stats:
             s.log = []
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.x0, self.frame_u8 = self._frame()
+        try:
+            # a call that waits for the device cannot be captured: make it an error that
+            # names the call instead of a capture that fails at its end
+            torch.cuda.set_sync_debug_mode("error")
+            with torch.cuda.graph(self.graph):
+                self.x0, self.frame_u8 = self._frame()
+        except Exception:
+            # nothing ran on the device: putting the host-side state back undoes the frame
+            for k, v in saved.items():
+                setattr(cache, k, v)
+            for s, before in zip(stats, sums):
+                s.log, s.sums = None, before
+            ro.pending, ro.prev = (clean, prev_of_clean, act, index), self.prev_eager
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         # the capture ran the frame's Python once without computing it: keep what it did to
         # the host counters as the per-frame change, and put the counters back
         after = self._counters()

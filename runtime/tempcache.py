@@ -290,7 +290,8 @@ class TempCache(KVCache):
             if self.match == "post":  # match keys follow the mean (rewriting an unchanged group is a no-op)
                 _put(st["mkey"], idx, F.normalize(_take(st["k"], idx).float(), dim=-1).to(st["mkey"].dtype))
         count[:, :, :cap] = new_count
-        st["stamp"][:, :, :cap].masked_fill_(touched, step)
+        stamp = st["stamp"][:, :, :cap]
+        stamp.copy_(torch.where(touched, step, stamp))  # (masked_fill_ with a tensor value would sync)
         return merged, idx
 
     def _uses_trail(self, c: int) -> bool:
