@@ -198,10 +198,10 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(device), "frames": args.frames, "batch": args.batch, "configs": {}}
     for name in args.attentions.split(","):
         runs = {}
-        for graph in (False, True):
+        for graph in (False, True, None):  # None: eager again (is eager itself deterministic here?)
             sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             sub.attention = attention_cfg(name)
-            sub.engine.cuda_graph = graph
+            sub.engine.cuda_graph = bool(graph)
             ro = build_rollout(model, sub, batch=args.batch)
             first = torch.from_numpy(world.reset(0))[None].expand(args.batch, -1, -1, -1)
             prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None].expand(args.batch, -1, -1)
@@ -212,9 +212,11 @@ def main() -> None:
                 frames.append(ro.step(a).cpu())
                 lat.append((time.perf_counter() - t0) * 1e3)
             runs[graph] = (torch.stack(frames), lat, ro.graph is not None, ro.cache.merge_rate() if hasattr(ro.cache, "merge_rate") else None)
-        (fe, le, _, me), (fg, lg, used, mg) = runs[False], runs[True]
+        (fe, le, _, me), (fg, lg, used, mg), (f2, _, _, _) = runs[False], runs[True], runs[None]
         first_diff = next((i for i in range(len(fe)) if not torch.equal(fe[i], fg[i])), None)
+        eager_diff = next((i for i in range(len(fe)) if not torch.equal(fe[i], f2[i])), None)
         row = {"identical": first_diff is None, "first_differing_frame": first_diff,
+               "eager_runs_identical": eager_diff is None, "eager_runs_first_differing_frame": eager_diff,
                "max_abs_diff": int((fe.int() - fg.int()).abs().max()), "graph_in_use_at_end": used,
                "merge_rate_eager": me, "merge_rate_graph": mg,
                "eager_ms_last_50": float(np.median(le[-50:])), "graph_ms_last_50": float(np.median(lg[-50:]))}
