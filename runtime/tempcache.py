@@ -68,6 +68,12 @@ class TempCache(KVCache):
         # evaluation only: keep every committed key to measure what the cache still
         # represents (history_recall); memory grows with the rollout
         self.track_history = track_history
+        # how mean values (and mean keys) take their new members: adding every member's
+        # share with index_add_ (the CPU path: in order, deterministic), or sorting the
+        # members by group and writing each group's new mean once (on CUDA, where
+        # index_add_ with repeated groups is atomic and its rounding changes from run to
+        # run, so the same seed would not give the same frames)
+        self.sorted_means = spec.device.type == "cuda"
         self.grid = int(round(spec.tokens_per_frame ** 0.5))
         if representative not in ("recent", "mean"):
             raise ValueError(f"tempcache representative={representative!r}; expected 'recent' or 'mean'")
@@ -270,10 +276,15 @@ class TempCache(KVCache):
         # Work on the c merging tokens, not on the whole budget. Every token that joins
         # group j moves j's mean value by (v_t - v_j) / n_j(new); summed over the tokens
         # joining j this gives (v_j * n_old + sum v_t) / n_new, the mean of all members.
-        v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
         n_grp = torch.gather(new_count, 2, idx)[..., None]
-        delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
-        _put(st["v"], idx, delta.to(self.spec.dtype), add=True)
+        if self.sorted_means:  # one writer per group: no atomic adds (see _sorted_means)
+            n_was = torch.gather(old, 2, idx)
+            dst, rows = _sorted_means(st["v"], idx, merged, v_new, n_was, n_grp[..., 0], cap)
+            _put(st["v"], dst, rows.to(self.spec.dtype))
+        else:
+            v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
+            delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
+            _put(st["v"], idx, delta.to(self.spec.dtype), add=True)
         if self.representative == "recent":
             # the newest merging token of each group represents it: the highest token index
             order = torch.where(merged, torch.arange(c, device=k_new.device).expand(b, h, c), torch.full_like(idx, -1))
@@ -284,9 +295,13 @@ class TempCache(KVCache):
             _put(st["mkey"], dst, m_new)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:  # the mean key, updated like the mean value: work on the merging tokens only
-            k_grp = _take(st["k"], idx).float()
-            kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
-            _put(st["k"], idx, kd.to(self.spec.dtype), add=True)
+            if self.sorted_means:
+                dst, rows = _sorted_means(st["k"], idx, merged, k_new, n_was, n_grp[..., 0], cap)
+                _put(st["k"], dst, rows.to(self.spec.dtype))
+            else:
+                k_grp = _take(st["k"], idx).float()
+                kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
+                _put(st["k"], idx, kd.to(self.spec.dtype), add=True)
             if self.match == "post":  # match keys follow the mean (rewriting an unchanged group is a no-op)
                 _put(st["mkey"], idx, F.normalize(_take(st["k"], idx).float(), dim=-1).to(st["mkey"].dtype))
         count[:, :, :cap] = new_count
@@ -450,6 +465,33 @@ class TempCache(KVCache):
     def num_tokens(self, layer: int = 0) -> int:
         """Occupied groups per head (the largest over heads): a host sync, for statistics."""
         return int((self.count[layer][:, :, : self._capacity] > 0).sum(-1).max())
+
+
+def _sorted_means(store, idx, merged, x_new, n_was, n_now, cap: int):
+    """New means of the groups that take members this frame, one write per group.
+
+    store (B, H, S, D) the current means; idx (B, H, c) each token's group, merged (B, H, c)
+    whether it joins it; x_new (B, H, c, D) the tokens; n_was / n_now (B, H, c) its group's
+    count before / after this frame. The tokens are sorted by group (a stable sort), the
+    members' sum of each group is a difference of running sums, and the last member of
+    each group writes (mean * n_was + sum) / n_now. Returns (slots, rows) for `_put`;
+    non-writers go to the scratch slot `cap`. Deterministic: no atomic adds."""
+    b, h, c, d = x_new.shape
+    key = torch.where(merged, idx, torch.full_like(idx, cap))
+    group, order = torch.sort(key, dim=-1, stable=True)
+    xs = torch.gather(x_new.float(), 2, order[..., None].expand(b, h, c, d))
+    run = F.pad(xs.cumsum(2), (0, 0, 1, 0))  # run[i] = sum of the first i
+    pos = torch.arange(c, device=idx.device).expand(b, h, c)
+    first = torch.ones_like(group, dtype=torch.bool)
+    first[..., 1:] = group[..., 1:] != group[..., :-1]
+    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=-1).values
+    last = torch.ones_like(first)
+    last[..., :-1] = first[..., 1:]
+    total = run[:, :, 1:] - torch.gather(run, 2, start[..., None].expand(b, h, c, d))
+    was = torch.gather(n_was, 2, order)[..., None]
+    now = torch.gather(n_now, 2, order)[..., None].clamp_min(1)
+    rows = (_take(store, group).float() * was + total) / now
+    return torch.where(last & (group < cap), group, torch.full_like(group, cap)), rows
 
 
 def _flat_rows(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

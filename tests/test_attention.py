@@ -441,3 +441,28 @@ def test_caches_report_whether_their_attention_shapes_repeat():
     assert seen["dense"] == [False] * 6
     assert seen["window"] == [False, False, False, True, True, True]  # 3 frames fill it
     assert seen["tempcache"] == [False, False, False, True, True, True]  # the 3-frame budget fills
+
+
+@pytest.mark.parametrize("sorted_means", [False, True])
+def test_many_tokens_of_one_frame_joining_one_group_leave_the_mean_of_all_members(sorted_means):
+    """Both ways of updating group means (index_add_ of each member's share, the CPU path;
+    one write per group after sorting the members, the CUDA path, which must not depend on
+    the order of atomic adds) give the mean key and value of every member."""
+    g = torch.Generator().manual_seed(31)
+    temp = TempCache(spec(), budget_frames=8, sink_frames=1, threshold=0.9, match="pre", representative="mean")
+    temp.sorted_means = sorted_means
+    commit_frame(temp, torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g))  # sink
+    base = torch.randn(1, H, N, D, generator=g)
+    commit_frame(temp, base, torch.randn(1, H, N, D, generator=g))  # N groups
+    members_k = [base[:, :, :1]]
+    members_v = [temp.v[0][:, :, N : N + 1].clone()]
+    for _ in range(2):  # every token of the frame is group 0's content: N members join it at once
+        k = base[:, :, :1] + 1e-3 * torch.randn(1, H, N, D, generator=g)
+        v = torch.randn(1, H, N, D, generator=g)
+        commit_frame(temp, k, v)
+        members_k.append(k)
+        members_v.append(v)
+    group = slice(N, N + 1)  # group 0: the first slot after the sink
+    assert torch.equal(temp.count[0][:, :, group], torch.full((1, H, 1), 1.0 + 2 * N))
+    assert torch.allclose(temp.k[0][:, :, group], torch.cat(members_k, 2).mean(2, keepdim=True), atol=1e-5)
+    assert torch.allclose(temp.v[0][:, :, group], torch.cat(members_v, 2).mean(2, keepdim=True), atol=1e-5)
