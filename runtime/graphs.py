@@ -33,7 +33,9 @@ SAVED_STATE = HOST_COUNTERS + ("staged", "length", "last_merge_rate", "_pending"
 class FrameGraph:
     WARMUP_FRAMES = 2  # eager frames with static shapes before the capture (plans, compiled kernels)
 
-    def __init__(self, rollout):
+    def __init__(self, rollout, capture: bool = True):
+        """capture=False runs the same frame on the same buffers eagerly, without a graph
+        (any device): what the tests compare with the plain eager rollout."""
         ro = self.ro = rollout
         clean, prev_of_clean, act, index = ro.pending
         dev = ro.device
@@ -51,6 +53,9 @@ class FrameGraph:
         self.t_single = [torch.tensor([t], device=dev, dtype=torch.float32) for t in times]
         ro.pending, ro.prev = (self.pend_clean, self.pend_prev, self.pend_act, index), self.prev
 
+        self.graph = None
+        if not capture:
+            return
         cache, stats = ro.cache, self._stats()
         counters = self._counters()
         saved = {k: copy.copy(getattr(cache, k)) for k in SAVED_STATE if hasattr(cache, k)}
@@ -58,12 +63,12 @@ class FrameGraph:
         for s in stats:
             s.log = []
         torch.cuda.synchronize(dev)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         try:
             # a call that waits for the device cannot be captured: make it an error that
             # names the call instead of a capture that fails at its end
             torch.cuda.set_sync_debug_mode("error")
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(graph):
                 self.x0, self.frame_u8 = self._frame()
         except Exception:
             # nothing ran on the device: putting the host-side state back undoes the frame
@@ -75,6 +80,7 @@ class FrameGraph:
             raise
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        self.graph = graph
         # the capture ran the frame's Python once without computing it: keep what it did to
         # the host counters as the per-frame change, and put the counters back
         after = self._counters()
@@ -127,14 +133,17 @@ class FrameGraph:
         ro = self.ro
         self.act.copy_(actions)
         self.noise.copy_(torch.randn(self.noise.shape, generator=ro.gen, device=ro.device, dtype=torch.float32))
-        self.graph.replay()
         ro.frame_index += 1
-        cache = ro.cache
-        for k, d in self.delta.items():
-            setattr(cache, k, _add(getattr(cache, k), d))
-        for s, log in zip(self._stats(), self.logs):
-            for call in log:
-                s.add(*call)
+        if self.graph is None:  # not captured: the frame's Python runs, and counts, as it goes
+            self.x0, self.frame_u8 = self._frame()
+        else:
+            self.graph.replay()
+            cache = ro.cache
+            for k, d in self.delta.items():
+                setattr(cache, k, _add(getattr(cache, k), d))
+            for s, log in zip(self._stats(), self.logs):
+                for call in log:
+                    s.add(*call)
         ro.pending = (self.pend_clean, self.pend_prev, self.pend_act, ro.frame_index)
         if not bool(torch.isfinite(self.x0).all()):
             raise NonFiniteFrameError(

@@ -126,3 +126,35 @@ def test_model_config_rejects_bad_values():
         ModelConfig(frame_size=60, patch=8)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"widht": 3})
+
+
+def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames():
+    """runtime/graphs.py runs a frame on static buffers that the frame itself updates
+    (pending clean frame, previous frame, actions, frame indices); a CUDA graph captures
+    exactly that. Run without capture here (CPU), it must give the frames of the plain
+    rollout, with the caches' counters and the rollout's frame index moving alike."""
+    from runtime.graphs import FrameGraph
+    from runtime.tempcache import TempCache
+
+    model = random_model(7)
+    _, _, prompt = random_clip(1)
+    first = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    actions = torch.randint(0, 6, (14, 2), generator=torch.Generator().manual_seed(4))
+    spec = CacheSpec(TINY.depth, 2, TINY.heads, TINY.head_dim, TINY.tokens_per_frame, torch.device("cpu"), torch.float32)
+    for steps in (1, 2):
+        for make in (lambda: WindowCache(spec, sink_frames=1, window_frames=3),
+                     lambda: TempCache(spec, budget_frames=4, sink_frames=1, threshold=0.5, match="local",
+                                       match_frames=2, representative="mean", merge_when="full")):
+            runs = []
+            for static in (False, True):
+                r = Rollout(model, FlowSampler(SamplerConfig(steps=steps)), make())
+                r.reset(first, prompt.expand(2, -1, -1), seed=5)
+                frames = []
+                for i, a in enumerate(actions):
+                    if static and r.graph is None and r.cache.graph_ready():
+                        r.graph = FrameGraph(r, capture=False)  # from here on, the captured frame's code
+                    frames.append(r.step(a))
+                runs.append((torch.stack(frames), r.frame_index, list(r.cache.commits), r.graph is not None))
+            (eager, fi_e, commits_e, _), (static_frames, fi_s, commits_s, used) = runs
+            assert used, "the cache never reached static shapes"
+            assert torch.equal(eager, static_frames) and fi_e == fi_s and commits_e == commits_s
