@@ -40,33 +40,41 @@ from runtime.sampler import FlowSampler, SamplerConfig
 from worlds.overworld import load_config
 
 
-def build_inputs(batch: dict, ctx_sigma: torch.Tensor, t_tgt: torch.Tensor, gen: torch.Generator | None, device):
+def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tensor, gen: torch.Generator | None,
+                 device, noisy_targets: torch.Tensor | None = None):
     """Assemble [memory | clean | noisy targets] (the mask in runtime/attention.py).
+    ctx_sigma (B,): context-noise level of the clean frames (None: clean, time 0);
+    noisy_targets: the targets at time t_tgt as given (sampling) instead of noised here.
     Returns (noisy, prev, t, actions, frame_index, targets)."""
     x = to_unit(batch["frames"].to(device))  # (B, F+1, 3, S, S): x_{-1}, x_0 .. x_{F-1}
     acts = batch["actions"].to(device)  # (B, F+1)
     b, f1 = x.shape[:2]
     f = f1 - 1
-    s = ctx_sigma.view(b, 1, 1, 1, 1)
+    if ctx_sigma is None:
+        sigma = torch.zeros(b, device=device)
+        context = lambda frames: frames  # noqa: E731
+    else:
+        sigma, s = ctx_sigma, ctx_sigma.view(b, 1, 1, 1, 1)
 
-    def context(frames: torch.Tensor) -> torch.Tensor:  # context noise on clean frames
-        return (1 - s) * frames + s * torch.randn(frames.shape, generator=gen, device=device)
+        def context(frames: torch.Tensor) -> torch.Tensor:  # context noise on clean frames
+            return (1 - s) * frames + s * torch.randn(frames.shape, generator=gen, device=device)
 
     ctx = context(x)
     targets = x[:, 2:]  # x_1 .. x_{F-1}
-    eps_t = torch.randn(targets.shape, generator=gen, device=device)
-    tt = t_tgt.view(b, f - 1, 1, 1, 1)
-    noisy_tgt = (1 - tt) * targets + tt * eps_t
-    noisy = [ctx[:, 1:], noisy_tgt]
+    if noisy_targets is None:
+        eps_t = torch.randn(targets.shape, generator=gen, device=device)
+        tt = t_tgt.view(b, f - 1, 1, 1, 1)
+        noisy_targets = (1 - tt) * targets + tt * eps_t
+    noisy = [ctx[:, 1:], noisy_targets]
     prev = [ctx[:, :-1], ctx[:, 1:-1]]
-    t = [ctx_sigma.view(b, 1).expand(b, f), t_tgt]
+    t = [sigma.view(b, 1).expand(b, f), t_tgt]
     actions = [acts[:, 1:], acts[:, 2:]]
     frame_index = [torch.arange(f, device=device), torch.arange(1, f, device=device)]
     if "memory" in batch:  # earlier frames of the trajectories, at their true distance
         m = batch["memory"].shape[1]
         noisy.insert(0, context(to_unit(batch["memory"].to(device))))
         prev.insert(0, context(to_unit(batch["memory_prev"].to(device))))
-        t.insert(0, ctx_sigma.view(b, 1).expand(b, m))
+        t.insert(0, sigma.view(b, 1).expand(b, m))
         actions.insert(0, batch["memory_actions"].to(device))
         frame_index.insert(0, batch["memory_index"].to(device))
     cat = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
@@ -91,23 +99,19 @@ def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
 
 @torch.no_grad()
 def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> float:
-    """Next-frame PSNR from the true context, sampling every target with the sampler."""
+    """Next-frame PSNR from the true context, sampling every target with the sampler.
+    The context is the window's own frames (memory frames are left out: `mask` is the
+    plain teacher-forcing mask)."""
+    window = {k: v for k, v in batch.items() if not k.startswith("memory")}
     b, f1 = batch["frames"].shape[:2]
     n = f1 - 2
     gen = torch.Generator(device=device).manual_seed(1234)
     noise = torch.randn((b, n, 3) + tuple(batch["frames"].shape[2:4]), generator=gen, device=device)
-    zeros = torch.zeros(b, device=device)
+    pkv = model.encode_prompt(batch["prompt"].to(device))
 
-    def denoise(x, t, i):
-        # rebuild the sequence with the current noisy targets
-        xx = to_unit(batch["frames"].to(device))
-        noisy = torch.cat([xx[:, 1:], x], dim=1)
-        prev = torch.cat([xx[:, :-1], xx[:, 1:-1]], dim=1)
-        tt = torch.cat([zeros.view(b, 1).expand(b, n + 1), torch.full((b, n), t, device=device)], dim=1)
-        acts = batch["actions"].to(device)
-        actions = torch.cat([acts[:, 1:], acts[:, 2:]], dim=1)
-        fi = torch.cat([torch.arange(n + 1, device=device), torch.arange(1, n + 1, device=device)])
-        pkv = model.encode_prompt(batch["prompt"].to(device))
+    def denoise(x, t, i):  # the sequence with the current noisy targets
+        t_tgt = torch.full((b, n), t, device=device)
+        noisy, prev, tt, actions, fi, _ = build_inputs(window, None, t_tgt, None, device, noisy_targets=x)
         return model(noisy, prev, tt, actions, fi, MaskedSelfAttention(mask), dense_cross_attn, pkv)[:, n + 1 :]
 
     x0 = sampler.sample(denoise, noise)
