@@ -112,21 +112,26 @@ def build_source(cfg):
     raise ValueError(f"bench.source={source!r}; expected 'checkpoint' or 'random'")
 
 
+def world_start(world, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world's first frame (B, H, W, 3) uint8 and its prompt (B, T, E), for
+    `Rollout.reset`; a batch repeats the same world."""
+    first = torch.from_numpy(world.reset(seed))[None].expand(batch, -1, -1, -1)
+    prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None].expand(batch, -1, -1)
+    return first, prompt
+
+
 def run_config(model, cfg, name: str, world, actions: list[int], device, on_progress=None) -> dict:
     """One attention config over the action script. `on_progress(rows)` is called every
     200 frames, so a run that is killed keeps what it measured."""
     b = cfg.bench
-    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    sub.attention = attention_cfg(name)
-    rollout = build_rollout(model, sub, batch=1)
-    first = world.reset(int(cfg.seed))
-    prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None]
+    rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(name))
+    first, prompt = world_start(world, int(cfg.seed))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peak(device)
     rows, stopped, t_start = [], None, time.perf_counter()
     try:  # a preallocated cache may not fit at all: that is a result too (frame 0)
-        rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
+        rollout.reset(first, prompt, int(cfg.seed))
     except torch.OutOfMemoryError:
         return {"rows": rows, "total_s": 0.0, "stopped_at": {"frame": 0, "reason": "out of memory at reset"}}
     from tqdm import tqdm

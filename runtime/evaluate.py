@@ -187,9 +187,7 @@ def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:
     for name in names:
         acfg = attention_cfg(name)
         acfg.stats_recall = bool(ev.stats_recall)
-        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        sub.attention = acfg
-        rollout = build_rollout(model, sub, batch=n)
+        rollout = build_rollout(model, cfg, batch=n, attention=acfg)
         t0 = time.time()
         gen = rollout_frames(rollout, truth[:, 0], prompt, actions, int(cfg.seed))
         r = {"time_s": round(time.time() - t0, 2), "frames": frames,
@@ -231,12 +229,10 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
     for name in ev.attentions:
         acfg = attention_cfg(str(name))
         acfg.stats_recall = True
-        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        sub.attention = acfg
         out[str(name)] = {}
         for kind, acts in scripts.items():
             truth, _, atlases = sims[kind]
-            rollout = build_rollout(model, sub, batch=n)
+            rollout = build_rollout(model, cfg, batch=n, attention=acfg)
             if isinstance(rollout.cache, TempCache):
                 rollout.cache.track_history = True
             rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, int(cfg.seed))

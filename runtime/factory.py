@@ -48,16 +48,19 @@ def resolve_path(path: str) -> Path:
     return p
 
 
-def build_rollout(model, cfg, batch: int = 1) -> Rollout:
-    """The rollout for `model` with the cache policy and attention of `cfg.attention`."""
+def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool | None = None) -> Rollout:
+    """The rollout for `model` with the cache policy and attention of `cfg.attention`, or
+    of `attention` (a config node, e.g. `runtime.evaluate.attention_cfg(spec)`) when given;
+    CUDA graphs as `cfg.engine.cuda_graph` says, unless `cuda_graph` is given."""
     p = next(model.parameters())
     mc = model.cfg
     spec = CacheSpec(mc.depth, batch, mc.heads, mc.head_dim, mc.tokens_per_frame, p.device, p.dtype)
-    runtime = AttentionRuntime(AttentionConfig.from_dict(cfg.attention))
+    runtime = AttentionRuntime(AttentionConfig.from_dict(cfg.attention if attention is None else attention))
     cache = runtime.build_cache(spec)
     sampler = FlowSampler(SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)))
-    engine = cfg.get("engine") or {}
-    return Rollout(model, sampler, cache, attention=runtime, cuda_graph=bool(engine.get("cuda_graph", False)))
+    if cuda_graph is None:
+        cuda_graph = bool((cfg.get("engine") or {}).get("cuda_graph", False))
+    return Rollout(model, sampler, cache, attention=runtime, cuda_graph=cuda_graph)
 
 
 @dataclass

@@ -183,9 +183,8 @@ def main() -> None:
 
     import numpy as np
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from runtime.bench import build_source
+    from runtime.bench import build_source, world_start
     from runtime.evaluate import attention_cfg
     from runtime.factory import build_rollout
 
@@ -208,13 +207,8 @@ def main() -> None:
     for name in args.attentions.split(","):
         runs = {}
         for graph in (False, True, None):  # None: eager again (is eager itself deterministic here?)
-            sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-            sub.attention = attention_cfg(name)
-            sub.engine.cuda_graph = bool(graph)
-            ro = build_rollout(model, sub, batch=args.batch)
-            first = torch.from_numpy(world.reset(0))[None].expand(args.batch, -1, -1, -1)
-            prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None].expand(args.batch, -1, -1)
-            ro.reset(first, prompt, 0)
+            ro = build_rollout(model, cfg, batch=args.batch, attention=attention_cfg(name), cuda_graph=bool(graph))
+            ro.reset(*world_start(world, 0, args.batch), 0)
             frames, lat = [], []
             for a in actions:
                 t0 = time.perf_counter()

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
-from runtime.bench import build_source
+from runtime.bench import build_source, world_start
 from runtime.evaluate import attention_cfg
 from runtime.factory import build_rollout
 
@@ -30,16 +29,13 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int, top: int) -> dict:
-    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    sub.attention = attention_cfg(spec)
-    rollout = build_rollout(model, sub, batch=1)
-    first = world.reset(int(cfg.seed))
-    prompt = torch.from_numpy(np.asarray(world.prompt, dtype=np.float32))[None]
+    rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(spec))
+    first, prompt = world_start(world, int(cfg.seed))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rollout.reset(torch.from_numpy(first)[None], prompt, int(cfg.seed))
+    rollout.reset(first, prompt, int(cfg.seed))
     lat = []
     for i in range(frames):
         t0 = time.perf_counter()
