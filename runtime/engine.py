@@ -153,11 +153,27 @@ class Rollout:
             return self._forward(x, self.prev, [t], a, [self.frame_index], 0, step_index)
         clean, prev, act, index = self.pending
         self.pending = None
-        out = self._forward(
-            torch.cat([clean, x], 1), torch.cat([prev, self.prev], 1), [0.0, t],
-            torch.cat([act[:, None], a], 1), [index, self.frame_index], self.model.cfg.tokens_per_frame, step_index,
-        )
+        return self.merged_pass(clean, prev, act, x, a, [0.0, t], [index, self.frame_index], step_index)
+
+    def merged_pass(self, clean, prev_of_clean, act_of_clean, x, a, times, indices, step_index):
+        """The pending clean frame (committed to the cache) and the frame x being denoised
+        (actions a (B, 1)) in one forward; returns the x0 estimate of x. times and indices:
+        one per frame, as lists or device tensors (a CUDA graph passes tensors)."""
+        out = self._forward(torch.cat([clean, x], 1), torch.cat([prev_of_clean, self.prev], 1), times,
+                            torch.cat([act_of_clean[:, None], a], 1), indices, self.model.cfg.tokens_per_frame,
+                            step_index)
         return out[:, 1:]
+
+    def draw_noise(self) -> torch.Tensor:
+        """The next frame's starting noise (float32) from the rollout's generator."""
+        return torch.randn(self.prev.shape, generator=self.gen, device=self.device, dtype=torch.float32)
+
+    def check_finite(self, x0: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x0).all()):
+            raise NonFiniteFrameError(
+                f"the model produced non-finite values at frame {self.frame_index}; "
+                "check the checkpoint and the dtype (engine.dtype)"
+            )
 
     @torch.no_grad()
     def append(self, clean: torch.Tensor, actions: torch.Tensor) -> None:
@@ -196,13 +212,9 @@ class Rollout:
         self.leave_graph()
         actions = actions.to(self.device)
         self.frame_index += 1
-        noise = torch.randn(self.prev.shape, generator=self.gen, device=self.device, dtype=torch.float32).to(self.dtype)
+        noise = self.draw_noise().to(self.dtype)
         x0 = self.sampler.sample(lambda x, t, i: self.predict(x, t, actions, i), noise)
-        if not bool(torch.isfinite(x0).all()):
-            raise NonFiniteFrameError(
-                f"the model produced non-finite values at frame {self.frame_index}; "
-                "check the checkpoint and the dtype (engine.dtype)"
-            )
+        self.check_finite(x0)
         # quantize: what is shown is what is remembered
         frame_u8 = to_uint8(x0[:, 0])
         kept = frame_u8 if true_next is None else true_next.to(self.device)

@@ -25,6 +25,8 @@ import copy
 
 import torch
 
+from runtime.engine import to_uint8, to_unit
+
 HOST_COUNTERS = ("commits", "new_tokens", "frames_seen")
 # everything a frame may change on the host side of a cache (put back if a capture fails)
 SAVED_STATE = HOST_COUNTERS + ("staged", "length", "last_merge_rate", "_pending", "_exact_prefix")
@@ -104,17 +106,12 @@ class FrameGraph:
     def _frame(self):
         """The eager frame (`Rollout.step` with a pending clean frame) on the static buffers."""
         ro = self.ro
-        n = ro.model.cfg.tokens_per_frame
         a = self.act[:, None]
 
         def denoise(x, t, i):
             if i == 0:  # the merged pass: the pending clean frame rides along and is committed
-                out = ro._forward(torch.cat([self.pend_clean, x], 1), torch.cat([self.pend_prev, self.prev], 1),
-                                  self.t_merged, torch.cat([self.pend_act[:, None], a], 1), self.idx, n, i)
-                return out[:, 1:]
+                return ro.merged_pass(self.pend_clean, self.pend_prev, self.pend_act, x, a, self.t_merged, self.idx, i)
             return ro._forward(x, self.prev, self.t_single[i], a, self.idx[1:], 0, i)
-
-        from runtime.engine import to_uint8, to_unit
 
         x0 = ro.sampler.sample(denoise, self.noise.to(ro.dtype))
         frame_u8 = to_uint8(x0[:, 0])
@@ -128,11 +125,9 @@ class FrameGraph:
 
     @torch.no_grad()
     def step(self, actions: torch.Tensor) -> torch.Tensor:
-        from runtime.engine import NonFiniteFrameError
-
         ro = self.ro
         self.act.copy_(actions)
-        self.noise.copy_(torch.randn(self.noise.shape, generator=ro.gen, device=ro.device, dtype=torch.float32))
+        self.noise.copy_(ro.draw_noise())
         ro.frame_index += 1
         if self.graph is None:  # not captured: the frame's Python runs, and counts, as it goes
             self.x0, self.frame_u8 = self._frame()
@@ -145,10 +140,7 @@ class FrameGraph:
                 for call in log:
                     s.add(*call)
         ro.pending = (self.pend_clean, self.pend_prev, self.pend_act, ro.frame_index)
-        if not bool(torch.isfinite(self.x0).all()):
-            raise NonFiniteFrameError(
-                f"the model produced non-finite values at frame {ro.frame_index}; "
-                "check the checkpoint and the dtype (engine.dtype)")
+        ro.check_finite(self.x0)
         return self.frame_u8.clone()
 
     def release(self) -> None:
