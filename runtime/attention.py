@@ -33,14 +33,16 @@ from runtime.cache import KVCache
 
 
 # On CUDA, PyTorch's cuDNN attention builds an execution plan for every new input shape
-# and keeps it: 40-65 ms per new key length on an H100, against 0.02-1.5 ms for the call
-# itself (BENCHMARKS.md). A cache whose length changes every frame (dense, and the others
-# until they fill) would pay that on every frame. Such calls go to the flash / memory-
-# efficient kernels, which need no plan, unless the call is so large that cuDNN's faster
-# kernel earns its plan back (at 2^27 query-key pairs, 3200 queries x 42k keys, the two
-# cost about the same over 30 layers).
+# and keeps it: 55-64 ms per new key length on an H100, against 0.02-1.5 ms for the call
+# itself (`python -m runtime.plan_bench`). A cache whose length changes every frame (dense,
+# and the others until they fill) would pay that on every frame. Such calls go to the
+# flash / memory-efficient kernels, which need no plan, unless the call is so large that
+# cuDNN's faster kernel earns its plan back: by plan_bench's figures (flash 1.3 ms slower
+# per call at 3200 queries x 36800 keys, two new shapes per frame) that happens over 30
+# layers at around 2^27 query-key pairs.
 CUDNN_MIN_PAIRS_FOR_NEW_SHAPES = 1 << 27
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+NO_CUDNN = [  # every SDPA backend but cuDNN
+    SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
@@ -50,7 +52,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         bias = bias.to(q.dtype)
     if not static and q.is_cuda and q.shape[2] * k.shape[2] < CUDNN_MIN_PAIRS_FOR_NEW_SHAPES:
-        with sdpa_kernel(_NO_CUDNN):
+        with sdpa_kernel(NO_CUDNN):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 

@@ -62,7 +62,7 @@ class KVCache:
         self.staged = [0] * s.num_layers
         self.commits = [0] * s.num_layers  # clean frames committed per layer
         # the same count on the device: tensor code reads this one, so a CUDA graph that
-        # captured a commit keeps counting when it replays (runtime/engine.py)
+        # captured a commit keeps counting when it replays (runtime/graphs.py)
         self._steps_t = torch.zeros(s.num_layers, device=s.device, dtype=torch.long)
         # whether the last `stage` returned views of the same length as the frame before
         # (a full cache) rather than a length new on every frame: GPU kernels that build
@@ -125,7 +125,7 @@ class KVCache:
 
     def graph_ready(self) -> bool:
         """Every stage and commit from now on has the same shapes and Python-side control
-        flow, so a CUDA graph may capture them (runtime/engine.py). Subclasses that reach
+        flow, so a CUDA graph may capture them (runtime/graphs.py). Subclasses that reach
         such a state say when."""
         return False
 

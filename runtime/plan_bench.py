@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from runtime.attention import _NO_CUDNN
+from runtime.attention import NO_CUDNN
 
 SHAPES = {  # name: (heads, head_dim, queries, keys); queries = the merged pass's two frames
     "overworld_small": (4, 64, 128, 4224),
@@ -72,7 +72,7 @@ def main() -> None:
         # fresh lengths for each measurement (a length measured once has its plan)
         row["new_length_default_ms"] = new_length_ms(q, kb, vb, [nk + 64 * (i + 1) for i in range(args.calls)], None)
         row["new_length_without_cudnn_ms"] = new_length_ms(
-            q, kb, vb, [nk + 64 * (args.calls + i + 1) for i in range(args.calls)], _NO_CUDNN)
+            q, kb, vb, [nk + 64 * (args.calls + i + 1) for i in range(args.calls)], NO_CUDNN)
         res["shapes"][name] = {key: round(val, 4) if isinstance(val, float) else val for key, val in row.items()}
         print(name, json.dumps(res["shapes"][name]), flush=True)
     if args.out:

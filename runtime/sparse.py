@@ -435,9 +435,9 @@ def dedupe_tokens(pk: torch.Tensor, pv: torch.Tensor):
         u, cnt = torch.unique(r.float(), dim=0, return_counts=True)
         uniq.append(u)
         counts.append(cnt)
-    tmax = max(u.shape[0] for u in uniq)
-    if tmax == t and all(int(cnt.max()) == 1 for cnt in counts):
+    if all(u.shape[0] == t for u in uniq):
         return pk, pv, None  # nothing repeats: the prompt as it is, in its order, without a bias
+    tmax = max(u.shape[0] for u in uniq)
     k2 = torch.zeros(b * h, tmax, d, dtype=pk.dtype, device=pk.device)
     v2 = torch.zeros_like(k2)
     lc = torch.full((b * h, tmax), float("-inf"), device=pk.device)

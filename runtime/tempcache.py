@@ -202,7 +202,7 @@ class TempCache(KVCache):
             dst = self._append(st, k_new, v_new, None, merged, step, sink=True)
         else:
             # the commit number as a device scalar: what the stamps record, so a captured
-            # CUDA graph that replays this commit keeps counting (runtime/engine.py)
+            # CUDA graph that replays this commit keeps counting (runtime/graphs.py)
             step_t = self._steps_t[lo]
             merged, idx = self._merge(st, k_new, v_new, m_new, step_t)
             dst = self._append(st, k_new, v_new, m_new, merged, step_t, sink=False)
