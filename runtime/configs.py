@@ -6,9 +6,20 @@ expected, raised once at start-up.
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(name: str = "config", overrides: list[str] | None = None):
+    """conf/NAME.yaml with command-line style overrides, for tools that run outside
+    `hydra.main` (benchmarks, checks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides or []))
 
 
 def strict_dataclass(cls: type[T], d: Any, group: str) -> T:

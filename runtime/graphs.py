@@ -174,9 +174,8 @@ def main() -> None:
     import time
 
     import numpy as np
-    from hydra import compose, initialize_config_dir
-
     from runtime.bench import build_source, world_start
+    from runtime.configs import compose_config
     from runtime.evaluate import attention_cfg
     from runtime.factory import build_rollout
 
@@ -188,10 +187,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("runtime.graphs needs CUDA")
-    from pathlib import Path
-
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = compose(config_name="bench")
+    cfg = compose_config("bench")
     world, model, device, _ = build_source(cfg)
     rng = np.random.default_rng(0)
     actions = torch.from_numpy(rng.integers(0, 6, (args.frames, args.batch)))
@@ -218,7 +214,8 @@ def main() -> None:
         res["configs"][name] = row
         print(name, json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        with open(args.out, "w") as f:
+            f.write(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULTS = ["controller=scripted", "controller.script=R*20 D*20 L*20 U*20 P", "controller.loop=true"]
 
 
@@ -67,18 +65,15 @@ def engine_alone(engine, controller, seconds: float) -> float:
 def main(argv: list[str]) -> dict[str, float]:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-    from hydra import compose, initialize_config_dir
-
     from controllers import build_controller
-    from runtime.configs import strict_dataclass
+    from runtime.configs import compose_config, strict_dataclass
     from runtime.engine import build_engine
     from runtime.window import Window, WindowConfig
     from worlds import build_world
 
     args = parse_args(argv)
     seconds, warmup = args.seconds, args.warmup
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=DEFAULTS + args.overrides)
+    cfg = compose_config("config", DEFAULTS + args.overrides)
     if cfg.window.kind != "pygame":
         raise ValueError(f"the pacing benchmark needs window=pygame, got window.kind={cfg.window.kind!r}")
     window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
 from runtime.bench import build_source, world_start
+from runtime.configs import compose_config
 from runtime.evaluate import attention_cfg
 from runtime.factory import build_rollout
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int, top: int) -> dict:
@@ -78,8 +77,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=args.config, overrides=args.overrides)
+    cfg = compose_config(args.config, args.overrides)
     world, model, device, _ = build_source(cfg)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__, "config": args.config,

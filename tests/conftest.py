@@ -20,10 +20,9 @@ import pytest  # noqa: E402
 
 def compose(overrides: list[str] | None = None, config_name: str = "config"):
     """A config of conf/ (the root config by default), with command-line style overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from runtime.configs import compose_config
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return compose_config(config_name, overrides)
 
 
 @pytest.fixture
