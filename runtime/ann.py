@@ -179,7 +179,14 @@ def _block_means(x: Tensor, block: int, weight: Tensor | None) -> tuple[Tensor, 
         w = F.pad(w, (0, pad))
     w = w.view(H * nb, 1, block)
     total = w.sum(-1, keepdim=True)  # (H*nB, 1, 1)
-    mean = torch.bmm((w / total.clamp_min(1e-30)).to(x.dtype), x.reshape(H * nb, block, D))
+    w = (w / total.clamp_min(1e-30)).to(x.dtype)
+    if x.stride(0) != nb * block * D and x.stride(1) == D and x.stride(2) == 1:
+        # each head's rows are contiguous but the heads are not next to each other (a prefix
+        # of a cache buffer): fold (H, nB) would copy all of x, so one product per head
+        wh = w.view(H, nb, 1, block)
+        mean = torch.stack([torch.bmm(wh[i], x[i].view(nb, block, D)) for i in range(H)])
+    else:
+        mean = torch.bmm(w, x.reshape(H * nb, block, D))
     return mean.view(H, nb, D), total.view(H, nb)
 
 

@@ -277,10 +277,14 @@ class TempCache(KVCache):
         # group j moves j's mean value by (v_t - v_j) / n_j(new); summed over the tokens
         # joining j this gives (v_j * n_old + sum v_t) / n_new, the mean of all members.
         n_grp = torch.gather(new_count, 2, idx)[..., None]
+        mean_keys = self.representative == "mean"
         if self.sorted_means:  # one writer per group: no atomic adds (see _sorted_means)
-            n_was = torch.gather(old, 2, idx)
-            dst, rows = _sorted_means(st["v"], idx, merged, v_new, n_was, n_grp[..., 0], cap)
-            _put(st["v"], dst, rows.to(self.spec.dtype))
+            # values and (for mean representatives) keys share one sort of the members
+            stores, xs = (["v", "k"], [v_new, k_new]) if mean_keys else (["v"], [v_new])
+            dst, rows = _sorted_means([st[n] for n in stores], idx, merged, xs, torch.gather(old, 2, idx),
+                                      n_grp[..., 0], cap)
+            for name, r in zip(stores, rows):
+                _put(st[name], dst, r.to(self.spec.dtype))
         else:
             v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
             delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
@@ -295,10 +299,7 @@ class TempCache(KVCache):
             _put(st["mkey"], dst, m_new)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:  # the mean key, updated like the mean value: work on the merging tokens only
-            if self.sorted_means:
-                dst, rows = _sorted_means(st["k"], idx, merged, k_new, n_was, n_grp[..., 0], cap)
-                _put(st["k"], dst, rows.to(self.spec.dtype))
-            else:
+            if not self.sorted_means:  # (sorted: written with the values above)
                 k_grp = _take(st["k"], idx).float()
                 kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
                 _put(st["k"], idx, kd.to(self.spec.dtype), add=True)
@@ -467,30 +468,36 @@ class TempCache(KVCache):
         return int((self.count[layer][:, :, : self._capacity] > 0).sum(-1).max())
 
 
-def _sorted_means(store, idx, merged, x_new, n_was, n_now, cap: int):
+def _sorted_means(stores, idx, merged, xs, n_was, n_now, cap: int):
     """New means of the groups that take members this frame, one write per group.
 
-    store (B, H, S, D) the current means; idx (B, H, c) each token's group, merged (B, H, c)
-    whether it joins it; x_new (B, H, c, D) the tokens; n_was / n_now (B, H, c) its group's
-    count before / after this frame. The tokens are sorted by group (a stable sort), the
-    members' sum of each group is a difference of running sums, and the last member of
-    each group writes (mean * n_was + sum) / n_now. Returns (slots, rows) for `_put`;
-    non-writers go to the scratch slot `cap`. Deterministic: no atomic adds."""
-    b, h, c, d = x_new.shape
+    stores: (B, H, S, D) tensors of current means (values, and keys with mean
+    representatives), xs: the joining tokens for each, (B, H, c, D); idx (B, H, c) each
+    token's group, merged (B, H, c) whether it joins it; n_was / n_now (B, H, c) its
+    group's count before / after this frame. The tokens are sorted by group once (a stable
+    sort), the members' sum of each group is a difference of running sums, and the last
+    member of each group writes (mean * n_was + sum) / n_now. Returns (slots, rows per
+    store) for `_put`; non-writers go to the scratch slot `cap`. Deterministic: no atomic
+    adds."""
+    b, h, c = idx.shape
     key = torch.where(merged, idx, torch.full_like(idx, cap))
     group, order = torch.sort(key, dim=-1, stable=True)
-    xs = torch.gather(x_new.float(), 2, order[..., None].expand(b, h, c, d))
-    run = F.pad(xs.cumsum(2), (0, 0, 1, 0))  # run[i] = sum of the first i
     pos = torch.arange(c, device=idx.device).expand(b, h, c)
     first = torch.ones_like(group, dtype=torch.bool)
     first[..., 1:] = group[..., 1:] != group[..., :-1]
     start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=-1).values
     last = torch.ones_like(first)
     last[..., :-1] = first[..., 1:]
-    total = run[:, :, 1:] - torch.gather(run, 2, start[..., None].expand(b, h, c, d))
     was = torch.gather(n_was, 2, order)[..., None]
     now = torch.gather(n_now, 2, order)[..., None].clamp_min(1)
-    rows = (_take(store, group).float() * was + total) / now
+    before = (start - 1).clamp_min(0)
+    rows = []
+    for store, x in zip(stores, xs):
+        d = x.shape[-1]
+        run = torch.gather(x, 2, order[..., None].expand(b, h, c, d)).cumsum(2, dtype=torch.float32)
+        # the sum of the members before this group's first: run[start - 1], or 0 at the start
+        prior = torch.gather(run, 2, before[..., None].expand(b, h, c, d)) * (start > 0)[..., None]
+        rows.append((_take(store, group).float() * was + (run - prior)) / now)
     return torch.where(last & (group < cap), group, torch.full_like(group, cap)), rows
 
 

@@ -167,6 +167,22 @@ def test_pooled_block_scores_are_mean_logits_plus_log_counts():
                 assert s[h, i, j] == pytest.approx(float(mean_logit + torch.logsumexp(lc[ok], 0)), abs=1e-5)
 
 
+def test_pooled_block_scores_of_a_cache_prefix_equal_those_of_its_copy():
+    # AnnSA scores a prefix of each head's buffer: heads are not adjacent in memory, and
+    # the block means take one product per head instead of copying the keys
+    g = torch.Generator().manual_seed(4)
+    buf = torch.randn(3, 48, D, generator=g)
+    q = torch.randn(3, 16, D, generator=g)
+    logc = torch.randn(3, 32, generator=g).abs().log()
+    logc[1, 8:16] = float("-inf")
+    prefix = buf[:, :32]
+    assert not prefix.is_contiguous()
+    got = pooled_block_scores(q, prefix, 8, 8, key_logcount=logc)
+    want = pooled_block_scores(q, prefix.contiguous(), 8, 8, key_logcount=logc)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got[1, :, 1]).all()
+
+
 def test_micro_bench_smoke_runs_and_writes_its_json(tmp_path):
     import json
 
