@@ -128,14 +128,27 @@ def rope_angles(cfg: ModelConfig, frame_index: torch.Tensor) -> torch.Tensor:
     return torch.cat([a_f, a_r, a_c], dim=-1).reshape(-1, hd // 2)  # (F*N, D/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D); cos/sin: (L, D/2). Rotates interleaved pairs (x0,x1), (x2,x3)..."""
-    x1 = x[..., 0::2]
-    x2 = x[..., 1::2]
-    c = cos.to(x.dtype)
-    s = sin.to(x.dtype)
-    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return out.flatten(-2)
+class RopeTables:
+    """cos and sin of the rotary angles, each value repeated for its pair of dimensions,
+    made once per forward pass and cast once per dtype for every layer."""
+
+    def __init__(self, ang: torch.Tensor):
+        self._tables = {torch.float32: (torch.cos(ang).repeat_interleave(2, -1), torch.sin(ang).repeat_interleave(2, -1))}
+
+    def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._tables:
+            cos, sin = self._tables[torch.float32]
+            self._tables[dtype] = (cos.to(dtype), sin.to(dtype))
+        return self._tables[dtype]
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """x: (B, H, L, D), angles for L positions. Rotates interleaved pairs (x0, x1) to
+    (x0 c - x1 s, x0 s + x1 c), written as x * cos + (-x1, x0) * sin: per element the same
+    rounded products and sums as the pairwise form, in fewer kernels."""
+    cos, sin = rope.get(x.dtype)
+    rot = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    return x * cos + rot * sin
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -197,7 +210,7 @@ class Block(nn.Module):
         k, v = self.xkv(prompt).chunk(2, dim=-1)
         return self.split_heads(k, self.xk_norm), self.split_heads(v)
 
-    def forward(self, x, cond, cos, sin, self_attn, layer: int, cross_attn, prompt_k, prompt_v):
+    def forward(self, x, cond, rope: RopeTables, self_attn, layer: int, cross_attn, prompt_k, prompt_v):
         """x: (B, L, W) with L = F*N; cond: (B, F, W) per-frame conditioning (time + action)."""
         b, l, w = x.shape
         f = cond.shape[1]
@@ -211,8 +224,8 @@ class Block(nn.Module):
         k = self.split_heads(k, self.k_norm)
         v = self.split_heads(v)
         k_pre = k  # pre-RoPE keys: what TempCache may match content on
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         a = self_attn(layer, q, k, v, k_pre)  # (B, H, L, D)
         x = x + g1 * self.proj(a.transpose(1, 2).reshape(b, f, l // f, w))
         xq = self.split_heads(self.xq(self.norm_x(x)).view(b, l, w), self.xq_norm)
@@ -276,11 +289,10 @@ class WorldModel(nn.Module):
         x = self.embed(torch.cat([xp, pp], dim=-1)).reshape(b, f * n, -1)  # (B, L, W)
         c = self.t_embed(timestep_embedding(t, cfg.width).to(x.dtype)) + self.a_embed(actions)  # (B, F, W)
         cond = F.silu(c)  # (B, F, W)
-        ang = rope_angles(cfg, frame_index)
-        cos, sin = torch.cos(ang), torch.sin(ang)
+        rope = RopeTables(rope_angles(cfg, frame_index))
         for i, blk in enumerate(self.blocks):
             pk, pv = prompt_kv[i]
-            x = blk(x, cond, cos, sin, self_attn, i, cross_attn, pk, pv)
+            x = blk(x, cond, rope, self_attn, i, cross_attn, pk, pv)
         sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, F, 1, W)
         x = self.norm_out(x.view(b, f, n, -1)) * (1 + sc) + sh
         res = self.out(x)  # (B, F, N, C*P*P)

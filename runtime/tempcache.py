@@ -328,7 +328,7 @@ class TempCache(KVCache):
             flat = slot.reshape(lb, h, -1)
             ok &= (torch.gather(st["stamp"], 2, flat) >= step - self.match_frames).view(slot.shape)
             keys = _take(st["mkey"], flat).view(lb, h, c, -1, d)
-            sim = (keys @ m_new[..., None]).squeeze(-1).masked_fill(~ok, float("-inf"))  # (LB, H, c, T)
+            sim = torch.linalg.vecdot(keys, m_new[..., None, :]).masked_fill(~ok, float("-inf"))  # (LB, H, c, T)
             best, which = sim.max(dim=-1)
             return best, torch.gather(slot, 3, which[..., None]).squeeze(-1)
         slots = st["trail"][:, :, :, :c].reshape(lb, h, -1)  # (LB, H, T*c): commit t, position p
@@ -494,10 +494,13 @@ def _sorted_means(stores, idx, merged, xs, n_was, n_now, cap: int):
     rows = []
     for store, x in zip(stores, xs):
         d = x.shape[-1]
-        run = torch.gather(x, 2, order[..., None].expand(b, h, c, d)).cumsum(2, dtype=torch.float32)
+        # running sums over the sorted tokens, laid out (B, H, D, c) so that the scan runs
+        # along contiguous memory (a scan over a strided dimension is several times slower)
+        run = torch.gather(x, 2, order[..., None].expand(b, h, c, d)).transpose(2, 3)
+        run = run.to(torch.float32, memory_format=torch.contiguous_format).cumsum(-1)
         # the sum of the members before this group's first: run[start - 1], or 0 at the start
-        prior = torch.gather(run, 2, before[..., None].expand(b, h, c, d)) * (start > 0)[..., None]
-        rows.append((_take(store, group).float() * was + (run - prior)) / now)
+        prior = torch.gather(run, 3, before[:, :, None, :].expand(b, h, d, c)) * (start > 0)[:, :, None, :]
+        rows.append((_take(store, group).float() * was + (run - prior).transpose(2, 3)) / now)
     return torch.where(last & (group < cap), group, torch.full_like(group, cap)), rows
 
 
