@@ -217,7 +217,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-              "torch": torch.__version__, "commit": commit_id(), "compile": False,
+              "torch": torch.__version__, "commit": commit_id(), "compile": bool((cfg.get("engine") or {}).get("compile", False)),
               "cuda_graph": device.type == "cuda" and bool((cfg.get("engine") or {}).get("cuda_graph", False)),
               "frames": int(b.frames),
               "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),

@@ -51,7 +51,9 @@ def resolve_path(path: str) -> Path:
 def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool | None = None) -> Rollout:
     """The rollout for `model` with the cache policy and attention of `cfg.attention`, or
     of `attention` (a config node, e.g. `runtime.evaluate.attention_cfg(spec)`) when given;
-    CUDA graphs as `cfg.engine.cuda_graph` says, unless `cuda_graph` is given."""
+    CUDA graphs as `cfg.engine.cuda_graph` says, unless `cuda_graph` is given; the model's
+    blocks compiled as `cfg.engine.compile` says (WorldModel.compile_blocks)."""
+    model.compile_blocks(bool((cfg.get("engine") or {}).get("compile", False)))
     p = next(model.parameters())
     mc = model.cfg
     spec = CacheSpec(mc.depth, batch, mc.heads, mc.head_dim, mc.tokens_per_frame, p.device, p.dtype)

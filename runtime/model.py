@@ -128,27 +128,18 @@ def rope_angles(cfg: ModelConfig, frame_index: torch.Tensor) -> torch.Tensor:
     return torch.cat([a_f, a_r, a_c], dim=-1).reshape(-1, hd // 2)  # (F*N, D/2)
 
 
-class RopeTables:
-    """cos and sin of the rotary angles, each value repeated for its pair of dimensions,
-    made once per forward pass and cast once per dtype for every layer."""
-
-    def __init__(self, ang: torch.Tensor):
-        self._tables = {torch.float32: (torch.cos(ang).repeat_interleave(2, -1), torch.sin(ang).repeat_interleave(2, -1))}
-
-    def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype not in self._tables:
-            cos, sin = self._tables[torch.float32]
-            self._tables[dtype] = (cos.to(dtype), sin.to(dtype))
-        return self._tables[dtype]
+def rope_tables(ang: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, D/2) angles -> cos, sin (L, D) float32, each value repeated for its pair of
+    dimensions; made once per forward pass for every layer."""
+    return torch.cos(ang).repeat_interleave(2, -1), torch.sin(ang).repeat_interleave(2, -1)
 
 
-def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-    """x: (B, H, L, D), angles for L positions. Rotates interleaved pairs (x0, x1) to
-    (x0 c - x1 s, x0 s + x1 c), written as x * cos + (-x1, x0) * sin: per element the same
-    rounded products and sums as the pairwise form, in fewer kernels."""
-    cos, sin = rope.get(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, D); cos, sin: (L, D) from rope_tables. Rotates interleaved pairs
+    (x0, x1) to (x0 c - x1 s, x0 s + x1 c), written as x * cos + (-x1, x0) * sin: per
+    element the same rounded products and sums as the pairwise form, in fewer kernels."""
     rot = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
-    return x * cos + rot * sin
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -210,29 +201,61 @@ class Block(nn.Module):
         k, v = self.xkv(prompt).chunk(2, dim=-1)
         return self.split_heads(k, self.xk_norm), self.split_heads(v)
 
-    def forward(self, x, cond, rope: RopeTables, self_attn, layer: int, cross_attn, prompt_k, prompt_v):
-        """x: (B, L, W) with L = F*N; cond: (B, F, W) per-frame conditioning (time + action)."""
-        b, l, w = x.shape
-        f = cond.shape[1]
-        # modulation is per frame: compute it once per frame, broadcast over its N tokens
-        mod = self.ada(cond)[:, :, None, :]  # (B, F, 1, 6W)
-        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
-        x = x.view(b, f, l // f, w)
-        hx = self.norm1(x) * (1 + sc1) + sh1
-        q, k, v = self.qkv(hx).view(b, l, 3 * w).chunk(3, dim=-1)
-        q = self.split_heads(q, self.q_norm)
-        k = self.split_heads(k, self.k_norm)
-        v = self.split_heads(v)
-        k_pre = k  # pre-RoPE keys: what TempCache may match content on
-        q = apply_rope(q, rope)
-        k = apply_rope(k, rope)
+    def forward(self, x, cond, cos, sin, self_attn, layer: int, cross_attn, prompt_k, prompt_v, fns=None):
+        """x: (B, L, W) with L = F*N; cond: (B, F, W) per-frame conditioning (time + action).
+        The dense parts run through `fns` (compiled versions of the three functions below,
+        `WorldModel.compile_blocks`); the attention calls always run as they are."""
+        enter, middle, leave = fns or (block_enter, block_middle, block_leave)
+        x, q, k, v, k_pre, g1, sh2, sc2, g2 = enter(self, x, cond, cos, sin)
         a = self_attn(layer, q, k, v, k_pre)  # (B, H, L, D)
-        x = x + g1 * self.proj(a.transpose(1, 2).reshape(b, f, l // f, w))
-        xq = self.split_heads(self.xq(self.norm_x(x)).view(b, l, w), self.xq_norm)
+        x, xq = middle(self, x, a, g1)
         xa = cross_attn(layer, xq, prompt_k, prompt_v)
-        x = x + self.xproj(xa.transpose(1, 2).reshape(b, f, l // f, w))
-        hx = self.norm2(x) * (1 + sc2) + sh2
-        return (x + g2 * self.mlp(hx)).view(b, l, w)
+        return leave(self, x, xa, sh2, sc2, g2)
+
+
+def block_enter(blk: Block, x, cond, cos, sin):
+    """Modulation, the self-attention's queries, keys (with and without RoPE) and values."""
+    b, l, w = x.shape
+    f = cond.shape[1]
+    # modulation is per frame: compute it once per frame, broadcast over its N tokens
+    mod = blk.ada(cond)[:, :, None, :]  # (B, F, 1, 6W)
+    sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+    x = x.view(b, f, l // f, w)
+    hx = blk.norm1(x) * (1 + sc1) + sh1
+    q, k, v = blk.qkv(hx).view(b, l, 3 * w).chunk(3, dim=-1)
+    q = blk.split_heads(q, blk.q_norm)
+    k = blk.split_heads(k, blk.k_norm)
+    v = blk.split_heads(v)
+    k_pre = k  # pre-RoPE keys: what TempCache may match content on
+    return x, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, k_pre, g1, sh2, sc2, g2
+
+
+def block_middle(blk: Block, x, a, g1):
+    """The self-attention's output projection and residual; the cross-attention's queries."""
+    b, f, n, w = x.shape
+    x = x + g1 * blk.proj(a.transpose(1, 2).reshape(b, f, n, w))
+    xq = blk.split_heads(blk.xq(blk.norm_x(x)).view(b, f * n, w), blk.xq_norm)
+    return x, xq
+
+
+def block_leave(blk: Block, x, xa, sh2, sc2, g2):
+    """The cross-attention's output projection and residual, then the modulated MLP."""
+    b, f, n, w = x.shape
+    x = x + blk.xproj(xa.transpose(1, 2).reshape(b, f, n, w))
+    hx = blk.norm2(x) * (1 + sc2) + sh2
+    return (x + g2 * blk.mlp(hx)).view(b, f * n, w)
+
+
+_COMPILED_BLOCK_FNS = None
+
+
+def compiled_block_fns():
+    """torch.compile of the three dense parts of a block (static shapes), made once per
+    process and shared by every block: the parameters are inputs of the compiled graphs."""
+    global _COMPILED_BLOCK_FNS
+    if _COMPILED_BLOCK_FNS is None:
+        _COMPILED_BLOCK_FNS = tuple(torch.compile(fn, dynamic=False) for fn in (block_enter, block_middle, block_leave))
+    return _COMPILED_BLOCK_FNS
 
 
 class WorldModel(nn.Module):
@@ -255,6 +278,14 @@ class WorldModel(nn.Module):
         nn.init.zeros_(self.ada_out.bias)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.compiled = False
+
+    def compile_blocks(self, on: bool = True) -> "WorldModel":
+        """Run the blocks' dense parts (modulation, projections, norms, RoPE, MLP) through
+        torch.compile, which fuses their elementwise work; the attention calls (caches,
+        sparse kernels) stay eager. Each new input shape compiles once (`engine.compile`)."""
+        self.compiled = bool(on)
+        return self
 
     # --- prompt: computed once per world, reused by every step
     def encode_prompt(self, prompt: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -289,10 +320,11 @@ class WorldModel(nn.Module):
         x = self.embed(torch.cat([xp, pp], dim=-1)).reshape(b, f * n, -1)  # (B, L, W)
         c = self.t_embed(timestep_embedding(t, cfg.width).to(x.dtype)) + self.a_embed(actions)  # (B, F, W)
         cond = F.silu(c)  # (B, F, W)
-        rope = RopeTables(rope_angles(cfg, frame_index))
+        cos, sin = rope_tables(rope_angles(cfg, frame_index))
+        fns = compiled_block_fns() if self.compiled else None
         for i, blk in enumerate(self.blocks):
             pk, pv = prompt_kv[i]
-            x = blk(x, cond, rope, self_attn, i, cross_attn, pk, pv)
+            x = blk(x, cond, cos, sin, self_attn, i, cross_attn, pk, pv, fns)
         sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, F, 1, W)
         x = self.norm_out(x.view(b, f, n, -1)) * (1 + sc) + sh
         res = self.out(x)  # (B, F, N, C*P*P)

@@ -158,3 +158,19 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames():
             (eager, fi_e, commits_e, _), (static_frames, fi_s, commits_s, used) = runs
             assert used, "the cache never reached static shapes"
             assert torch.equal(eager, static_frames) and fi_e == fi_s and commits_e == commits_s
+
+
+def test_compiled_blocks_give_the_eager_predictions():
+    # engine.compile: the blocks' dense parts through torch.compile, the cached attention
+    # eager; the cached predictions match the uncached forward of the eager model
+    model = random_model()
+    frames, actions, prompt = random_clip(4)
+    noisy = torch.randn(1, 3, 3, 64, 64)
+    ref = uncached_predictions(model, frames, actions, prompt, noisy, 0.6)
+    model.compile_blocks(True)
+    try:
+        got = cached_predictions(model, make_cache(TINY), frames, actions, prompt, noisy, 0.6)
+    finally:
+        model.compile_blocks(False)
+    assert model.compiled is False
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
