@@ -166,7 +166,7 @@ def _add(value, delta):
 
 
 def main() -> None:
-    """`python -m runtime.graphs [--frames 150] [--attentions fastar,window] [--out FILE.json]`
+    """`python -m runtime.graphs [--frames 150] [--attentions fastar,window] [--out FILE.json] [OVERRIDES...]`
     (CUDA): the shipped model's frames with and without CUDA graphs, same seed and actions,
     must be identical; prints both speeds."""
     import argparse
@@ -184,14 +184,16 @@ def main() -> None:
     ap.add_argument("--attentions", default="fastar,window")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/bench.yaml, e.g. engine.compile=true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("runtime.graphs needs CUDA")
-    cfg = compose_config("bench")
+    cfg = compose_config("bench", args.overrides)
     world, model, device, _ = build_source(cfg)
     rng = np.random.default_rng(0)
     actions = torch.from_numpy(rng.integers(0, 6, (args.frames, args.batch)))
-    res = {"device": torch.cuda.get_device_name(device), "frames": args.frames, "batch": args.batch, "configs": {}}
+    res = {"device": torch.cuda.get_device_name(device), "frames": args.frames, "batch": args.batch,
+           "overrides": args.overrides, "configs": {}}
     for name in args.attentions.split(","):
         runs = {}
         for graph in (False, True, None):  # None: eager again (is eager itself deterministic here?)
