@@ -56,6 +56,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--options", nargs="+", default=DEFAULT_OPTIONS, help="JSON kernel_options, one per variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    variants = []
+    for text in args.options:
+        try:
+            opts = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--options {text!r} is not JSON ({e.msg}); expected an object such as "
+                             '\'{"BLOCK_M": 128, "num_warps": 8}\'') from None
+        if not isinstance(opts, dict):
+            raise SystemExit(f"--options {text!r} is not a JSON object of kernel_options")
+        variants.append((text, opts))
     if not torch.cuda.is_available():
         raise SystemExit("flex_tune times the flex kernel on a GPU; no CUDA device here")
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -80,8 +90,8 @@ def main(argv=None) -> dict:
     print(f"{res['device']}: dense SDPA {res['sdpa_ms']:.3f} ms, with the bias {res['sdpa_bias_ms']:.3f} ms; "
           f"flex at {keep}/{nkb} cached blocks:", flush=True)
     ref = None
-    for text in args.options:
-        opts = json.loads(text) or None
+    for text, opts in variants:
+        opts = opts or None
         row = {"options": opts or {}}
         try:
             kern = FlexBlockSparse(blk, blk, kernel_options=opts, max_compiles=64)

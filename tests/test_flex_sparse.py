@@ -203,3 +203,15 @@ def test_micro_bench_smoke_runs_and_writes_its_json(tmp_path):
     tc = out["tempcache"]
     assert tc["commit_ms"] >= 0 and 0 < tc["fraction_reference"] and 0 < tc["merge_rate"] < 1
     assert tc["groups_per_head"] <= tc["capacity"]
+
+
+def test_flex_tune_says_it_needs_a_gpu(monkeypatch):
+    from runtime import flex_tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="GPU"):
+        flex_tune.main(["--density", "0.25"])
+    with pytest.raises(SystemExit, match="not JSON"):  # bad options are refused before anything runs
+        flex_tune.main(["--options", "{BLOCK_M: 128}"])
+    with pytest.raises(SystemExit, match="not a JSON object"):
+        flex_tune.main(["--options", "[128]"])
