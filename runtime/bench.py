@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.evaluate import attention_cfg
-from runtime.factory import build_rollout, load_model, resolve_device, resolve_dtype
+from runtime.factory import build_rollout, engine_flag, load_model, resolve_device, resolve_dtype
 from runtime.model import ModelConfig, WorldModel
 from worlds import build_world
 
@@ -217,8 +217,8 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
-              "torch": torch.__version__, "commit": commit_id(), "compile": bool((cfg.get("engine") or {}).get("compile", False)),
-              "cuda_graph": device.type == "cuda" and bool((cfg.get("engine") or {}).get("cuda_graph", False)),
+              "torch": torch.__version__, "commit": commit_id(), "compile": engine_flag(cfg, "compile"),
+              "cuda_graph": device.type == "cuda" and engine_flag(cfg, "cuda_graph"),
               "frames": int(b.frames),
               "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}

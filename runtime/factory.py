@@ -48,12 +48,17 @@ def resolve_path(path: str) -> Path:
     return p
 
 
+def engine_flag(cfg, name: str) -> bool:
+    """A yes/no setting of `cfg.engine` (false when the config has no engine group or key)."""
+    return bool((cfg.get("engine") or {}).get(name, False))
+
+
 def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool | None = None) -> Rollout:
     """The rollout for `model` with the cache policy and attention of `cfg.attention`, or
     of `attention` (a config node, e.g. `runtime.evaluate.attention_cfg(spec)`) when given;
     CUDA graphs as `cfg.engine.cuda_graph` says, unless `cuda_graph` is given; the model's
     blocks compiled as `cfg.engine.compile` says (WorldModel.compile_blocks)."""
-    model.compile_blocks(bool((cfg.get("engine") or {}).get("compile", False)))
+    model.compile_blocks(engine_flag(cfg, "compile"))
     p = next(model.parameters())
     mc = model.cfg
     spec = CacheSpec(mc.depth, batch, mc.heads, mc.head_dim, mc.tokens_per_frame, p.device, p.dtype)
@@ -61,7 +66,7 @@ def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool |
     cache = runtime.build_cache(spec)
     sampler = FlowSampler(SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)))
     if cuda_graph is None:
-        cuda_graph = bool((cfg.get("engine") or {}).get("cuda_graph", False))
+        cuda_graph = engine_flag(cfg, "cuda_graph")
     return Rollout(model, sampler, cache, attention=runtime, cuda_graph=cuda_graph)
 
 
