@@ -7,7 +7,8 @@ the noisy frame (2 x frame-tokens queries) over a TempCache buffer of budget-fra
 plus the two staged frames, `density` of the cached blocks of 128 selected per query block
 (at random), the log-count bias as a score_mod. Each `--options` is a JSON object of
 flex_attention kernel_options (`{}`: the defaults); every variant is checked against the
-first one and timed with CUDA events (median of 20 calls after 3). Dense SDPA over the same
+first one and timed with CUDA events (`runtime.micro_bench.timed`: median of 20 calls
+after 3). Dense SDPA over the same
 keys, with and without the bias, is timed for reference. Options that do not fit the GPU
 (shared memory) are reported as failures.
 """
@@ -22,27 +23,13 @@ import torch.nn.functional as F
 
 from runtime.attention import sdpa
 from runtime.flex_sparse import FlexBlockSparse
+from runtime.micro_bench import timed
 
 DEFAULT_OPTIONS = ['{}', '{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4}',
                    '{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}',
                    '{"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}',
                    '{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}',
                    '{"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}']
-
-
-def cuda_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> dict:
@@ -69,6 +56,10 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("flex_tune times the flex kernel on a GPU; no CUDA device here")
     dev, dt = torch.device("cuda"), torch.bfloat16
+
+    def ms(fn) -> float:
+        return timed(fn, dev, warmup=3, repeats=20)["ms"]
+
     g = torch.Generator(device=dev).manual_seed(0)
     h, d, n, blk = args.heads, args.head_dim, args.frame_tokens, args.block
     cap = args.budget_frames * n
@@ -84,8 +75,8 @@ def main(argv=None) -> dict:
     sel = torch.rand(1, h, nqb, nkb, device=dev, generator=g).topk(keep, dim=-1).indices
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "density": args.density,
            "kept_blocks": keep, "cached_blocks": nkb, "queries": m, "keys": cap + m, "heads": h, "head_dim": d,
-           "sdpa_ms": cuda_ms(lambda: F.scaled_dot_product_attention(q, k[:, :, : cap + m], v[:, :, : cap + m])),
-           "sdpa_bias_ms": cuda_ms(lambda: sdpa(q, k[:, :, : cap + m], v[:, :, : cap + m], bias[:, :, None, : cap + m])),
+           "sdpa_ms": ms(lambda: F.scaled_dot_product_attention(q, k[:, :, : cap + m], v[:, :, : cap + m])),
+           "sdpa_bias_ms": ms(lambda: sdpa(q, k[:, :, : cap + m], v[:, :, : cap + m], bias[:, :, None, : cap + m])),
            "variants": []}
     print(f"{res['device']}: dense SDPA {res['sdpa_ms']:.3f} ms, with the bias {res['sdpa_bias_ms']:.3f} ms; "
           f"flex at {keep}/{nkb} cached blocks:", flush=True)
@@ -99,7 +90,7 @@ def main(argv=None) -> dict:
             out = kern(q, k, v, bias, plan)
             ref = out if ref is None else ref
             row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
-            row["ms"] = cuda_ms(lambda: kern(q, k, v, bias, plan))
+            row["ms"] = ms(lambda: kern(q, k, v, bias, plan))
             print(f"  {row['ms']:7.3f} ms  {text}", flush=True)
         except Exception as e:  # a tile that does not fit this GPU's shared memory, for one
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
