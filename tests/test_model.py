@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import conftest
+import pytest
 import torch
 
 from runtime.attention import MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
@@ -163,14 +164,33 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames():
 def test_compiled_blocks_give_the_eager_predictions():
     # engine.compile: the blocks' dense parts through torch.compile, the cached attention
     # eager; the cached predictions match the uncached forward of the eager model
+    from torch._dynamo.utils import counters
+
     model = random_model()
     frames, actions, prompt = random_clip(4)
     noisy = torch.randn(1, 3, 3, 64, 64)
     ref = uncached_predictions(model, frames, actions, prompt, noisy, 0.6)
+    compiled_before = counters["stats"]["unique_graphs"]
     model.compile_blocks(True)
     try:
         got = cached_predictions(model, make_cache(TINY), frames, actions, prompt, noisy, 0.6)
     finally:
         model.compile_blocks(False)
     assert model.compiled is False
+    assert counters["stats"]["unique_graphs"] > compiled_before  # the blocks really ran compiled
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_rotates_each_pair_exactly_as_the_pairwise_formula(dtype):
+    # apply_rope computes x * cos + (-x1, x0) * sin: per element the same rounded products
+    # and sum as (x0 c - x1 s, x0 s + x1 c), so the rewrite leaves every output unchanged
+    from runtime.model import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(11)
+    ang = torch.randn(50, 16, generator=g) * 5
+    x = torch.randn(2, 3, 50, 32, generator=g).to(dtype)
+    c, s = torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    pairwise = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    assert torch.equal(apply_rope(x, *rope_tables(ang)), pairwise)
