@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from runtime import merge_kernel
 from runtime.ann import AnnBackend, build_ann, mass_recall
 from runtime.cache import CacheSpec, KVCache
 
@@ -196,23 +197,27 @@ class TempCache(KVCache):
         src = self._pre[lo:hi].view(lb, h, -1, d) if self.match in ("pre", "local") else st["k"][:, :, cap:]
         m_new = F.normalize(src[:, :, :c].float(), dim=-1)
         k_kept = k_new if self.track_history else None
+        # the commit number as a device scalar: what the stamps record, so a captured CUDA
+        # graph that replays this commit keeps counting (runtime/graphs.py)
+        step_t = self._steps_t[lo]
         if step < self.sink_frames:
             merged = torch.zeros(k_new.shape[:3], dtype=torch.bool, device=k_new.device)
             idx = torch.zeros_like(merged, dtype=torch.long)
-            dst = self._append(st, k_new, v_new, None, merged, step, sink=True)
+            dst = self._append(st, k_new, v_new, None, merged, step, sink=True, now=step_t)
         else:
-            # the commit number as a device scalar: what the stamps record, so a captured
-            # CUDA graph that replays this commit keeps counting (runtime/graphs.py)
-            step_t = self._steps_t[lo]
             merged, idx = self._merge(st, k_new, v_new, m_new, step_t)
-            dst = self._append(st, k_new, v_new, m_new, merged, step_t, sink=False)
+            dst = self._append(st, k_new, v_new, m_new, merged, step_t, sink=False, now=step_t)
         if self.track_history:
             self._record_history(lo, hi, k_kept, torch.where(merged, idx, dst), merged)
         if self._uses_trail(c):
             slots = torch.where(merged, idx, dst) if step >= self.sink_frames else torch.full_like(dst, -1)
             at = (self._steps_t[lo] % self._trail.shape[3]).view(1)  # this commit's row of the trail
             st["trail"][..., :c].index_copy_(2, at, slots[:, :, None, :])
-        st["logc"][:, :, :cap] = self._logc_of(st["count"][:, :, :cap])
+        # log-counts of the slots whose count changed (the groups that took members, the
+        # slots that were appended to); merged tokens' `dst` is the scratch slot, whose
+        # log-count `stage` sets again
+        changed = torch.where(merged, idx, dst)
+        st["logc"].scatter_(2, changed, self._logc_of(torch.gather(st["count"], 2, changed)))
         # statistics stay on the device (no host sync in the hot loop); read them lazily
         rates = merged.view(nl, -1).float().mean(-1)
         self._merged_acc[lo:hi].add_(rates * c)  # in place: also right when a CUDA graph replays it
@@ -268,23 +273,27 @@ class TempCache(KVCache):
             room = (st["count"][:, :, :cap] == 0).sum(-1, keepdim=True) >= c  # (LB, H, 1)
             merged = merged & ~room
         w = merged.to(torch.float32)  # (LB, H, c)
+        # Work on the c merging tokens, not on the whole budget. Counts are whole numbers in
+        # float32: adding the members in any order gives the same count.
         count = st["count"]
-        old = count[:, :, :cap]
-        add = torch.zeros_like(old).scatter_add_(2, idx, w)
-        new_count = old + add  # (LB, H, cap)
-        touched = add > 0
-        # Work on the c merging tokens, not on the whole budget. Every token that joins
-        # group j moves j's mean value by (v_t - v_j) / n_j(new); summed over the tokens
-        # joining j this gives (v_j * n_old + sum v_t) / n_new, the mean of all members.
-        n_grp = torch.gather(new_count, 2, idx)[..., None]
+        n_was = torch.gather(count, 2, idx)  # each token's group count before this frame
+        count.scatter_add_(2, idx, w)
+        # Every token that joins group j moves j's mean value by (v_t - v_j) / n_j(new);
+        # summed over the tokens joining j this gives (v_j * n_old + sum v_t) / n_new, the
+        # mean of all members.
+        n_grp = torch.gather(count, 2, idx)[..., None]
         mean_keys = self.representative == "mean"
         if self.sorted_means:  # one writer per group: no atomic adds (see _sorted_means)
             # values and (for mean representatives) keys share one sort of the members
             stores, xs = (["v", "k"], [v_new, k_new]) if mean_keys else (["v"], [v_new])
-            dst, rows = _sorted_means([st[n] for n in stores], idx, merged, xs, torch.gather(old, 2, idx),
-                                      n_grp[..., 0], cap)
-            for name, r in zip(stores, rows):
-                _put(st[name], dst, r.to(self.spec.dtype))
+            if merge_kernel.available(v_new):  # one Triton kernel per store (runtime/merge_kernel.py)
+                order, group, start = merge_kernel.group_runs(idx, merged, cap)
+                for name, x in zip(stores, xs):
+                    merge_kernel.group_means_(st[name], x, order, group, start, n_was, n_grp[..., 0], cap)
+            else:
+                dst, rows = _sorted_means([st[n] for n in stores], idx, merged, xs, n_was, n_grp[..., 0], cap)
+                for name, r in zip(stores, rows):
+                    _put(st[name], dst, r.to(self.spec.dtype))
         else:
             v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
             delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
@@ -295,8 +304,8 @@ class TempCache(KVCache):
             last = torch.full((b, h, cap), -1, device=k_new.device, dtype=torch.long).scatter_reduce_(2, idx, order, "amax")
             is_rep = merged & (torch.gather(last, 2, idx) == torch.arange(c, device=k_new.device))
             dst = torch.where(is_rep, idx, torch.full_like(idx, cap))  # slot `cap` is scratch
-            _put(st["k"], dst, k_new)
-            _put(st["mkey"], dst, m_new)
+            _put(st["k"], dst, k_new, skip=cap)
+            _put(st["mkey"], dst, m_new, skip=cap)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:  # the mean key, updated like the mean value: work on the merging tokens only
             if not self.sorted_means:  # (sorted: written with the values above)
@@ -305,9 +314,8 @@ class TempCache(KVCache):
                 _put(st["k"], idx, kd.to(self.spec.dtype), add=True)
             if self.match == "post":  # match keys follow the mean (rewriting an unchanged group is a no-op)
                 _put(st["mkey"], idx, F.normalize(_take(st["k"], idx).float(), dim=-1).to(st["mkey"].dtype))
-        count[:, :, :cap] = new_count
-        stamp = st["stamp"][:, :, :cap]
-        stamp.copy_(torch.where(touched, step, stamp))  # (masked_fill_ with a tensor value would sync)
+        # the groups that took members are fresh; tokens that merged nowhere stamp the scratch slot
+        st["stamp"].scatter_(2, torch.where(merged, idx, torch.full_like(idx, cap)), step.expand(idx.shape))
         return merged, idx
 
     def _uses_trail(self, c: int) -> bool:
@@ -377,29 +385,27 @@ class TempCache(KVCache):
         s = s.masked_fill(~near, float("-inf"))
         return s.max(dim=-1)
 
-    def _append(self, st, k_new, v_new, m_new, merged, step, sink: bool) -> torch.Tensor:
+    def _append(self, st, k_new, v_new, m_new, merged, step, sink: bool, now: torch.Tensor) -> torch.Tensor:
         """Put unmerged tokens into free slots, else over the least recently updated groups.
-        Returns each token's destination slot (the scratch slot for merged tokens)."""
+        Returns each token's destination slot (the scratch slot for merged tokens). now:
+        this commit's number, a device scalar."""
         b, h, c, d = k_new.shape
         cap = self._capacity
-        count = st["count"][:, :, :cap]
-        stamp = st["stamp"][:, :, :cap]
-        is_sink = stamp == -2
         # eviction order: empty slots first (in slot order), then the oldest stamp; never sinks
-        big = torch.iinfo(torch.long).max // 4
-        slot = torch.arange(cap, device=k_new.device)
-        prio = torch.where(count > 0, stamp * cap + slot + cap, slot - cap)  # empties sort first
-        prio = torch.where(is_sink, torch.full_like(prio, big), prio)
+        if merge_kernel.available(k_new):
+            prio = merge_kernel.eviction_priority(st["count"], st["stamp"], now, cap)
+        else:
+            prio = eviction_priority_reference(st["count"], st["stamp"], now, cap)
         order = prio.topk(c, dim=-1, largest=False).indices  # (LB, H, c) candidate slots, best first
         rank = (~merged).long().cumsum(-1) - 1  # the i-th unmerged token takes order[i]
         dest = torch.gather(order, 2, rank.clamp_min(0))
         keep = ~merged
         # tokens that merged write nowhere: send them to their own destination unchanged
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
-        _put(st["k"], dst, k_new)
-        _put(st["v"], dst, v_new)
+        _put(st["k"], dst, k_new, skip=cap)
+        _put(st["v"], dst, v_new, skip=cap)
         mvals = torch.zeros(k_new.shape, device=k_new.device, dtype=torch.float32) if sink else m_new
-        _put(st["mkey"], dst, mvals)
+        _put(st["mkey"], dst, mvals, skip=cap)
         st["count"].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
         st["pos"].scatter_(2, dst, torch.where(keep, tok, st["pos"][:, :, cap:cap + 1].expand(b, h, c)))
@@ -504,6 +510,19 @@ def _sorted_means(stores, idx, merged, xs, n_was, n_now, cap: int):
     return torch.where(last & (group < cap), group, torch.full_like(group, cap)), rows
 
 
+def eviction_priority_reference(count: torch.Tensor, stamp: torch.Tensor, now: torch.Tensor, cap: int) -> torch.Tensor:
+    """PyTorch form of `merge_kernel.eviction_priority` (the same int32 priorities): empty
+    slots first in slot order, then the oldest stamp (ages capped), ties in slot order;
+    sinks last."""
+    count, stamp = count[:, :, :cap], stamp[:, :, :cap]
+    top = merge_kernel.age_cap(cap)
+    slot = torch.arange(cap, device=count.device)
+    age = (now - stamp).clamp_max(top)
+    prio = torch.where(count > 0, (top - age) * cap + slot + cap, slot - cap)
+    prio = torch.where(stamp == -2, torch.full_like(prio, 2**31 - 1), prio)
+    return prio.to(torch.int32)
+
+
 def _flat_rows(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     b, h, s = store.shape[:3]
     base = torch.arange(b * h, device=slots.device).view(b, h, 1) * s
@@ -517,10 +536,15 @@ def _take(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return store.view(b * h * s, d).index_select(0, _flat_rows(store, slots)).view(*slots.shape, d)
 
 
-def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool = False) -> None:
+def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool = False, skip: int = -1) -> None:
     """store[b, h, slots[b, h, i]] = rows[b, h, i] (or +=), in place. store (B, H, S, D) is
     contiguous; slots (B, H, c). Rows are copied by index along one flat dimension: on CPU
-    scatter_ with an index expanded over D copied the whole store on every call."""
+    scatter_ with an index expanded over D copied the whole store on every call. skip: a
+    slot (the scratch slot) that need not be written: the Triton kernel (CUDA) leaves it
+    alone; index_copy_ writes it."""
+    if not add and merge_kernel.available(store):
+        merge_kernel.put_rows_(store, slots, rows.contiguous(), skip)
+        return
     b, h, s, d = store.shape
     flat = _flat_rows(store, slots)
     view = store.view(b * h * s, d)

@@ -1,0 +1,149 @@
+"""TempCache's Triton kernels (runtime/merge_kernel.py) against the PyTorch code they replace.
+
+On a machine without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1,
+set before Triton is imported, so in a child process). Where Triton is not installed those
+tests are skipped; the GPU run of the same checks is `pytest -m gpu tests/test_merge_kernel.py`
+on a CUDA machine.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runtime import merge_kernel
+from runtime.cache import CacheSpec
+from runtime.tempcache import TempCache, _put, _sorted_means, eviction_priority_reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def test_eviction_order_is_the_stamp_order_in_int32():
+    """Empty slots first in slot order, then the oldest stamp, ties by slot, sinks never:
+    the order of the former int64 key stamp * cap + slot, now in int32 with capped ages."""
+    g = torch.Generator().manual_seed(3)
+    cap = 50
+    count = (torch.rand(2, 3, cap + 7, generator=g) < 0.8).float() * 3
+    stamp = torch.randint(0, 40, (2, 3, cap + 1), generator=g)
+    stamp[..., :2] = -2  # sinks
+    stamp[count[..., : cap + 1] == 0] = -1
+    now = torch.tensor(41)
+    prio = eviction_priority_reference(count, stamp, now, cap)
+    assert prio.dtype == torch.int32
+    slot = torch.arange(cap)
+    old = torch.where(count[..., :cap] > 0, stamp[..., :cap] * cap + slot + cap, slot - cap)
+    old = torch.where(stamp[..., :cap] == -2, torch.full_like(old, 1 << 40), old)
+    k = cap - 2  # every slot but the sinks
+    assert torch.equal(prio.topk(k, largest=False).indices, old.topk(k, largest=False).indices)
+    # ages beyond the cap count as the cap: the oldest go first, in slot order
+    top = merge_kernel.age_cap(cap)
+    stamp2 = torch.full((1, 1, cap + 1), 5)
+    stamp2[..., 10] = 4
+    far = eviction_priority_reference(torch.ones(1, 1, cap), stamp2, torch.tensor(5 + top + 100), cap)
+    assert far.topk(3, largest=False).indices.tolist() == [[[0, 1, 2]]]
+    near = eviction_priority_reference(torch.ones(1, 1, cap), stamp2, torch.tensor(6), cap)
+    assert near.topk(3, largest=False).indices.tolist() == [[[10, 0, 1]]]
+
+
+def _checks(device: str) -> None:
+    """Every kernel against its PyTorch counterpart (run under the interpreter on the CPU)."""
+    g = torch.Generator(device=device).manual_seed(5)
+    B, H, c, D, cap = 2, 3, 24, 64, 30
+    S = cap + 2 * c
+    for dt in (torch.float32, torch.bfloat16):
+        # group means: many tokens per group, and a few groups of one
+        store = torch.randn(B, H, S, D, generator=g, device=device).to(dt)
+        x = torch.randn(B, H, c, D, generator=g, device=device).to(dt)
+        idx = torch.randint(0, 6, (B, H, c), generator=g, device=device)
+        idx[..., -3:] = torch.tensor([20, 21, 22], device=device)
+        merged = torch.rand(B, H, c, generator=g, device=device) < 0.7
+        members = torch.zeros(B, H, cap, device=device).scatter_add_(2, idx, merged.float())
+        n_was = torch.gather(torch.randint(1, 5, (B, H, cap), generator=g, device=device).float(), 2, idx)
+        n_now = n_was + torch.gather(members, 2, idx)
+        ref = store.clone()
+        dst, rows = _sorted_means([ref], idx, merged, [x], n_was, n_now, cap)
+        ref.view(-1, D)[(torch.arange(B * H, device=device).view(B, H, 1) * S + dst).reshape(-1)] = \
+            rows[0].to(dt).reshape(-1, D)
+        out = store.clone()
+        merge_kernel.group_means_(out, x, *merge_kernel.group_runs(idx, merged, cap), n_was, n_now, cap)
+        tol = 1e-5 if dt == torch.float32 else 2e-2  # summation order: running sums vs direct
+        assert torch.allclose(out[:, :, :cap].float(), ref[:, :, :cap].float(), atol=tol, rtol=tol), dt
+        assert torch.equal(out[:, :, cap:], store[:, :, cap:]), "the kernel writes only group slots"
+        touched = torch.zeros(B, H, S, dtype=torch.bool, device=device).scatter_(2, torch.where(merged, idx, cap), True)
+        touched[:, :, cap] = False
+        assert torch.equal((out != store).any(-1), touched)
+
+        # row puts: unique slots, the scratch slot skipped
+        slots = torch.stack([torch.randperm(cap, generator=g, device=device)[:c] for _ in range(B * H)]).view(B, H, c)
+        slots[..., ::4] = cap
+        rows = torch.randn(B, H, c, D, generator=g, device=device).to(dt)  # as the cache puts them: no cast
+        want = store.clone()
+        keep = slots != cap
+        flat = (torch.arange(B * H, device=device).view(B, H, 1) * S + slots)[keep]
+        want.view(-1, D)[flat] = rows[keep]
+        got = store.clone()
+        merge_kernel.put_rows_(got, slots, rows, skip=cap)
+        assert torch.equal(got, want)
+
+    # eviction priorities: exactly the reference's
+    count = (torch.rand(B, H, S, generator=g, device=device) < 0.7).float()
+    stamp = torch.randint(0, 30, (B, H, cap + 1), generator=g, device=device)
+    stamp[..., :3] = -2
+    stamp[count[..., : cap + 1] == 0] = -1
+    for now in (30, 30 + merge_kernel.age_cap(cap) + 9):
+        t = torch.tensor(now, device=device)
+        assert torch.equal(merge_kernel.eviction_priority(count, stamp, t, cap),
+                           eviction_priority_reference(count, stamp, t, cap))
+
+    # a TempCache rollout with the kernels against the PyTorch paths
+    spec = CacheSpec(2, 1, 2, 16, 16, torch.device(device), torch.float32)
+    caches = []
+    for kernels in (True, False):
+        cache = TempCache(spec, budget_frames=4, sink_frames=1, threshold=0.8, match="pre", representative="mean",
+                          merge_when="always")
+        cache.sorted_means = True
+        caches.append(cache)
+    gen = torch.Generator(device=device).manual_seed(9)
+    base = torch.randn(1, 2, 16, 16, generator=gen, device=device)
+    for f in range(12):
+        k = base + 0.5 * torch.randn(1, 2, 16, 16, generator=gen, device=device)
+        v = torch.randn(1, 2, 16, 16, generator=gen, device=device)
+        for i, cache in enumerate(caches):
+            merge_kernel.ENABLED = i == 0
+            for layer in range(2):
+                cache.stage(layer, k, v, k)
+                cache.commit(layer)
+    merge_kernel.ENABLED = True
+    a, b = caches
+    assert a.merge_rate() == b.merge_rate() and 0.1 < a.merge_rate() < 0.9
+    for name in ("_count", "_stamp", "_pos", "_logc"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    cap = a._capacity
+    for name in ("_k", "_v", "_mkey"):
+        assert torch.allclose(getattr(a, name)[:, :, :, :cap], getattr(b, name)[:, :, :, :cap], atol=1e-5), name
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_match_pytorch_under_the_interpreter():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    res = subprocess.run([sys.executable, __file__, "cpu"], env=env, cwd=repo, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "kernels match" in res.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_kernels_match_pytorch_on_the_gpu():
+    _checks("cuda")
+
+
+if __name__ == "__main__":
+    _checks(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print("kernels match")
