@@ -20,6 +20,7 @@ DIR/memory.png (one line per config).
 """
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import subprocess
@@ -124,10 +125,15 @@ def run_config(model, cfg, name: str, world, actions: list[int], device, on_prog
     """One attention config over the action script. `on_progress(rows)` is called every
     200 frames, so a run that is killed keeps what it measured."""
     b = cfg.bench
-    rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(name))
-    first, prompt = world_start(world, int(cfg.seed))
+    # what the previous config left is freed before this one is measured: a rollout that
+    # played from a CUDA graph is a reference cycle (rollout <-> graph), which only the
+    # cycle collector frees, and until then its caches and the graph's memory pool stay
+    # allocated and count in the next config's peak
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(name))
+    first, prompt = world_start(world, int(cfg.seed))
     reset_peak(device)
     rows, stopped, t_start = [], None, time.perf_counter()
     try:  # a preallocated cache may not fit at all: that is a result too (frame 0)

@@ -73,6 +73,41 @@ def test_progress_is_saved_while_a_config_runs(tmp_path):
     assert seen == [200, 400] and len(res["rows"]) == 400
 
 
+def test_a_config_is_measured_after_the_previous_configs_rollout_is_freed(tmp_path, monkeypatch):
+    """A rollout that played from a CUDA graph is a reference cycle; its caches must not
+    count in the next config's peak memory. Here every rollout is made cyclic and the
+    automatic collector is off, so only the bench's own collection can free them."""
+    import gc
+    import weakref
+
+    import runtime.bench as bench
+
+    made, alive_at_reset = [], []
+    build = bench.build_rollout
+
+    def cyclic_rollout(*args, **kwargs):
+        rollout = build(*args, **kwargs)
+        rollout.self_ref = rollout  # as rollout.graph.rollout is on a GPU
+        made.append(weakref.ref(rollout))
+        return rollout
+
+    reset = bench.reset_peak
+
+    def checking_reset(device):
+        alive_at_reset.append(sum(r() is not None for r in made[:-1]))  # earlier configs' rollouts
+        reset(device)
+
+    monkeypatch.setattr(bench, "build_rollout", cyclic_rollout)
+    monkeypatch.setattr(bench, "reset_peak", checking_reset)
+    cfg = tiny_random(["bench.frames=3", f"bench.attentions=[window,'{FASTAR}',dense]"])
+    gc.disable()
+    try:
+        run(cfg, tmp_path)
+    finally:
+        gc.enable()
+    assert len(made) == 3 and alive_at_reset == [0, 0, 0]
+
+
 def test_every_default_attention_of_both_bench_configs_is_a_valid_variant():
     from runtime.evaluate import attention_cfg
     from runtime.sparse import AttentionConfig
