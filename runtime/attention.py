@@ -41,6 +41,16 @@ from runtime.cache import KVCache
 # per call at 3200 queries x 36800 keys, two new shapes per frame) that happens over 30
 # layers at around 2^27 query-key pairs.
 CUDNN_MIN_PAIRS_FOR_NEW_SHAPES = 1 << 27
+# At a shape that repeats, cuDNN's plan is built once, but on small calls its kernel is
+# the slower one (plan_bench: 0.040 ms against flash's 0.023 at 128 queries x 4224 keys;
+# 1.47 against 2.77 ms at 3200 x 36800), and building the plans stalls play for one frame
+# when a cache first reaches its static shape. Below this many query-key pairs, about the
+# geometric middle of those two shapes, static calls without a bias skip cuDNN too
+# (`window` on the shipped model, H100: no more 0.6 s frame when the window fills, and
+# 2.11 -> 1.50 ms per frame; BENCHMARKS.md). Calls with a bias (TempCache's log-counts)
+# keep cuDNN: without it a bias goes to the memory-efficient kernel, which was slower
+# for `fastar`'s frame; its plans still cost one 1.6 s frame when its budget fills.
+CUDNN_MIN_PAIRS_FOR_STATIC_SHAPES = 1 << 23
 NO_CUDNN = [  # every SDPA backend but cuDNN
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -51,7 +61,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor |
     static=False: the key length is new on (nearly) every call; see above."""
     if bias is not None:
         bias = bias.to(q.dtype)
-    if not static and q.is_cuda and q.shape[2] * k.shape[2] < CUDNN_MIN_PAIRS_FOR_NEW_SHAPES:
+    if not static:
+        floor = CUDNN_MIN_PAIRS_FOR_NEW_SHAPES
+    else:
+        floor = CUDNN_MIN_PAIRS_FOR_STATIC_SHAPES if bias is None else 0
+    if q.is_cuda and q.shape[2] * k.shape[2] < floor:
         with sdpa_kernel(NO_CUDNN):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -173,3 +173,23 @@ def group_means_(store: torch.Tensor, x: torch.Tensor, order: torch.Tensor, grou
     _group_means_kernel[grid](store, x, order.contiguous(), group.contiguous(), start.contiguous(),
                               n_was.float().contiguous(), n_now.float().contiguous(), cap, s, c, d,
                               BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
+
+
+def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: int, d: int) -> None:
+    """Compile every kernel for a cache of these sizes now, on one row of scratch data,
+    instead of at the first merge in play (Triton compiles a kernel on its first call for
+    each specialization of its sizes; it keeps them in memory and on disk). slots: the
+    width of the key and value stores (cap + staged), cap: the groups, c: tokens per
+    commit, d: head dimension."""
+    kv = torch.zeros(1, 1, slots, d, device=device, dtype=dtype)
+    x = torch.zeros(1, 1, c, d, device=device, dtype=dtype)
+    idx = torch.zeros(1, 1, c, device=device, dtype=torch.long)
+    ones = torch.ones(1, 1, c, device=device)
+    group_means_(kv, x, *group_runs(idx, torch.ones_like(idx, dtype=torch.bool), cap), ones, ones, cap)
+    scratch = torch.full_like(idx, cap)
+    put_rows_(kv, scratch, x, cap)
+    mkey = torch.zeros(1, 1, cap + 1, d, device=device)
+    put_rows_(mkey, scratch, torch.zeros(1, 1, c, d, device=device), cap)
+    count = torch.zeros(1, 1, slots, device=device)
+    stamp = torch.full((1, 1, cap + 1), -1, device=device, dtype=torch.long)
+    eviction_priority(count, stamp, torch.zeros((), device=device, dtype=torch.long), cap)

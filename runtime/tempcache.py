@@ -118,6 +118,8 @@ class TempCache(KVCache):
         self._history: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(s.num_layers)]
         self.recall_sums: dict[int, list] = {}
         self._merged_acc = torch.zeros(s.num_layers, device=dev)  # merged tokens per layer (for the merge rate)
+        if merge_kernel.available(self._count):  # compile the kernels now: not at the first merge in play
+            merge_kernel.warm_up(s.dtype, dev, full, cap, s.tokens_per_frame, s.head_dim)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
 
