@@ -5,7 +5,9 @@ config in `bench.attentions`, one after another in one process (comparable). Per
 end-to-end latency (sampling, cache update, frame conversion to uint8 on the host), FPS,
 cache tokens per layer, and memory (CUDA max allocated on GPU; resident set size on
 CPU, with the peak reset between configs). The first `bench.warmup` chunks of each config
-are excluded from the summary. A config stops early when one chunk takes longer than
+are excluded from the summary. With `bench.lockstep: true` the configs instead advance
+one chunk each in turn, so that a machine whose speed drifts slows all of them alike
+(memory is then the process's peak, shared by all). A config stops early when one chunk takes longer than
 `bench.max_chunk_ms` (median of the last 5 chunks, so one stall does not count) or memory
 runs out; the frame where it stopped is recorded.
 
@@ -121,50 +123,109 @@ def world_start(world, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.T
     return first, prompt
 
 
-def run_config(model, cfg, name: str, world, actions: list[int], device, on_progress=None) -> dict:
-    """One attention config over the action script. `on_progress(rows)` is called every
-    200 frames, so a run that is killed keeps what it measured."""
-    b = cfg.bench
-    # what the previous config left is freed before this one is measured: a rollout that
-    # played from a CUDA graph is a reference cycle (rollout <-> graph), which only the
-    # cycle collector frees, and until then its caches and the graph's memory pool stay
-    # allocated and count in the next config's peak
+class ConfigRun:
+    """One attention config's rollout, advanced one chunk at a time; records a row per
+    chunk and stops on a sustained slow chunk or when memory runs out."""
+
+    def __init__(self, model, cfg, name: str, world, device):
+        self.cfg, self.name, self.device = cfg, name, device
+        self.rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(name))
+        self.first, self.prompt = world_start(world, int(cfg.seed))
+        self.rows: list[dict] = []
+        self.stopped: dict | None = None
+        self.t_start = self.total_s = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.stopped is None
+
+    def start(self) -> None:
+        self.t_start = time.perf_counter()
+        try:  # a preallocated cache may not fit at all: that is a result too (frame 0)
+            self.rollout.reset(self.first, self.prompt, int(self.cfg.seed))
+        except torch.OutOfMemoryError:
+            self.stopped = {"frame": 0, "reason": "out of memory at reset"}
+
+    def step(self, i: int, action: int) -> None:
+        """Frame i + 1 with `action`."""
+        b = self.cfg.bench
+        t0 = time.perf_counter()
+        try:
+            frame = self.rollout.step(torch.tensor([action]))
+            frame.cpu().numpy()  # frame conversion to the host is part of the cost (and waits for the device)
+        except torch.OutOfMemoryError:
+            self.stopped = {"frame": i + 1, "reason": "out of memory"}
+            return
+        ms = (time.perf_counter() - t0) * 1e3
+        self.rows.append({"frame": i + 1, "latency_ms": round(ms, 3), "fps": round(1e3 / ms, 2),
+                          "cache_tokens": self.rollout.cache.num_tokens(0), "peak_mem_mb": round(peak_mb(self.device), 1)})
+        recent = float(np.median([x["latency_ms"] for x in self.rows[-5:]]))
+        if i >= int(b.warmup) and recent > float(b.max_chunk_ms):  # sustained, not one stall
+            self.stopped = {"frame": i + 1, "reason": f"median of the last 5 chunks {recent:.0f} ms > bench.max_chunk_ms={b.max_chunk_ms}"}
+
+    def finish(self) -> dict:
+        total = round(time.perf_counter() - self.t_start, 2) if self.rows else 0.0
+        self.rollout = None  # the caches go with it
+        return {"rows": self.rows, "total_s": total, "stopped_at": self.stopped}
+
+
+def release(device) -> None:
+    """Free what earlier configs left before the next is measured: a rollout that played
+    from a CUDA graph is a reference cycle (rollout <-> graph), which only the cycle
+    collector frees, and until then its caches and the graph's memory pool stay allocated
+    and count in the next config's peak."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(name))
-    first, prompt = world_start(world, int(cfg.seed))
+
+
+def run_config(model, cfg, name: str, world, actions: list[int], device, on_progress=None) -> dict:
+    """One attention config over the action script. `on_progress(rows)` is called every
+    200 frames, so a run that is killed keeps what it measured."""
+    release(device)
+    run = ConfigRun(model, cfg, name, world, device)
     reset_peak(device)
-    rows, stopped, t_start = [], None, time.perf_counter()
-    try:  # a preallocated cache may not fit at all: that is a result too (frame 0)
-        rollout.reset(first, prompt, int(cfg.seed))
-    except torch.OutOfMemoryError:
-        return {"rows": rows, "total_s": 0.0, "stopped_at": {"frame": 0, "reason": "out of memory at reset"}}
+    run.start()
     from tqdm import tqdm
 
-    bar = tqdm(total=len(actions), desc=name, dynamic_ncols=True, disable=not bool(b.progress), leave=False)
+    bar = tqdm(total=len(actions), desc=name, dynamic_ncols=True, disable=not bool(cfg.bench.progress), leave=False)
     for i, a in enumerate(actions):
-        t0 = time.perf_counter()
-        try:
-            frame = rollout.step(torch.tensor([a]))
-            frame.cpu().numpy()  # frame conversion to the host is part of the cost (and waits for the device)
-        except torch.OutOfMemoryError:
-            stopped = {"frame": i + 1, "reason": "out of memory"}
+        if not run.active:
             break
-        ms = (time.perf_counter() - t0) * 1e3
-        rows.append({"frame": i + 1, "latency_ms": round(ms, 3), "fps": round(1e3 / ms, 2),
-                     "cache_tokens": rollout.cache.num_tokens(0), "peak_mem_mb": round(peak_mb(device), 1)})
+        run.step(i, a)
+        bar.update(1)
+        if on_progress is not None and (i + 1) % 200 == 0 and run.rows:
+            on_progress(run.rows)
+    bar.close()
+    return run.finish()
+
+
+def run_lockstep(model, cfg, names: list[str], world, actions: list[int], device, on_progress=None) -> dict:
+    """Every config advances one chunk in turn (`bench.lockstep`): a machine whose speed
+    changes from minute to minute slows every config alike, so their ratios at any frame
+    compare the same moments. Memory is the process's (all configs at once): its peak is
+    shared, and per-config memory is not separated. `on_progress(name, rows)` every 200
+    frames."""
+    release(device)
+    runs = {n: ConfigRun(model, cfg, n, world, device) for n in names}
+    reset_peak(device)
+    for r in runs.values():
+        r.start()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(actions), desc="lockstep", dynamic_ncols=True, disable=not bool(cfg.bench.progress), leave=False)
+    for i, a in enumerate(actions):
+        live = [r for r in runs.values() if r.active]
+        if not live:
+            break
+        for r in live:
+            r.step(i, a)
         bar.update(1)
         if on_progress is not None and (i + 1) % 200 == 0:
-            on_progress(rows)
-        recent = float(np.median([x["latency_ms"] for x in rows[-5:]]))
-        if i >= int(b.warmup) and recent > float(b.max_chunk_ms):  # sustained, not one stall
-            stopped = {"frame": i + 1, "reason": f"median of the last 5 chunks {recent:.0f} ms > bench.max_chunk_ms={b.max_chunk_ms}"}
-            break
+            for n, r in runs.items():
+                on_progress(n, r.rows)
     bar.close()
-    total = time.perf_counter() - t_start
-    del rollout
-    return {"rows": rows, "total_s": round(total, 2), "stopped_at": stopped}
+    return {n: r.finish() for n, r in runs.items()}
 
 
 def summarize(rows: list[dict], warmup: int) -> dict:
@@ -225,24 +286,33 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "commit": commit_id(), "compile": engine_flag(cfg, "compile"),
               "cuda_graph": device.type == "cuda" and engine_flag(cfg, "cuda_graph"),
-              "frames": int(b.frames),
+              "frames": int(b.frames), "lockstep": bool(b.get("lockstep", False)),
               "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}
     t0 = time.time()
-    def save_partial(name: str, rows: list[dict]) -> None:
-        if out is not None:
-            partial = {**result, "configs": {**result["configs"], name: {"rows": rows, "total_s": None,
-                                                                        "stopped_at": {"frame": rows[-1]["frame"], "reason": "in progress"}}}}
-            (out / "bench.json").write_text(json.dumps(partial) + "\n")
+    partial: dict[str, dict] = {}  # configs still running, as far as they got
 
-    for att in b.attentions:
-        c = run_config(model, cfg, str(att), world, actions, device, on_progress=lambda rows, n=str(att): save_partial(n, rows))
-        result["configs"][str(att)] = c
-        result["summary"][str(att)] = {**summarize(c["rows"], int(b.warmup)), "stopped_at": c["stopped_at"], "total_s": c["total_s"]}
-        print(json.dumps({str(att): result["summary"][str(att)]}), flush=True)
+    def save_partial(name: str, rows: list[dict]) -> None:
+        if out is not None and rows:
+            partial[name] = {"rows": rows, "total_s": None, "stopped_at": {"frame": rows[-1]["frame"], "reason": "in progress"}}
+            running = {k: v for k, v in partial.items() if k not in result["configs"]}
+            (out / "bench.json").write_text(json.dumps({**result, "configs": {**result["configs"], **running}}) + "\n")
+
+    def record(name: str, c: dict) -> None:
+        result["configs"][name] = c
+        result["summary"][name] = {**summarize(c["rows"], int(b.warmup)), "stopped_at": c["stopped_at"], "total_s": c["total_s"]}
+        print(json.dumps({name: result["summary"][name]}), flush=True)
         result["total_s"] = round(time.time() - t0, 1)
         if out is not None:  # after every config, so an interrupted run keeps what it measured
             (out / "bench.json").write_text(json.dumps(result) + "\n")
+
+    names = [str(a) for a in b.attentions]
+    if b.get("lockstep", False):
+        for name, c in run_lockstep(model, cfg, names, world, actions, device, on_progress=save_partial).items():
+            record(name, c)
+        return result
+    for name in names:
+        record(name, run_config(model, cfg, name, world, actions, device, on_progress=lambda rows, n=name: save_partial(n, rows)))
     return result
 
 

@@ -108,6 +108,42 @@ def test_a_config_is_measured_after_the_previous_configs_rollout_is_freed(tmp_pa
     assert len(made) == 3 and alive_at_reset == [0, 0, 0]
 
 
+def test_lockstep_advances_every_config_in_turn_and_measures_the_same_rollouts(tmp_path, monkeypatch):
+    import runtime.bench as bench
+
+    names = ["window", FASTAR]
+    for d in ("seq", "lock"):
+        (tmp_path / d).mkdir()
+    seq = run(tiny_random(["bench.frames=6", f"bench.attentions=[window,'{FASTAR}']"]), tmp_path / "seq")
+    order = []
+    step = bench.ConfigRun.step
+
+    def recording_step(self, i, action):
+        order.append((i, self.name))
+        step(self, i, action)
+
+    monkeypatch.setattr(bench.ConfigRun, "step", recording_step)
+    lock = run(tiny_random(["bench.frames=6", f"bench.attentions=[window,'{FASTAR}']", "bench.lockstep=true"]),
+               tmp_path / "lock")
+    assert order == [(i, n) for i in range(6) for n in names]  # one chunk each, in turn
+    assert lock["lockstep"] is True and seq["lockstep"] is False
+    for n in names:
+        rows = lock["configs"][n]["rows"]
+        assert [r["frame"] for r in rows] == list(range(1, 7)) and all(set(r) == ROW_KEYS for r in rows)
+        assert [r["cache_tokens"] for r in rows] == [r["cache_tokens"] for r in seq["configs"][n]["rows"]]
+        assert lock["configs"][n]["stopped_at"] is None
+
+
+def test_lockstep_stops_a_slow_config_and_goes_on_with_the_others(tmp_path):
+    cfg = tiny_random(["bench.frames=8", "bench.attentions=[dense,window]", "bench.lockstep=true",
+                       "bench.max_chunk_ms=0.0001"])
+    res = run(cfg, tmp_path)
+    for n in ("dense", "window"):  # both exceed the limit at the first chunk after warm-up
+        assert res["configs"][n]["stopped_at"]["frame"] == 3 and len(res["configs"][n]["rows"]) == 3
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved["configs"]) == {"dense", "window"}
+
+
 def test_every_default_attention_of_both_bench_configs_is_a_valid_variant():
     from runtime.evaluate import attention_cfg
     from runtime.sparse import AttentionConfig
