@@ -488,14 +488,9 @@ def _sorted_means(stores, idx, merged, xs, n_was, n_now, cap: int):
     store) for `_put`; non-writers go to the scratch slot `cap`. Deterministic: no atomic
     adds."""
     b, h, c = idx.shape
-    key = torch.where(merged, idx, torch.full_like(idx, cap))
-    group, order = torch.sort(key, dim=-1, stable=True)
-    pos = torch.arange(c, device=idx.device).expand(b, h, c)
-    first = torch.ones_like(group, dtype=torch.bool)
-    first[..., 1:] = group[..., 1:] != group[..., :-1]
-    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=-1).values
-    last = torch.ones_like(first)
-    last[..., :-1] = first[..., 1:]
+    order, group, start = merge_kernel.group_runs(idx, merged, cap)
+    last = torch.ones_like(group, dtype=torch.bool)
+    last[..., :-1] = group[..., 1:] != group[..., :-1]
     was = torch.gather(n_was, 2, order)[..., None]
     now = torch.gather(n_now, 2, order)[..., None].clamp_min(1)
     before = (start - 1).clamp_min(0)
