@@ -157,6 +157,23 @@ class LayerStats:
                 "per_layer": per}
 
 
+def _block_rows(x: torch.Tensor, lc: int, blk: int, sel: torch.Tensor) -> torch.Tensor:
+    """Blocks `sel` (BH, nQB, K) of the first lc tokens of x (B, H, L, D) ->
+    (BH, nQB, K, blk * D). Each block's rows are contiguous in a cache buffer, so a block
+    is copied as one row of blk * D elements (an index_select; a gather with the index
+    expanded over blk and D was several times slower on the CPU)."""
+    b, h, _, d = x.shape
+    nkb = lc // blk
+    if x.stride(3) == 1 and x.stride(2) == d and x.stride(1) % (blk * d) == 0 and x.stride(0) == h * x.stride(1):
+        per_head = x.stride(1) // (blk * d)  # blocks per head in the underlying buffer
+        rows = x.as_strided((b * h * per_head, blk * d), (blk * d, 1))
+        flat = (torch.arange(b * h, device=x.device) * per_head)[:, None, None] + sel
+    else:  # not a prefix of an aligned buffer: copy the cache part once
+        rows = x[:, :, :lc].reshape(b * h * nkb, blk * d)
+        flat = (torch.arange(b * h, device=x.device) * nkb)[:, None, None] + sel
+    return rows.index_select(0, flat.reshape(-1)).view(*sel.shape, blk * d)
+
+
 class AnnSelfAttention:
     """Block-sparse self-attention over [cache | chunk] through cheap block scores.
 
@@ -178,7 +195,7 @@ class AnnSelfAttention:
         blk = cfg.flex_block if flex else cfg.block
         nkb = lc // blk  # selectable cache blocks (flex: a ragged tail travels with the chunk)
         keep_n = min(nkb, math.ceil(cfg.density * nkb))
-        if (not self.sparse or nkb < max(1, cfg.min_blocks) or (not flex and (lc % blk or m % blk))
+        if (not self.sparse or nkb < max(1, cfg.min_blocks) or (not flex and (lc % blk or m % blk or c % blk))
                 or keep_n / max(nkb, 1) > cfg.max_density):
             out = staged_attention(q, keys, values, bias, c, self.cache.static_shape)
             self.rt.sa_stats.add(layer, 1.0, 1.0 if cfg.stats_recall else None)
@@ -257,37 +274,32 @@ class AnnSelfAttention:
         return kb, vb
 
     def _sparse(self, layer, q, keys, values, bias, lc, nkb, keep_n):
+        """Gather kernel: for each query block, its kept cache blocks and the whole chunk, in
+        one batched SDPA call. Kept blocks are copied as whole rows of blk * D elements
+        (`_block_rows`); the bias is one row per query block (the kept blocks' log-counts;
+        for the clean queries of the merged pass, -inf over the noisy frame), broadcast over
+        the block's queries."""
         cfg = self.rt.cfg
         b, h, m, d = q.shape
         blk = cfg.block
         nqb = m // blk
         bh = b * h
         hide = self._hide(m, lc + m, q.device)
-        qf = q.reshape(bh, m, d)
-        kc = keys[:, :, :lc].reshape(bh, lc, d)
         sel = self.select(layer, q, keys, bias, nkb, keep_n, blk, self.rt.sa_select("gather"))  # (BH, nQB, K)
-        kb = kc.view(bh, nkb, blk, d)
-        vb = values[:, :, :lc].reshape(bh, nkb, blk, d)
-        gi = sel[..., None, None].expand(-1, -1, -1, blk, d)
-        gk = torch.gather(kb[:, None].expand(-1, nqb, -1, -1, -1), 2, gi).reshape(bh, nqb, keep_n * blk, d)
-        gv = torch.gather(vb[:, None].expand(-1, nqb, -1, -1, -1), 2, gi).reshape(bh, nqb, keep_n * blk, d)
+        gk = _block_rows(keys, lc, blk, sel).view(bh, nqb, keep_n * blk, d)
+        gv = _block_rows(values, lc, blk, sel).view(bh, nqb, keep_n * blk, d)
         own_k = keys[:, :, lc:].reshape(bh, 1, m, d).expand(-1, nqb, -1, -1)
         own_v = values[:, :, lc:].reshape(bh, 1, m, d).expand(-1, nqb, -1, -1)
         kk = torch.cat([gk, own_k], dim=2)
         vv = torch.cat([gv, own_v], dim=2)
-        # bias: the kept slots' log counts, then zeros (or the merged-pass mask) for the chunk
-        if bias is not None:
+        ab = torch.zeros(bh, nqb, 1, keep_n * blk + m, device=q.device, dtype=q.dtype)
+        if bias is not None:  # the kept slots' log-counts
             bb = bias[:, :, 0, :lc].reshape(bh, nkb, blk)
-            gb = torch.gather(bb[:, None].expand(-1, nqb, -1, -1), 2, sel[..., None].expand(-1, -1, -1, blk))
-            gb = gb.reshape(bh, nqb, 1, keep_n * blk).expand(-1, -1, blk, -1)
-        else:
-            gb = torch.zeros(bh, nqb, blk, keep_n * blk, device=q.device)
-        own_b = torch.zeros(m, m, device=q.device)
-        if hide is not None:
-            own_b = own_b.masked_fill(hide[:, lc:], float("-inf"))
-        own_b = own_b.view(nqb, blk, m)[None].expand(bh, -1, -1, -1)
-        ab = torch.cat([gb.float(), own_b], dim=-1).to(q.dtype)
-        qb = qf.view(bh, nqb, blk, d)
+            ab[..., 0, : keep_n * blk] = torch.gather(bb[:, None].expand(-1, nqb, -1, -1), 2,
+                                                       sel[..., None].expand(-1, -1, -1, blk)).reshape(bh, nqb, -1)
+        if hide is not None:  # the same for every query of a block: clean blocks do not see the noisy frame
+            ab[..., 0, keep_n * blk :].masked_fill_(hide[::blk, lc:].view(1, nqb, m), float("-inf"))
+        qb = q.reshape(bh, nqb, blk, d)
         out = F.scaled_dot_product_attention(qb, kk, vv, attn_mask=ab).reshape(b, h, m, d)
         recall = None
         if cfg.stats_recall:

@@ -1,8 +1,8 @@
-"""Where AnnSA and AnnCA pay: `python -m runtime.sparse_bench [--threads 2] [--heads 4] [--blocks 16 64 256 1024] [--prompt-tokens 256 1024 4096]`.
+"""Where AnnSA and AnnCA pay: `python -m runtime.sparse_bench [--threads 2] [--heads 4] [--blocks 16 64 256 1024] [--anns quant lsh exact pooled] [--prompt-tokens 256 1024 4096]`.
 
 Times one self-attention call of a 64-token query block over a filled dense cache, dense
 (`CachedSelfAttention`) against AnnSA (`AnnSelfAttention`, selection included) for each
-ANN backend, at 25% density, in bf16 on the CPU (or `--device cuda`). Then one
+ANN backend (and `pooled`: AnnSA's mean-pooled block scores), at 25% density, in bf16 on the CPU (or `--device cuda`). Then one
 cross-attention call of a two-frame pass (2 x 64 queries) over prompts of each size,
 dense against AnnCA (`AnnCrossAttention`, selection included). Prints tables of
 milliseconds per call. Attention-only figures: not end to end.
@@ -50,17 +50,19 @@ def main() -> None:
             q, k, v = (torch.randn(1, h, n, d, dtype=dt, device=device) for _ in range(3))
             dense = time_ms(lambda: CachedSelfAttention(cache, 0)(0, q, k, v, k), device, args.repeats)
             row = [f"{nkb}", f"{dense:.2f}"]
-            for ann in args.anns:
-                rt = AttentionRuntime(AttentionConfig(annsa=True, ann=ann, block=n, density=args.density, min_blocks=1))
+            for ann in args.anns:  # "pooled": mean-pooled block scores instead of an ANN backend's
+                select = {"select": "pooled", "ann": "exact"} if ann == "pooled" else {"select": "ann", "ann": ann}
+                rt = AttentionRuntime(AttentionConfig(annsa=True, block=n, density=args.density, min_blocks=1, **select))
                 rt.cache = cache
                 row.append(f"{time_ms(lambda: AnnSelfAttention(rt, cache, 0, True)(0, q, k, v, k), device, args.repeats):.2f}")
             print(" | ".join(row), flush=True)
-        print("prompt tokens | dense cross-attention ms | " + " | ".join(f"AnnCA {a} ms" for a in args.anns))
+        print("prompt tokens | dense cross-attention ms | "
+              + " | ".join(f"AnnCA {a} ms" for a in args.anns if a != "pooled"))
         for t in args.prompt_tokens:
             q = torch.randn(1, h, 2 * n, d, dtype=dt, device=device)
             pk, pv = (torch.randn(1, h, t, d, dtype=dt, device=device) for _ in range(2))
             row = [f"{t}", f"{time_ms(lambda: sdpa(q, pk, pv, None), device, args.repeats):.2f}"]
-            for ann in args.anns:
+            for ann in [a for a in args.anns if a != "pooled"]:  # AnnCA selects tokens through an ANN backend
                 rt = AttentionRuntime(AttentionConfig(annca=True, ann=ann, ann_options={} if ann == "lsh" else {"mask_k": 64}))
                 ca = AnnCrossAttention(rt, n)
                 row.append(f"{time_ms(lambda: ca(0, q, pk, pv), device, args.repeats):.2f}")
