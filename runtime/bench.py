@@ -125,26 +125,33 @@ def world_start(world, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.T
 
 class ConfigRun:
     """One attention config's rollout, advanced one chunk at a time; records a row per
-    chunk and stops on a sustained slow chunk or when memory runs out."""
+    chunk and stops on a sustained slow chunk or when memory runs out. `total_s` is the
+    config's own time: its reset and its chunks (in lockstep the others' chunks run in
+    between)."""
 
-    def __init__(self, model, cfg, name: str, world, device):
-        self.cfg, self.name, self.device = cfg, name, device
+    def __init__(self, model, cfg, name: str, world, device, oom_note: str = ""):
+        self.cfg, self.name, self.device, self.oom_note = cfg, name, device, oom_note
         self.rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(name))
         self.first, self.prompt = world_start(world, int(cfg.seed))
         self.rows: list[dict] = []
         self.stopped: dict | None = None
-        self.t_start = self.total_s = 0.0
+        self.busy_s = 0.0
 
     @property
     def active(self) -> bool:
         return self.stopped is None
 
+    def _stop(self, frame: int, reason: str) -> None:
+        self.stopped = {"frame": frame, "reason": reason}
+        self.rollout = None  # its caches go now, not at the end of a lockstep run
+
     def start(self) -> None:
-        self.t_start = time.perf_counter()
+        t0 = time.perf_counter()
         try:  # a preallocated cache may not fit at all: that is a result too (frame 0)
             self.rollout.reset(self.first, self.prompt, int(self.cfg.seed))
         except torch.OutOfMemoryError:
-            self.stopped = {"frame": 0, "reason": "out of memory at reset"}
+            self._stop(0, "out of memory at reset" + self.oom_note)
+        self.busy_s += time.perf_counter() - t0
 
     def step(self, i: int, action: int) -> None:
         """Frame i + 1 with `action`."""
@@ -154,19 +161,20 @@ class ConfigRun:
             frame = self.rollout.step(torch.tensor([action]))
             frame.cpu().numpy()  # frame conversion to the host is part of the cost (and waits for the device)
         except torch.OutOfMemoryError:
-            self.stopped = {"frame": i + 1, "reason": "out of memory"}
+            self.busy_s += time.perf_counter() - t0
+            self._stop(i + 1, "out of memory" + self.oom_note)
             return
         ms = (time.perf_counter() - t0) * 1e3
+        self.busy_s += ms / 1e3
         self.rows.append({"frame": i + 1, "latency_ms": round(ms, 3), "fps": round(1e3 / ms, 2),
                           "cache_tokens": self.rollout.cache.num_tokens(0), "peak_mem_mb": round(peak_mb(self.device), 1)})
         recent = float(np.median([x["latency_ms"] for x in self.rows[-5:]]))
         if i >= int(b.warmup) and recent > float(b.max_chunk_ms):  # sustained, not one stall
-            self.stopped = {"frame": i + 1, "reason": f"median of the last 5 chunks {recent:.0f} ms > bench.max_chunk_ms={b.max_chunk_ms}"}
+            self._stop(i + 1, f"median of the last 5 chunks {recent:.0f} ms > bench.max_chunk_ms={b.max_chunk_ms}")
 
     def finish(self) -> dict:
-        total = round(time.perf_counter() - self.t_start, 2) if self.rows else 0.0
         self.rollout = None  # the caches go with it
-        return {"rows": self.rows, "total_s": total, "stopped_at": self.stopped}
+        return {"rows": self.rows, "total_s": round(self.busy_s, 2), "stopped_at": self.stopped}
 
 
 def release(device) -> None:
@@ -203,11 +211,14 @@ def run_config(model, cfg, name: str, world, actions: list[int], device, on_prog
 def run_lockstep(model, cfg, names: list[str], world, actions: list[int], device, on_progress=None) -> dict:
     """Every config advances one chunk in turn (`bench.lockstep`): a machine whose speed
     changes from minute to minute slows every config alike, so their ratios at any frame
-    compare the same moments. Memory is the process's (all configs at once): its peak is
-    shared, and per-config memory is not separated. `on_progress(name, rows)` every 200
-    frames."""
+    compare the same moments. The order rotates from frame to frame, so no config always
+    runs first (or right after the same other one). Memory is the process's (all configs
+    at once): its peak is shared, per-config memory is not separated, and running out of
+    it is everyone's doing. A config that stops frees its caches at once.
+    `on_progress(name, rows, stopped)` every 200 frames."""
     release(device)
-    runs = {n: ConfigRun(model, cfg, n, world, device) for n in names}
+    shared = " (lockstep: every config's memory together)"
+    runs = {n: ConfigRun(model, cfg, n, world, device, oom_note=shared) for n in names}
     reset_peak(device)
     for r in runs.values():
         r.start()
@@ -218,12 +229,15 @@ def run_lockstep(model, cfg, names: list[str], world, actions: list[int], device
         live = [r for r in runs.values() if r.active]
         if not live:
             break
-        for r in live:
+        turn = i % len(live)
+        for r in live[turn:] + live[:turn]:
             r.step(i, a)
+            if not r.active:
+                release(device)
         bar.update(1)
         if on_progress is not None and (i + 1) % 200 == 0:
             for n, r in runs.items():
-                on_progress(n, r.rows)
+                on_progress(n, r.rows, r.stopped)
     bar.close()
     return {n: r.finish() for n, r in runs.items()}
 
@@ -292,9 +306,10 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     t0 = time.time()
     partial: dict[str, dict] = {}  # configs still running, as far as they got
 
-    def save_partial(name: str, rows: list[dict]) -> None:
+    def save_partial(name: str, rows: list[dict], stopped: dict | None = None) -> None:
         if out is not None and rows:
-            partial[name] = {"rows": rows, "total_s": None, "stopped_at": {"frame": rows[-1]["frame"], "reason": "in progress"}}
+            partial[name] = {"rows": rows, "total_s": None,
+                             "stopped_at": stopped or {"frame": rows[-1]["frame"], "reason": "in progress"}}
             running = {k: v for k, v in partial.items() if k not in result["configs"]}
             (out / "bench.json").write_text(json.dumps({**result, "configs": {**result["configs"], **running}}) + "\n")
 

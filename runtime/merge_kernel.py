@@ -119,7 +119,7 @@ if triton is not None:
 def age_cap(cap: int) -> int:
     """Ages (in commits) above this count as this old in the eviction order, so that
     (age_cap - age) * cap + slot + cap fits int32 (a top-k over int32 keys is about twice
-    as fast as over int64): 63900 commits for 33600 slots, 524285 for 4096."""
+    as fast as over int64): 63910 commits for 33600 slots, 524284 for 4096."""
     return (2**31 - 1) // cap - 3
 
 
@@ -143,7 +143,10 @@ def eviction_priority(count: torch.Tensor, stamp: torch.Tensor, now: torch.Tenso
 def put_rows_(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, skip: int = -1) -> None:
     """store[b, h, slots[b, h, i]] = rows[b, h, i] (cast to store's dtype), in place, except
     where the slot is `skip` (the scratch slot: nothing is written there). store (B, H, S,
-    D) and rows (B, H, c, D) contiguous; slots (B, H, c), unique apart from `skip`."""
+    D) and rows (B, H, c, D) contiguous; slots (B, H, c). A slot named more than once
+    (apart from `skip`) must come with the same row each time (TempCache's post-RoPE
+    match keys: every token of a group writes the group's normalised mean key), since
+    which of the writes lands is not defined."""
     b, h, s, d = store.shape
     c = slots.shape[2]
     if not (store.is_contiguous() and rows.is_contiguous() and rows.shape == (b, h, c, d)):
@@ -189,7 +192,10 @@ def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: i
     scratch = torch.full_like(idx, cap)
     put_rows_(kv, scratch, x, cap)
     mkey = torch.zeros(1, 1, cap + 1, d, device=device)
-    put_rows_(mkey, scratch, torch.zeros(1, 1, c, d, device=device), cap)
+    for skip in (cap, -1):  # appends skip the scratch slot; post-RoPE match keys skip nothing
+        put_rows_(mkey, scratch, torch.zeros(1, 1, c, d, device=device), skip)
     count = torch.zeros(1, 1, slots, device=device)
     stamp = torch.full((1, 1, cap + 1), -1, device=device, dtype=torch.long)
-    eviction_priority(count, stamp, torch.zeros((), device=device, dtype=torch.long), cap)
+    steps = torch.zeros(2, device=device, dtype=torch.long)
+    for now in steps.unbind():  # the commit counter of layer 0 and of an odd layer (another alignment)
+        eviction_priority(count, stamp, now, cap)

@@ -292,7 +292,8 @@ class AnnSelfAttention:
         own_v = values[:, :, lc:].reshape(bh, 1, m, d).expand(-1, nqb, -1, -1)
         kk = torch.cat([gk, own_k], dim=2)
         vv = torch.cat([gv, own_v], dim=2)
-        ab = torch.zeros(bh, nqb, 1, keep_n * blk + m, device=q.device, dtype=q.dtype)
+        ab = None if bias is None and hide is None else torch.zeros(bh, nqb, 1, keep_n * blk + m, device=q.device,
+                                                                    dtype=q.dtype)
         if bias is not None:  # the kept slots' log-counts
             bb = bias[:, :, 0, :lc].reshape(bh, nkb, blk)
             ab[..., 0, : keep_n * blk] = torch.gather(bb[:, None].expand(-1, nqb, -1, -1), 2,

@@ -125,7 +125,8 @@ def test_lockstep_advances_every_config_in_turn_and_measures_the_same_rollouts(t
     monkeypatch.setattr(bench.ConfigRun, "step", recording_step)
     lock = run(tiny_random(["bench.frames=6", f"bench.attentions=[window,'{FASTAR}']", "bench.lockstep=true"]),
                tmp_path / "lock")
-    assert order == [(i, n) for i in range(6) for n in names]  # one chunk each, in turn
+    # one chunk each per frame, the first config rotating from frame to frame
+    assert order == [(i, n) for i in range(6) for n in names[i % 2:] + names[: i % 2]]
     assert lock["lockstep"] is True and seq["lockstep"] is False
     for n in names:
         rows = lock["configs"][n]["rows"]
@@ -134,12 +135,28 @@ def test_lockstep_advances_every_config_in_turn_and_measures_the_same_rollouts(t
         assert lock["configs"][n]["stopped_at"] is None
 
 
-def test_lockstep_stops_a_slow_config_and_goes_on_with_the_others(tmp_path):
+def test_lockstep_stops_a_slow_config_and_goes_on_with_the_others(tmp_path, monkeypatch):
+    import time
+
+    import runtime.bench as bench
+
+    build = bench.build_rollout
+
+    def slow_dense(model, cfg, batch, attention):
+        rollout = build(model, cfg, batch=batch, attention=attention)
+        if attention.name == "dense":
+            step = rollout.step
+            rollout.step = lambda a: (time.sleep(0.3), step(a))[1]
+        return rollout
+
+    monkeypatch.setattr(bench, "build_rollout", slow_dense)
     cfg = tiny_random(["bench.frames=8", "bench.attentions=[dense,window]", "bench.lockstep=true",
-                       "bench.max_chunk_ms=0.0001"])
+                       "bench.max_chunk_ms=250"])
     res = run(cfg, tmp_path)
-    for n in ("dense", "window"):  # both exceed the limit at the first chunk after warm-up
-        assert res["configs"][n]["stopped_at"]["frame"] == 3 and len(res["configs"][n]["rows"]) == 3
+    dense, window = res["configs"]["dense"], res["configs"]["window"]
+    assert dense["stopped_at"]["frame"] == 3 and len(dense["rows"]) == 3  # the first chunk after warm-up
+    assert window["stopped_at"] is None and [r["frame"] for r in window["rows"]] == list(range(1, 9))
+    assert window["total_s"] < 0.9 <= dense["total_s"]  # each config's own time, not the whole run's
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved["configs"]) == {"dense", "window"}
 

@@ -114,9 +114,20 @@ def _checks(device: str) -> None:
         v = torch.randn(1, 2, 16, 16, generator=gen, device=device)
         for i, cache in enumerate(caches):
             merge_kernel.ENABLED = i == 0
+            count, stamp = cache._count.clone(), cache._stamp.clone()
             for layer in range(2):
                 cache.stage(layer, k, v, k)
                 cache.commit(layer)
+            # every slot's log-count follows its count (they are now updated only where
+            # tokens went), and every group that took members carries this commit's stamp
+            c = cache._capacity
+            assert torch.equal(cache._logc[..., :c], cache._logc_of(cache._count[..., :c])), f
+            if f < 1:  # the sink frame: stamped as sinks
+                continue
+            grew = cache._count[..., :c] > count[..., :c]
+            assert torch.equal(cache._stamp[..., :c][grew], torch.full_like(cache._stamp[..., :c][grew], f)), f
+            assert torch.equal(cache._stamp[..., :c][~grew & (cache._stamp[..., :c] != stamp[..., :c])],
+                               torch.full_like(cache._stamp[..., :c][~grew & (cache._stamp[..., :c] != stamp[..., :c])], f))
     merge_kernel.ENABLED = True
     a, b = caches
     assert a.merge_rate() == b.merge_rate() and 0.1 < a.merge_rate() < 0.9
