@@ -7,7 +7,8 @@ cache tokens per layer, and memory (CUDA max allocated on GPU; resident set size
 CPU, with the peak reset between configs). The first `bench.warmup` chunks of each config
 are excluded from the summary. With `bench.lockstep: true` the configs instead advance
 one chunk each in turn, so that a machine whose speed drifts slows all of them alike
-(memory is then the process's peak, shared by all). A config stops early when one chunk takes longer than
+(memory is then the process's peak, shared by all), and `lockstep_ratios` gives each
+pair's latency ratio in the same frames (`lockstep_ratios`). A config stops early when one chunk takes longer than
 `bench.max_chunk_ms` (median of the last 5 chunks, so one stall does not count) or memory
 runs out; the frame where it stopped is recorded.
 
@@ -259,6 +260,34 @@ def summarize(rows: list[dict], warmup: int) -> dict:
             "mem_mb_at_end": r[-1]["peak_mem_mb"], "cache_tokens_at_end": r[-1]["cache_tokens"]}
 
 
+def lockstep_ratios(result: dict) -> dict:
+    """For each pair of configs (a before b in the run): the median of a's chunk latency over
+    b's in the same frames, over frames 75-125, over the last 150 frames, and the lowest
+    and highest median of 300-frame spans. In lockstep both saw the same moments of the
+    machine, so these ratios show what a config's own cost does while the machine's speed
+    moves."""
+    configs = result["configs"]
+    names = list(configs)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            la = {r["frame"]: r["latency_ms"] for r in configs[a]["rows"]}
+            lb = {r["frame"]: r["latency_ms"] for r in configs[b]["rows"]}
+            frames = sorted(set(la) & set(lb))
+            if not frames:
+                continue
+
+            def med(lo: int, hi: int, need: int = 1):
+                vals = [la[f] / lb[f] for f in frames if lo <= f <= hi]
+                return round(float(np.median(vals)), 4) if len(vals) >= need else None
+
+            last = frames[-1]
+            spans = [m for m in (med(s, s + 299, need=150) for s in range(1, last + 1, 300)) if m is not None]
+            out[f"{a} / {b}"] = {"frames": last, "at_100": med(75, 125), "at_end": med(last - 149, last),
+                                 "span_300_min": min(spans, default=None), "span_300_max": max(spans, default=None)}
+    return out
+
+
 def plot(result: dict, out: Path) -> None:
     import matplotlib
 
@@ -325,6 +354,10 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     if b.get("lockstep", False):
         for name, c in run_lockstep(model, cfg, names, world, actions, device, on_progress=save_partial).items():
             record(name, c)
+        result["lockstep_ratios"] = lockstep_ratios(result)
+        print(json.dumps({"lockstep_ratios": result["lockstep_ratios"]}), flush=True)
+        if out is not None:
+            (out / "bench.json").write_text(json.dumps(result) + "\n")
         return result
     for name in names:
         record(name, run_config(model, cfg, name, world, actions, device, on_progress=lambda rows, n=name: save_partial(n, rows)))
@@ -335,8 +368,10 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
 def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json
+    if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json (and its lockstep ratios)
         result = json.loads(Path(str(cfg.bench.plot_from)).read_text())
+        if result.get("lockstep"):
+            print(json.dumps({"lockstep_ratios": lockstep_ratios(result)}), flush=True)
     else:
         result = run(cfg, out)
     plot(result, out)

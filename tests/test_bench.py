@@ -128,11 +128,26 @@ def test_lockstep_advances_every_config_in_turn_and_measures_the_same_rollouts(t
     # one chunk each per frame, the first config rotating from frame to frame
     assert order == [(i, n) for i in range(6) for n in names[i % 2:] + names[: i % 2]]
     assert lock["lockstep"] is True and seq["lockstep"] is False
+    assert set(lock["lockstep_ratios"]) == {f"window / {FASTAR}"} and "lockstep_ratios" not in seq
     for n in names:
         rows = lock["configs"][n]["rows"]
         assert [r["frame"] for r in rows] == list(range(1, 7)) and all(set(r) == ROW_KEYS for r in rows)
         assert [r["cache_tokens"] for r in rows] == [r["cache_tokens"] for r in seq["configs"][n]["rows"]]
         assert lock["configs"][n]["stopped_at"] is None
+
+
+def test_lockstep_ratios_cancel_a_drift_that_hits_both_configs():
+    from runtime.bench import lockstep_ratios
+
+    def rows(scale):  # the machine slows down 3x over the run; config "a" always costs twice "b"
+        return [{"frame": f, "latency_ms": scale * (10 + 20 * f / 900)} for f in range(1, 901)]
+
+    res = {"configs": {"a": {"rows": rows(2.0)}, "b": {"rows": rows(1.0)}}}
+    r = lockstep_ratios(res)["a / b"]
+    assert r["frames"] == 900
+    assert r["at_100"] == r["at_end"] == r["span_300_min"] == r["span_300_max"] == 2.0
+    res["configs"]["a"]["rows"][-1]["latency_ms"] *= 10  # one slow chunk does not move the medians
+    assert lockstep_ratios(res)["a / b"]["at_end"] == 2.0
 
 
 def test_lockstep_stops_a_slow_config_and_goes_on_with_the_others(tmp_path, monkeypatch):
