@@ -7,8 +7,8 @@ cache tokens per layer, and memory (CUDA max allocated on GPU; resident set size
 CPU, with the peak reset between configs). The first `bench.warmup` chunks of each config
 are excluded from the summary. With `bench.lockstep: true` the configs instead advance
 one chunk each in turn, so that a machine whose speed drifts slows all of them alike
-(memory is then the process's peak, shared by all), and `lockstep_ratios` gives each
-pair's latency ratio in the same frames (`lockstep_ratios`). A config stops early when one chunk takes longer than
+(memory is then the process's peak, shared by all), and bench.json's `lockstep_ratios`
+gives each pair's latency ratio in the same frames. A config stops early when one chunk takes longer than
 `bench.max_chunk_ms` (median of the last 5 chunks, so one stall does not count) or memory
 runs out; the frame where it stopped is recorded.
 
