@@ -15,13 +15,18 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+# the tests' extras (pytest; triton, whose interpreter runs TempCache's GPU kernels on the CPU)
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $@
 
 play: venv
 	$(BIN)/python play.py
 
-test: venv
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
