@@ -209,17 +209,17 @@ class TempCache(KVCache):
         else:
             merged, idx = self._merge(st, k_new, v_new, m_new, step_t)
             dst = self._append(st, k_new, v_new, m_new, merged, step_t, sink=False, now=step_t)
+        # the slot each token went to: the group it joined, else where it was appended. These
+        # are the slots whose count changed (merged tokens' `dst` is the scratch slot, whose
+        # log-count `stage` sets again)
+        went = torch.where(merged, idx, dst)
         if self.track_history:
-            self._record_history(lo, hi, k_kept, torch.where(merged, idx, dst), merged)
+            self._record_history(lo, hi, k_kept, went, merged)
         if self._uses_trail(c):
-            slots = torch.where(merged, idx, dst) if step >= self.sink_frames else torch.full_like(dst, -1)
+            slots = went if step >= self.sink_frames else torch.full_like(dst, -1)
             at = (self._steps_t[lo] % self._trail.shape[3]).view(1)  # this commit's row of the trail
             st["trail"][..., :c].index_copy_(2, at, slots[:, :, None, :])
-        # log-counts of the slots whose count changed (the groups that took members, the
-        # slots that were appended to); merged tokens' `dst` is the scratch slot, whose
-        # log-count `stage` sets again
-        changed = torch.where(merged, idx, dst)
-        st["logc"].scatter_(2, changed, self._logc_of(torch.gather(st["count"], 2, changed)))
+        st["logc"].scatter_(2, went, self._logc_of(torch.gather(st["count"], 2, went)))
         # statistics stay on the device (no host sync in the hot loop); read them lazily
         rates = merged.view(nl, -1).float().mean(-1)
         self._merged_acc[lo:hi].add_(rates * c)  # in place: also right when a CUDA graph replays it
