@@ -19,6 +19,8 @@ runs on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tes
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Triton ships with PyTorch's CUDA builds on Linux; the CPU build may lack it
@@ -29,15 +31,14 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 
 ENABLED = True  # False: always the PyTorch paths (tests compare the two)
+# Triton reads TRITON_INTERPRET when it is imported: CPU tensors run under its interpreter
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(t: torch.Tensor) -> bool:
-    """Can the kernels run on this tensor (CUDA with Triton, or Triton's CPU interpreter)?"""
-    if triton is None or not ENABLED:
-        return False
-    import os
-
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Can the kernels run on this tensor (CUDA with Triton, or Triton's CPU interpreter)?
+    Asked several times per commit: no more than attribute reads."""
+    return triton is not None and ENABLED and (t.is_cuda or INTERPRETED)
 
 
 def group_runs(idx: torch.Tensor, merged: torch.Tensor, cap: int):
