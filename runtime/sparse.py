@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from runtime.ann import build_ann, mass_recall, pooled_block_scores
 from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
-from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache
+from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache, take_rows
 from runtime.configs import strict_dataclass
 from runtime.flex_sparse import FlexBlockSparse, plan_dense_mask
 from runtime.tempcache import HistoryProbe, TempCache
@@ -159,19 +159,16 @@ class LayerStats:
 
 def _block_rows(x: torch.Tensor, lc: int, blk: int, sel: torch.Tensor) -> torch.Tensor:
     """Blocks `sel` (BH, nQB, K) of the first lc tokens of x (B, H, L, D) ->
-    (BH, nQB, K, blk * D). Each block's rows are contiguous in a cache buffer, so a block
-    is copied as one row of blk * D elements (an index_select; a gather with the index
-    expanded over blk and D was several times slower on the CPU)."""
+    (BH, nQB, K, blk * D), each block one row of blk * D elements (`take_rows`). A prefix
+    of an aligned cache buffer is read in place; anything else is copied once."""
     b, h, _, d = x.shape
-    nkb = lc // blk
-    if x.stride(3) == 1 and x.stride(2) == d and x.stride(1) % (blk * d) == 0 and x.stride(0) == h * x.stride(1):
-        per_head = x.stride(1) // (blk * d)  # blocks per head in the underlying buffer
-        rows = x.as_strided((b * h * per_head, blk * d), (blk * d, 1))
-        flat = (torch.arange(b * h, device=x.device) * per_head)[:, None, None] + sel
-    else:  # not a prefix of an aligned buffer: copy the cache part once
-        rows = x[:, :, :lc].reshape(b * h * nkb, blk * d)
-        flat = (torch.arange(b * h, device=x.device) * nkb)[:, None, None] + sel
-    return rows.index_select(0, flat.reshape(-1)).view(*sel.shape, blk * d)
+    row = blk * d
+    if x.stride(3) == 1 and x.stride(2) == d and x.stride(1) % row == 0 and x.stride(0) == h * x.stride(1):
+        per_head = x.stride(1) // row  # blocks per head in the underlying buffer
+        blocks = x.as_strided((b, h, per_head, row), (h * per_head * row, per_head * row, row, 1))
+    else:
+        blocks = x[:, :, :lc].reshape(b, h, lc // blk, row)
+    return take_rows(blocks, sel.reshape(b, h, -1)).view(*sel.shape, row)
 
 
 class AnnSelfAttention:
@@ -295,9 +292,7 @@ class AnnSelfAttention:
         ab = None if bias is None and hide is None else torch.zeros(bh, nqb, 1, keep_n * blk + m, device=q.device,
                                                                     dtype=q.dtype)
         if bias is not None:  # the kept slots' log-counts
-            bb = bias[:, :, 0, :lc].reshape(bh, nkb, blk)
-            ab[..., 0, : keep_n * blk] = torch.gather(bb[:, None].expand(-1, nqb, -1, -1), 2,
-                                                       sel[..., None].expand(-1, -1, -1, blk)).reshape(bh, nqb, -1)
+            ab[..., 0, : keep_n * blk] = _block_rows(bias[:, :, 0, :lc, None], lc, blk, sel).view(bh, nqb, -1)
         if hide is not None:  # the same for every query of a block: clean blocks do not see the noisy frame
             ab[..., 0, keep_n * blk :].masked_fill_(hide[::blk, lc:].view(1, nqb, m), float("-inf"))
         qb = q.reshape(bh, nqb, blk, d)

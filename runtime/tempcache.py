@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from runtime import merge_kernel
 from runtime.ann import AnnBackend, build_ann, mass_recall
-from runtime.cache import CacheSpec, KVCache
+from runtime.cache import CacheSpec, KVCache, flat_rows, take_rows
 
 
 class TempCache(KVCache):
@@ -252,7 +252,7 @@ class TempCache(KVCache):
                 r = self.match_frames * c
                 cand = st["stamp"][:, :, :cap].topk(r, dim=-1).indices  # (LB, H, r) newest stamps first
                 fresh = torch.gather(st["stamp"], 2, cand) >= step - self.match_frames
-                groups = _take(st["mkey"], cand) * fresh[..., None]
+                groups = take_rows(st["mkey"], cand) * fresh[..., None]
                 pos = torch.where(fresh, torch.gather(pos, 2, cand), -1)
             if self.match == "local":
                 sim, pick = self._local_top1(pos, m_new, groups)
@@ -297,7 +297,7 @@ class TempCache(KVCache):
                 for name, r in zip(stores, rows):
                     _put(st[name], dst, r.to(self.spec.dtype))
         else:
-            v_grp = _take(st["v"], idx).float()  # (LB, H, c, D) current group means
+            v_grp = take_rows(st["v"], idx).float()  # (LB, H, c, D) current group means
             delta = (v_new.float() - v_grp) / n_grp.clamp_min(1) * w[..., None]
             _put(st["v"], idx, delta.to(self.spec.dtype), add=True)
         if self.representative == "recent":
@@ -311,11 +311,11 @@ class TempCache(KVCache):
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:  # the mean key, updated like the mean value: work on the merging tokens only
             if not self.sorted_means:  # (sorted: written with the values above)
-                k_grp = _take(st["k"], idx).float()
+                k_grp = take_rows(st["k"], idx).float()
                 kd = (k_new.float() - k_grp) / n_grp.clamp_min(1) * w[..., None]
                 _put(st["k"], idx, kd.to(self.spec.dtype), add=True)
             if self.match == "post":  # match keys follow the mean (rewriting an unchanged group is a no-op)
-                _put(st["mkey"], idx, F.normalize(_take(st["k"], idx).float(), dim=-1).to(st["mkey"].dtype))
+                _put(st["mkey"], idx, F.normalize(take_rows(st["k"], idx).float(), dim=-1).to(st["mkey"].dtype))
         # the groups that took members are fresh; tokens that merged nowhere stamp the scratch slot
         st["stamp"].scatter_(2, torch.where(merged, idx, torch.full_like(idx, cap)), step.expand(idx.shape))
         return merged, idx
@@ -337,7 +337,7 @@ class TempCache(KVCache):
             slot = slot.clamp_min(0)
             flat = slot.reshape(lb, h, -1)
             ok &= (torch.gather(st["stamp"], 2, flat) >= step - self.match_frames).view(slot.shape)
-            keys = _take(st["mkey"], flat).view(lb, h, c, -1, d)
+            keys = take_rows(st["mkey"], flat).view(lb, h, c, -1, d)
             sim = torch.linalg.vecdot(keys, m_new[..., None, :]).masked_fill(~ok, float("-inf"))  # (LB, H, c, T)
             best, which = sim.max(dim=-1)
             return best, torch.gather(slot, 3, which[..., None]).squeeze(-1)
@@ -345,7 +345,7 @@ class TempCache(KVCache):
         ok = slots >= 0
         slot = slots.clamp_min(0)
         ok &= torch.gather(st["stamp"], 2, slot) >= step - self.match_frames
-        keys = _take(st["mkey"], slot)  # (LB, H, T*c, D)
+        keys = take_rows(st["mkey"], slot)  # (LB, H, T*c, D)
         sim = m_new @ keys.transpose(-1, -2)  # (LB, H, c, T*c)
         near = self._trail_near(slots.shape[-1] // c, m_new.device)  # (c, T*c)
         sim = sim.masked_fill(~(near & ok[:, :, None, :]), float("-inf"))
@@ -503,7 +503,7 @@ def _sorted_means(stores, idx, merged, xs, n_was, n_now, cap: int):
         run = run.to(torch.float32, memory_format=torch.contiguous_format).cumsum(-1)
         # the sum of the members before this group's first: run[start - 1], or 0 at the start
         prior = torch.gather(run, 3, before[:, :, None, :].expand(b, h, d, c)) * (start > 0)[:, :, None, :]
-        rows.append((_take(store, group).float() * was + (run - prior).transpose(2, 3)) / now)
+        rows.append((take_rows(store, group).float() * was + (run - prior).transpose(2, 3)) / now)
     return torch.where(last & (group < cap), group, torch.full_like(group, cap)), rows
 
 
@@ -520,19 +520,6 @@ def eviction_priority_reference(count: torch.Tensor, stamp: torch.Tensor, now: t
     return prio.to(torch.int32)
 
 
-def _flat_rows(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    b, h, s = store.shape[:3]
-    base = torch.arange(b * h, device=slots.device).view(b, h, 1) * s
-    return (base + slots).reshape(-1)
-
-
-def _take(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """store[b, h, slots[b, h, i]] -> (B, H, c, D); store (B, H, S, D) contiguous. One
-    index_select: gather with an index expanded over D was several times slower on CPU."""
-    b, h, s, d = store.shape
-    return store.view(b * h * s, d).index_select(0, _flat_rows(store, slots)).view(*slots.shape, d)
-
-
 def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool = False, skip: int = -1) -> None:
     """store[b, h, slots[b, h, i]] = rows[b, h, i] (or +=), in place. store (B, H, S, D) is
     contiguous; slots (B, H, c). Rows are copied by index along one flat dimension: on CPU
@@ -543,7 +530,7 @@ def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool
         merge_kernel.put_rows_(store, slots, rows.contiguous(), skip)
         return
     b, h, s, d = store.shape
-    flat = _flat_rows(store, slots)
+    flat = flat_rows(store, slots)
     view = store.view(b * h * s, d)
     if add:
         view.index_add_(0, flat, rows.reshape(-1, d))
