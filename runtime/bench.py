@@ -188,44 +188,26 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_config(model, cfg, name: str, world, actions: list[int], device, on_progress=None) -> dict:
-    """One attention config over the action script. `on_progress(rows)` is called every
-    200 frames, so a run that is killed keeps what it measured."""
+def run_configs(model, cfg, names: list[str], world, actions: list[int], device, on_progress=None) -> dict:
+    """The configs `names` over the action script, advancing one chunk each in turn; the
+    bench runs them one name at a time, or all together with `bench.lockstep`. Together, a
+    machine whose speed changes from minute to minute slows every config alike, so their
+    ratios at any frame compare the same moments; the order rotates from frame to frame, so
+    no config always runs first (or right after the same other one). Memory is then the
+    process's (all configs at once): its peak is shared, per-config memory is not
+    separated, and running out of it is everyone's doing. A config that stops frees its
+    caches at once. `on_progress(name, rows, stopped)` every 200 frames, so a run that is
+    killed keeps what it measured."""
     release(device)
-    run = ConfigRun(model, cfg, name, world, device)
-    reset_peak(device)
-    run.start()
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(actions), desc=name, dynamic_ncols=True, disable=not bool(cfg.bench.progress), leave=False)
-    for i, a in enumerate(actions):
-        if not run.active:
-            break
-        run.step(i, a)
-        bar.update(1)
-        if on_progress is not None and (i + 1) % 200 == 0 and run.rows:
-            on_progress(run.rows)
-    bar.close()
-    return run.finish()
-
-
-def run_lockstep(model, cfg, names: list[str], world, actions: list[int], device, on_progress=None) -> dict:
-    """Every config advances one chunk in turn (`bench.lockstep`): a machine whose speed
-    changes from minute to minute slows every config alike, so their ratios at any frame
-    compare the same moments. The order rotates from frame to frame, so no config always
-    runs first (or right after the same other one). Memory is the process's (all configs
-    at once): its peak is shared, per-config memory is not separated, and running out of
-    it is everyone's doing. A config that stops frees its caches at once.
-    `on_progress(name, rows, stopped)` every 200 frames."""
-    release(device)
-    shared = " (lockstep: every config's memory together)"
+    shared = " (lockstep: every config's memory together)" if len(names) > 1 else ""
     runs = {n: ConfigRun(model, cfg, n, world, device, oom_note=shared) for n in names}
     reset_peak(device)
     for r in runs.values():
         r.start()
     from tqdm import tqdm
 
-    bar = tqdm(total=len(actions), desc="lockstep", dynamic_ncols=True, disable=not bool(cfg.bench.progress), leave=False)
+    desc = names[0] if len(names) == 1 else "lockstep"
+    bar = tqdm(total=len(actions), desc=desc, dynamic_ncols=True, disable=not bool(cfg.bench.progress), leave=False)
     for i, a in enumerate(actions):
         live = [r for r in runs.values() if r.active]
         if not live:
@@ -335,32 +317,30 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     t0 = time.time()
     partial: dict[str, dict] = {}  # configs still running, as far as they got
 
+    def save(data: dict) -> None:
+        if out is not None:
+            (out / "bench.json").write_text(json.dumps(data) + "\n")
+
     def save_partial(name: str, rows: list[dict], stopped: dict | None = None) -> None:
-        if out is not None and rows:
+        if rows:
             partial[name] = {"rows": rows, "total_s": None,
                              "stopped_at": stopped or {"frame": rows[-1]["frame"], "reason": "in progress"}}
             running = {k: v for k, v in partial.items() if k not in result["configs"]}
-            (out / "bench.json").write_text(json.dumps({**result, "configs": {**result["configs"], **running}}) + "\n")
-
-    def record(name: str, c: dict) -> None:
-        result["configs"][name] = c
-        result["summary"][name] = {**summarize(c["rows"], int(b.warmup)), "stopped_at": c["stopped_at"], "total_s": c["total_s"]}
-        print(json.dumps({name: result["summary"][name]}), flush=True)
-        result["total_s"] = round(time.time() - t0, 1)
-        if out is not None:  # after every config, so an interrupted run keeps what it measured
-            (out / "bench.json").write_text(json.dumps(result) + "\n")
+            save({**result, "configs": {**result["configs"], **running}})
 
     names = [str(a) for a in b.attentions]
-    if b.get("lockstep", False):
-        for name, c in run_lockstep(model, cfg, names, world, actions, device, on_progress=save_partial).items():
-            record(name, c)
-        result["lockstep_ratios"] = lockstep_ratios(result)
-        print(json.dumps({"lockstep_ratios": result["lockstep_ratios"]}), flush=True)
-        if out is not None:
-            (out / "bench.json").write_text(json.dumps(result) + "\n")
-        return result
-    for name in names:
-        record(name, run_config(model, cfg, name, world, actions, device, on_progress=lambda rows, n=name: save_partial(n, rows)))
+    lockstep = bool(b.get("lockstep", False))
+    for group in ([names] if lockstep else [[n] for n in names]):
+        for name, c in run_configs(model, cfg, group, world, actions, device, on_progress=save_partial).items():
+            result["configs"][name] = c
+            result["summary"][name] = {**summarize(c["rows"], int(b.warmup)), "stopped_at": c["stopped_at"],
+                                       "total_s": c["total_s"]}
+            print(json.dumps({name: result["summary"][name]}), flush=True)
+        result["total_s"] = round(time.time() - t0, 1)
+        if lockstep:
+            result["lockstep_ratios"] = lockstep_ratios(result)
+            print(json.dumps({"lockstep_ratios": result["lockstep_ratios"]}), flush=True)
+        save(result)  # after every config, so an interrupted run keeps what it measured
     return result
 
 

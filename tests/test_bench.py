@@ -64,12 +64,13 @@ def test_an_unknown_source_is_rejected(tmp_path):
 
 
 def test_progress_is_saved_while_a_config_runs(tmp_path):
-    from runtime.bench import build_source, run_config
+    from runtime.bench import build_source, run_configs
 
     cfg = tiny_random(["bench.frames=400", "bench.attentions=[window]"])
     world, model, device, _ = build_source(cfg)
     seen = []
-    res = run_config(model, cfg, "window", world, [0] * 400, device, on_progress=lambda rows: seen.append(len(rows)))
+    res = run_configs(model, cfg, ["window"], world, [0] * 400, device,
+                      on_progress=lambda name, rows, stopped: seen.append(len(rows)))["window"]
     assert seen == [200, 400] and len(res["rows"]) == 400
 
 
