@@ -192,9 +192,9 @@ def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: i
     group_means_(kv, x, *group_runs(idx, torch.ones_like(idx, dtype=torch.bool), cap), ones, ones, cap)
     scratch = torch.full_like(idx, cap)
     put_rows_(kv, scratch, x, cap)
-    mkey = torch.zeros(1, 1, cap + 1, d, device=device)
+    mkey = torch.zeros(1, 1, cap + 1, d, device=device, dtype=dtype)
     for skip in (cap, -1):  # appends skip the scratch slot; post-RoPE match keys skip nothing
-        put_rows_(mkey, scratch, torch.zeros(1, 1, c, d, device=device), skip)
+        put_rows_(mkey, scratch, x, skip)
     count = torch.zeros(1, 1, slots, device=device)
     stamp = torch.full((1, 1, cap + 1), -1, device=device, dtype=torch.long)
     steps = torch.zeros(2, device=device, dtype=torch.long)

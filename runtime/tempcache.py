@@ -39,13 +39,16 @@ from runtime.ann import AnnBackend, build_ann, mass_recall
 from runtime.cache import CacheSpec, KVCache, flat_rows, take_rows
 
 
+FILLS = ("auto", "prefix", "budget")
+
+
 class TempCache(KVCache):
     policy = "tempcache"
 
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
                  radius: int = 1, match_frames: int = 0, merge_target: float | None = None,
-                 track_history: bool = False, merge_when: str = "always"):
+                 track_history: bool = False, merge_when: str = "always", fill: str = "auto"):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
@@ -66,6 +69,18 @@ class TempCache(KVCache):
         # full: while a head has free slots for the whole frame, append without merging:
         # exact (= dense) until the budget is reached; merging, which is lossy, starts then
         self.merge_when = merge_when
+        # how attention reads the budget while it fills (merge_when full):
+        #   prefix  over the filled prefix without a bias: the dense computation exactly,
+        #           at a key length that grows every frame
+        #   budget  over the whole budget from the first frame, empty slots hidden by their
+        #           -inf log-count: the same result up to rounding, at one static shape, so
+        #           a GPU builds its attention plans once at start-up (not in the middle of
+        #           play when the budget fills) and a CUDA graph captures from the third frame
+        #   auto    budget on CUDA, prefix elsewhere (on a CPU the short prefix is cheaper)
+        if fill not in FILLS:
+            raise ValueError(f"tempcache fill={fill!r}; expected one of {list(FILLS)}")
+        self.fill = fill
+        self.static_fill = fill == "budget" or (fill == "auto" and spec.device.type == "cuda")
         # evaluation only: keep every committed key to measure what the cache still
         # represents (history_recall); memory grows with the rollout
         self.track_history = track_history
@@ -82,7 +97,7 @@ class TempCache(KVCache):
         self.threshold = threshold
         self.match = match
         self.representative = representative
-        # match keys are stored as float32 unit vectors, so inner product is cosine
+        # match keys are unit vectors, so their inner product is the cosine
         self.ann = ann or build_ann("exact", metric="ip")
         super().__init__(spec, budget_frames * spec.tokens_per_frame)
 
@@ -94,8 +109,9 @@ class TempCache(KVCache):
         dev = s.device
         self._count = torch.zeros(lbh + (full,), device=dev, dtype=torch.float32)
         self._logc = self._logc_of(self._count)
-        # unit match keys in float32, one per group plus the scratch slot: the ANN reads them as they are
-        self._mkey = torch.zeros(lbh + (cap + 1, s.head_dim), device=dev, dtype=torch.float32)
+        # unit match keys, one per group plus the scratch slot, stored in the cache's dtype
+        # (float32 would double the bytes of every cached key); similarities are float32
+        self._mkey = torch.zeros(lbh + (cap + 1, s.head_dim), device=dev, dtype=s.dtype)
         # commit that last updated each group (-1 empty, -2 sink); the extra slot is scratch
         self._stamp = torch.full(lbh + (cap + 1,), -1, device=dev, dtype=torch.long)
         # screen position (row * grid + col) of each group's representative; -1: none
@@ -108,7 +124,8 @@ class TempCache(KVCache):
         # merge_when full: while nothing can have merged or been evicted, the filled slots
         # are a prefix [0, n) holding every committed token once (count 1). Attention then
         # runs over that prefix without a bias: the dense computation exactly (None: no longer)
-        self._exact_prefix: list[int | None] = [0 if self.merge_when == "full" else None] * s.num_layers
+        prefix = self.merge_when == "full" and not self.static_fill
+        self._exact_prefix: list[int | None] = [0 if prefix else None] * s.num_layers
         # history tracking (track_history): how often each slot was (re)assigned, and per
         # layer every committed key with the slot and assignment it went to
         self._gen = torch.zeros(lbh + (cap + 1,), device=dev, dtype=torch.long)
@@ -252,12 +269,12 @@ class TempCache(KVCache):
                 r = self.match_frames * c
                 cand = st["stamp"][:, :, :cap].topk(r, dim=-1).indices  # (LB, H, r) newest stamps first
                 fresh = torch.gather(st["stamp"], 2, cand) >= step - self.match_frames
-                groups = take_rows(st["mkey"], cand) * fresh[..., None]
+                groups = take_rows(st["mkey"], cand).float() * fresh[..., None]
                 pos = torch.where(fresh, torch.gather(pos, 2, cand), -1)
             if self.match == "local":
                 sim, pick = self._local_top1(pos, m_new, groups)
             else:
-                res = self.ann.topk(m_new.reshape(b * h, c, d), groups.reshape(b * h, groups.shape[2], d), 1)
+                res = self.ann.topk(m_new.reshape(b * h, c, d), groups.float().reshape(b * h, groups.shape[2], d), 1)
                 sim = res.scores[..., 0].view(b, h, c)
                 pick = res.indices[..., 0].view(b, h, c)
             idx = pick.clamp_min(0) if cand is None else torch.gather(cand, 2, pick.clamp_min(0))
@@ -307,7 +324,7 @@ class TempCache(KVCache):
             is_rep = merged & (torch.gather(last, 2, idx) == torch.arange(c, device=k_new.device))
             dst = torch.where(is_rep, idx, torch.full_like(idx, cap))  # slot `cap` is scratch
             _put(st["k"], dst, k_new, skip=cap)
-            _put(st["mkey"], dst, m_new, skip=cap)
+            _put(st["mkey"], dst, m_new.to(st["mkey"].dtype), skip=cap)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:  # the mean key, updated like the mean value: work on the merging tokens only
             if not self.sorted_means:  # (sorted: written with the values above)
@@ -337,7 +354,7 @@ class TempCache(KVCache):
             slot = slot.clamp_min(0)
             flat = slot.reshape(lb, h, -1)
             ok &= (torch.gather(st["stamp"], 2, flat) >= step - self.match_frames).view(slot.shape)
-            keys = take_rows(st["mkey"], flat).view(lb, h, c, -1, d)
+            keys = take_rows(st["mkey"], flat).view(lb, h, c, -1, d).float()
             sim = torch.linalg.vecdot(keys, m_new[..., None, :]).masked_fill(~ok, float("-inf"))  # (LB, H, c, T)
             best, which = sim.max(dim=-1)
             return best, torch.gather(slot, 3, which[..., None]).squeeze(-1)
@@ -345,7 +362,7 @@ class TempCache(KVCache):
         ok = slots >= 0
         slot = slots.clamp_min(0)
         ok &= torch.gather(st["stamp"], 2, slot) >= step - self.match_frames
-        keys = take_rows(st["mkey"], slot)  # (LB, H, T*c, D)
+        keys = take_rows(st["mkey"], slot).float()  # (LB, H, T*c, D)
         sim = m_new @ keys.transpose(-1, -2)  # (LB, H, c, T*c)
         near = self._trail_near(slots.shape[-1] // c, m_new.device)  # (c, T*c)
         sim = sim.masked_fill(~(near & ok[:, :, None, :]), float("-inf"))
@@ -406,7 +423,7 @@ class TempCache(KVCache):
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
         _put(st["k"], dst, k_new, skip=cap)
         _put(st["v"], dst, v_new, skip=cap)
-        mvals = torch.zeros(k_new.shape, device=k_new.device, dtype=torch.float32) if sink else m_new
+        mvals = torch.zeros_like(k_new) if sink else m_new.to(k_new.dtype)
         _put(st["mkey"], dst, mvals, skip=cap)
         st["count"].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)

@@ -424,6 +424,43 @@ def test_merge_when_full_is_the_dense_computation_bit_for_bit_until_the_budget_f
     assert lazy.merge_rate() > 0  # frames 4 and 5 found no room and merged
 
 
+def test_fill_budget_attends_over_the_whole_budget_from_the_first_frame_and_equals_dense():
+    """fill=budget: every stage returns the whole budget with the log-count bias (empty
+    slots -inf), a shape that never changes; the result equals dense attention while
+    the budget fills, in the merged pass too, and once full the cache holds the same
+    groups as fill=prefix (the same slots, counts and keys)."""
+    g = torch.Generator().manual_seed(41)
+    dense = DenseCache(spec(), initial_frames=8)
+    caches = {fill: TempCache(spec(), budget_frames=4, sink_frames=1, threshold=0.9, merge_when="full", fill=fill)
+              for fill in ("prefix", "budget")}
+    assert caches["budget"].graph_ready() is False  # the sink is not written yet
+    base = torch.randn(1, H, N, D, generator=g)  # identical keys: they merge once the budget is full
+    shapes = []
+    for f in range(6):
+        q, v, noisy = (torch.randn(1, H, 2 * N, D, generator=g) for _ in range(3))
+        k = torch.cat([base, noisy[:, :, :N]], 2)
+        keys, _, bias = caches["budget"].stage(0, k, v, k)
+        caches["budget"].staged[0] = 0  # look only: the pass below stages again
+        shapes.append((tuple(keys.shape), caches["budget"].static_shape, bias is not None))
+        outs = {name: CachedSelfAttention(c, commit=N)(0, q, k, v, k) for name, c in [("dense", dense), *caches.items()]}
+        if (f + 2) * N <= 4 * N:  # before the budget is reached: all three are dense attention
+            assert torch.allclose(outs["budget"], outs["dense"], atol=1e-5), f
+        assert torch.allclose(outs["budget"], outs["prefix"], atol=1e-5), f
+        assert caches["budget"].graph_ready() is True, f  # static from the first committed frame on
+    assert set(shapes) == {((1, H, 4 * N + 2 * N, D), True, True)}
+    for name in ("count", "stamp", "pos"):
+        assert torch.equal(getattr(caches["budget"], name)[0], getattr(caches["prefix"], name)[0]), name
+    assert torch.allclose(caches["budget"].k[0][:, :, : 4 * N], caches["prefix"].k[0][:, :, : 4 * N])
+    assert caches["budget"].merge_rate() == caches["prefix"].merge_rate() > 0
+
+
+def test_fill_auto_is_budget_on_cuda_and_prefix_elsewhere():
+    assert TempCache(spec(), budget_frames=4, merge_when="full").static_fill is False  # CPU
+    assert TempCache(spec(), budget_frames=4, merge_when="full", fill="budget").static_fill is True
+    with pytest.raises(ValueError, match="fill='static'"):
+        TempCache(spec(), budget_frames=4, fill="static")
+
+
 def test_caches_report_whether_their_attention_shapes_repeat():
     """`static_shape` after each stage: dense never (it grows), window once full, TempCache
     once its budget is in use (before, it attends over its growing filled prefix). GPU

@@ -145,19 +145,25 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames():
     for steps in (1, 2):
         for make in (lambda: WindowCache(spec, sink_frames=1, window_frames=3),
                      lambda: TempCache(spec, budget_frames=4, sink_frames=1, threshold=0.5, match="local",
-                                       match_frames=2, representative="mean", merge_when="full")):
+                                       match_frames=2, representative="mean", merge_when="full"),
+                     # static from the first frame: the captured frame also runs while the budget fills
+                     lambda: TempCache(spec, budget_frames=6, sink_frames=1, threshold=0.5, match="local",
+                                       match_frames=2, representative="mean", merge_when="full", fill="budget")):
             runs = []
             for static in (False, True):
                 r = Rollout(model, FlowSampler(SamplerConfig(steps=steps)), make())
                 r.reset(first, prompt.expand(2, -1, -1), seed=5)
-                frames = []
+                frames, start = [], None
                 for i, a in enumerate(actions):
                     if static and r.graph is None and r.cache.graph_ready():
                         r.graph = FrameGraph(r, capture=False)  # from here on, the captured frame's code
+                        start = i
                     frames.append(r.step(a))
-                runs.append((torch.stack(frames), r.frame_index, list(r.cache.commits), r.graph is not None))
-            (eager, fi_e, commits_e, _), (static_frames, fi_s, commits_s, used) = runs
-            assert used, "the cache never reached static shapes"
+                runs.append((torch.stack(frames), r.frame_index, list(r.cache.commits), start))
+            (eager, fi_e, commits_e, _), (static_frames, fi_s, commits_s, start) = runs
+            assert start is not None, "the cache never reached static shapes"
+            if getattr(r.cache, "static_fill", False):
+                assert start == 1  # the sink frame committed, the budget far from full
             assert torch.equal(eager, static_frames) and fi_e == fi_s and commits_e == commits_s
 
 
