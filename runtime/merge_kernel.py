@@ -179,12 +179,13 @@ def group_means_(store: torch.Tensor, x: torch.Tensor, order: torch.Tensor, grou
                               BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
 
 
-def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: int, d: int) -> None:
+def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: int, d: int,
+            match_dtype: torch.dtype | None = None) -> None:
     """Compile every kernel for a cache of these sizes now, on one row of scratch data,
     instead of at the first merge in play (Triton compiles a kernel on its first call for
     each specialization of its sizes; it keeps them in memory and on disk). slots: the
     width of the key and value stores (cap + staged), cap: the groups, c: tokens per
-    commit, d: head dimension."""
+    commit, d: head dimension, match_dtype: the dtype of the match keys (default: dtype)."""
     kv = torch.zeros(1, 1, slots, d, device=device, dtype=dtype)
     x = torch.zeros(1, 1, c, d, device=device, dtype=dtype)
     idx = torch.zeros(1, 1, c, device=device, dtype=torch.long)
@@ -192,9 +193,9 @@ def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: i
     group_means_(kv, x, *group_runs(idx, torch.ones_like(idx, dtype=torch.bool), cap), ones, ones, cap)
     scratch = torch.full_like(idx, cap)
     put_rows_(kv, scratch, x, cap)
-    mkey = torch.zeros(1, 1, cap + 1, d, device=device, dtype=dtype)
+    mkey = torch.zeros(1, 1, cap + 1, d, device=device, dtype=match_dtype or dtype)
     for skip in (cap, -1):  # appends skip the scratch slot; post-RoPE match keys skip nothing
-        put_rows_(mkey, scratch, x, skip)
+        put_rows_(mkey, scratch, x.to(mkey.dtype), skip)
     count = torch.zeros(1, 1, slots, device=device)
     stamp = torch.full((1, 1, cap + 1), -1, device=device, dtype=torch.long)
     steps = torch.zeros(2, device=device, dtype=torch.long)

@@ -85,6 +85,8 @@ class AttentionConfig:
     merge_when: str = "always"      # tempcache: always | full (append without merging while there is room)
     fill: str = "auto"              # tempcache, merge_when=full: attention while the budget fills: prefix (the
                                     # filled prefix, no bias) | budget (the whole budget, static shape) | auto
+    match_dtype: str = "auto"       # tempcache: stored match keys in the cache's dtype (cache) | float32 | auto
+                                    # (cache on CUDA, float32 elsewhere)
     representative: str = "recent"  # tempcache: newest key, or the mean key
     merge_ann: str = "exact"        # tempcache: ANN backend for the top-1 correspondence
     annsa: bool = False
@@ -369,7 +371,8 @@ class AttentionRuntime:
             cache = TempCache(spec, budget_frames=c.budget_frames, sink_frames=c.sink_frames, threshold=c.threshold,
                               match=c.match, representative=c.representative, ann=build_ann(c.merge_ann, metric="ip"),
                               radius=c.match_radius, match_frames=c.match_frames,
-                              merge_target=c.merge_target, merge_when=c.merge_when, fill=c.fill)
+                              merge_target=c.merge_target, merge_when=c.merge_when, fill=c.fill,
+                              match_dtype=c.match_dtype)
         self.cache = cache
         self.tokens_per_frame = spec.tokens_per_frame
         return cache

@@ -40,6 +40,7 @@ from runtime.cache import CacheSpec, KVCache, flat_rows, take_rows
 
 
 FILLS = ("auto", "prefix", "budget")
+MATCH_DTYPES = ("auto", "cache", "float32")
 
 
 class TempCache(KVCache):
@@ -48,7 +49,8 @@ class TempCache(KVCache):
     def __init__(self, spec: CacheSpec, budget_frames: int = 16, sink_frames: int = 1, threshold: float = 0.9,
                  match: str = "post", representative: str = "recent", ann: AnnBackend | None = None,
                  radius: int = 1, match_frames: int = 0, merge_target: float | None = None,
-                 track_history: bool = False, merge_when: str = "always", fill: str = "auto"):
+                 track_history: bool = False, merge_when: str = "always", fill: str = "auto",
+                 match_dtype: str = "auto"):
         if budget_frames <= sink_frames:
             raise ValueError(f"tempcache budget_frames={budget_frames} must exceed sink_frames={sink_frames}")
         if not -1.0 <= threshold <= 1.0:
@@ -81,6 +83,17 @@ class TempCache(KVCache):
             raise ValueError(f"tempcache fill={fill!r}; expected one of {list(FILLS)}")
         self.fill = fill
         self.static_fill = fill == "budget" or (fill == "auto" and spec.device.type == "cuda")
+        # the dtype of the stored match keys (similarities are computed in float32 either way):
+        #   cache    the cache's dtype: bf16 keys take half the bytes of float32 ones, which
+        #            doubled the bytes of every cached key (3 GB at the Wan shape)
+        #   float32  no conversion when candidates are compared: on a CPU converting them
+        #            cost more (~0.9 ms per frame) than the memory saved (17 MB)
+        #   auto     cache on CUDA, float32 elsewhere
+        if match_dtype not in MATCH_DTYPES:
+            raise ValueError(f"tempcache match_dtype={match_dtype!r}; expected one of {list(MATCH_DTYPES)}")
+        self.match_dtype = match_dtype
+        cache_dtype = match_dtype == "cache" or (match_dtype == "auto" and spec.device.type == "cuda")
+        self._mkey_dtype = spec.dtype if cache_dtype else torch.float32
         # evaluation only: keep every committed key to measure what the cache still
         # represents (history_recall); memory grows with the rollout
         self.track_history = track_history
@@ -109,9 +122,8 @@ class TempCache(KVCache):
         dev = s.device
         self._count = torch.zeros(lbh + (full,), device=dev, dtype=torch.float32)
         self._logc = self._logc_of(self._count)
-        # unit match keys, one per group plus the scratch slot, stored in the cache's dtype
-        # (float32 would double the bytes of every cached key); similarities are float32
-        self._mkey = torch.zeros(lbh + (cap + 1, s.head_dim), device=dev, dtype=s.dtype)
+        # unit match keys, one per group plus the scratch slot (dtype: match_dtype)
+        self._mkey = torch.zeros(lbh + (cap + 1, s.head_dim), device=dev, dtype=self._mkey_dtype)
         # commit that last updated each group (-1 empty, -2 sink); the extra slot is scratch
         self._stamp = torch.full(lbh + (cap + 1,), -1, device=dev, dtype=torch.long)
         # screen position (row * grid + col) of each group's representative; -1: none
@@ -136,7 +148,7 @@ class TempCache(KVCache):
         self.recall_sums: dict[int, list] = {}
         self._merged_acc = torch.zeros(s.num_layers, device=dev)  # merged tokens per layer (for the merge rate)
         if merge_kernel.available(self._count):  # compile the kernels now: not at the first merge in play
-            merge_kernel.warm_up(s.dtype, dev, full, cap, s.tokens_per_frame, s.head_dim)
+            merge_kernel.warm_up(s.dtype, dev, full, cap, s.tokens_per_frame, s.head_dim, self._mkey_dtype)
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
 
@@ -423,7 +435,7 @@ class TempCache(KVCache):
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
         _put(st["k"], dst, k_new, skip=cap)
         _put(st["v"], dst, v_new, skip=cap)
-        mvals = torch.zeros_like(k_new) if sink else m_new.to(k_new.dtype)
+        mvals = torch.zeros_like(k_new, dtype=st["mkey"].dtype) if sink else m_new.to(st["mkey"].dtype)
         _put(st["mkey"], dst, mvals, skip=cap)
         st["count"].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)

@@ -461,6 +461,38 @@ def test_fill_auto_is_budget_on_cuda_and_prefix_elsewhere():
         TempCache(spec(), budget_frames=4, fill="static")
 
 
+@pytest.mark.parametrize("match", ["local", "pre", "post"])
+def test_match_keys_in_the_cache_dtype_give_the_float32_merges(match):
+    """match_dtype=cache stores the unit match keys in the cache's dtype (bf16 here, half
+    the bytes of float32); similarities are still float32, so tokens whose cosine is
+    clearly on one side of the threshold, each with one clear best group, merge exactly as
+    with float32 keys: the same slots, counts and cached keys and values."""
+    g = torch.Generator().manual_seed(43)
+    bf16 = CacheSpec(1, 1, H, D, N, torch.device("cpu"), torch.bfloat16)
+    caches = {dt: TempCache(bf16, budget_frames=3, sink_frames=1, threshold=0.9, match=match, representative="mean",
+                            match_frames=2, match_dtype=dt) for dt in ("cache", "float32")}
+    assert caches["cache"].mkey[0].dtype == torch.bfloat16 and caches["float32"].mkey[0].dtype == torch.float32
+    base = torch.randn(1, H, N, D, generator=g)
+    for f in range(8):  # half the tokens repeat (cosine ~1), half are new (cosine ~0)
+        k = torch.where(torch.arange(N)[:, None] % 2 == 0, base + 1e-3 * torch.randn(1, H, N, D, generator=g),
+                        torch.randn(1, H, N, D, generator=g)).to(torch.bfloat16)
+        v = torch.randn(1, H, N, D, generator=g).to(torch.bfloat16)
+        for c in caches.values():
+            commit_frame(c, k, v)
+    a, b = caches["cache"], caches["float32"]
+    assert a.merge_rate() == b.merge_rate() > 0
+    for name in ("count", "stamp", "pos", "k", "v"):
+        assert torch.equal(getattr(a, name)[0], getattr(b, name)[0]), name
+    assert torch.allclose(a.mkey[0].float(), b.mkey[0], atol=1e-2)
+
+
+def test_match_dtype_auto_is_float32_on_cpu_and_bad_values_fail():
+    bf16 = CacheSpec(1, 1, H, D, N, torch.device("cpu"), torch.bfloat16)
+    assert TempCache(bf16, budget_frames=4).mkey[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="match_dtype='half'"):
+        TempCache(bf16, budget_frames=4, match_dtype="half")
+
+
 def test_caches_report_whether_their_attention_shapes_repeat():
     """`static_shape` after each stage: dense never (it grows), window once full, TempCache
     once its budget is in use (before, it attends over its growing filled prefix). GPU
