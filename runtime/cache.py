@@ -44,6 +44,7 @@ class KVCache:
 
     policy = "base"
     grows = False  # capacity grows with the rollout (dense): lengths never repeat
+    rehearsable = True  # has a full shape that play reaches and keeps (`pretend_full`)
     sink_tokens = 0  # leading slots that always count as recent (window sinks)
 
     def __init__(self, spec: CacheSpec, capacity_tokens: int):
@@ -53,6 +54,7 @@ class KVCache:
 
     # --- verbs
     def reset(self) -> None:
+        self._drop_buffers()
         s = self.spec
         # room after the valid tokens for a staged chunk: up to two frames (the pending
         # clean frame and the frame being denoised run in one pass)
@@ -71,6 +73,20 @@ class KVCache:
         # which commit wrote each slot (-1: never): what "recent" means for AnnSA
         self.slot_frame = [torch.full(shape[2:3], -1, device=s.device, dtype=torch.long) for _ in range(s.num_layers)]
         self.frames_seen = 0
+
+    def _drop_buffers(self) -> None:
+        """Let go of the previous buffers before a reset allocates new ones, so that a
+        reset never holds two sets (at the Wan shape a set is tens of GB)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor) or (isinstance(value, list) and any(
+                    isinstance(x, torch.Tensor) for x in value)):
+                setattr(self, name, None)
+
+    def pretend_full(self) -> None:
+        """Host state of a full cache, so that the next pass stages and commits at the
+        shape play keeps once the cache is full (contents: whatever the buffers hold).
+        For one throwaway pass at start-up (`Rollout.rehearse`); `reset()` undoes it."""
+        self.length = [self._capacity] * self.spec.num_layers
 
     def _allocate_kv(self, shape) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer key and value buffers of `shape` (B, H, slots, D)."""
@@ -145,6 +161,7 @@ class DenseCache(KVCache):
 
     policy = "dense"
     grows = True
+    rehearsable = False
 
     def __init__(self, spec: CacheSpec, initial_frames: int = 64):
         super().__init__(spec, initial_frames * spec.tokens_per_frame)

@@ -99,7 +99,8 @@ class Rollout:
     passes of one; identical results, see CachedSelfAttention). `flush()` runs it alone.
     """
 
-    def __init__(self, model, sampler, cache: KVCache, attention=None, cuda_graph: bool = False):
+    def __init__(self, model, sampler, cache: KVCache, attention=None, cuda_graph: bool = False,
+                 rehearse: bool = False):
         self.model = model
         self.sampler = sampler
         self.cache = cache
@@ -111,6 +112,9 @@ class Rollout:
         # is captured and every later frame replays it: no Python or launch cost per kernel
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph = None
+        # at every reset, one throwaway pass at the shape the cache keeps once full (see
+        # `rehearse`); the factory turns it on for GPUs (`engine.rehearse`)
+        self.rehearse_on_reset = bool(rehearse)
 
     def _attn(self, commit: int, step_index: int | None):
         if self.attention is None:
@@ -141,9 +145,29 @@ class Rollout:
         self.frame_index = 0
         first = to_unit(first_frames_u8.to(self.device)).to(self.dtype)[:, None]  # (B, 1, 3, H, W)
         idle = torch.zeros(first.shape[0], dtype=torch.long, device=self.device)
+        if self.rehearse_on_reset and self.cache.rehearsable:
+            self.rehearse(first)
         # the first frame comes from reset: its previous frame is itself, its action idle
         self.prev = first
         self.pending = (first, first, idle, 0)
+
+    @torch.no_grad()
+    def rehearse(self, like: torch.Tensor) -> None:
+        """One throwaway merged pass (a clean frame committed with the next frame's first
+        denoising step: the shape of every later frame) over a cache that pretends to be
+        full, then a fresh cache. On a GPU the attention plans of that shape (cuDNN builds
+        one per new shape: 1.8 s for `window` at the Wan shape when the window fills) and
+        its compiled kernels are made now, at start-up, instead of in the middle of play.
+        It uses zeros and draws nothing from the generator: the frames that follow are the
+        same with or without it. like: (B, 1, 3, H, W), the shape of one frame."""
+        self.cache.pretend_full()
+        zero = torch.zeros_like(like)
+        actions = torch.zeros(like.shape[0], 2, dtype=torch.long, device=self.device)
+        self._forward(torch.cat([zero, zero], 1), torch.cat([zero, zero], 1), [0.0, self.sampler.times[0]], actions,
+                      [0, 1], self.model.cfg.tokens_per_frame, 0)
+        self.cache.reset()
+        if self.attention is not None:
+            self.attention.reset_stats()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: float, actions: torch.Tensor, step_index: int = 0) -> torch.Tensor:

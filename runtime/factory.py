@@ -57,7 +57,8 @@ def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool |
     """The rollout for `model` with the cache policy and attention of `cfg.attention`, or
     of `attention` (a config node, e.g. `runtime.evaluate.attention_cfg(spec)`) when given;
     CUDA graphs as `cfg.engine.cuda_graph` says, unless `cuda_graph` is given; the model's
-    blocks compiled as `cfg.engine.compile` says (WorldModel.compile_blocks)."""
+    blocks compiled as `cfg.engine.compile` says (WorldModel.compile_blocks); on a GPU a
+    rehearsal of the full cache's shape at every reset as `cfg.engine.rehearse` says."""
     model.compile_blocks(engine_flag(cfg, "compile"))
     p = next(model.parameters())
     mc = model.cfg
@@ -67,7 +68,8 @@ def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool |
     sampler = FlowSampler(SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)))
     if cuda_graph is None:
         cuda_graph = engine_flag(cfg, "cuda_graph")
-    return Rollout(model, sampler, cache, attention=runtime, cuda_graph=cuda_graph)
+    rehearse = engine_flag(cfg, "rehearse") and p.device.type == "cuda"  # nothing to build ahead on a CPU
+    return Rollout(model, sampler, cache, attention=runtime, cuda_graph=cuda_graph, rehearse=rehearse)
 
 
 @dataclass

@@ -395,9 +395,12 @@ class AttentionRuntime:
         return self._flex
 
     def reset(self) -> None:
+        self.reset_stats()
+        self.prompt_logc: list[torch.Tensor] = []
+
+    def reset_stats(self) -> None:
         self.sa_stats = LayerStats()
         self.ca_stats = LayerStats()
-        self.prompt_logc: list[torch.Tensor] = []
 
     def prepare_prompt(self, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]]):
         """Merge exactly identical prompt tokens (same key and value) with a log-count bias."""

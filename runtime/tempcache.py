@@ -152,6 +152,11 @@ class TempCache(KVCache):
         self.new_tokens = [0] * s.num_layers
         self.last_merge_rate = [0.0] * s.num_layers
 
+    def pretend_full(self) -> None:
+        """The static path from the next stage on: attention over the whole budget with the
+        log-count bias (see KVCache.pretend_full)."""
+        self._exact_prefix = [None] * self.spec.num_layers
+
     def _allocate_kv(self, shape):
         """Every buffer holds all layers in one tensor (layer first); the per-layer lists are
         views of it. Attention stages and reads layer by layer, while the merge of a clean

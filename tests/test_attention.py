@@ -493,6 +493,33 @@ def test_match_dtype_auto_is_float32_on_cpu_and_bad_values_fail():
         TempCache(bf16, budget_frames=4, match_dtype="half")
 
 
+def test_reset_lets_go_of_the_old_buffers_before_allocating_new_ones():
+    """A reset allocates a whole new set of buffers; holding the old set meanwhile would
+    need twice the cache's memory (tens of GB at the Wan shape)."""
+    def held(cache):
+        return sorted(n for n, v in vars(cache).items() if isinstance(v, torch.Tensor)
+                      or (isinstance(v, list) and any(isinstance(x, torch.Tensor) for x in v)))
+
+    g = torch.Generator().manual_seed(47)
+    for cache in (WindowCache(spec(), sink_frames=1, window_frames=2), DenseCache(spec(), initial_frames=2),
+                  TempCache(spec(), budget_frames=3, sink_frames=1, match="local", merge_when="full")):
+        for _ in range(4):
+            commit_frame(cache, *(torch.randn(1, H, N, D, generator=g) for _ in range(2)))
+        before = held(cache)
+        seen = []
+        allocate = cache._allocate_kv
+
+        def spy(shape, cache=cache, allocate=allocate, seen=seen):
+            seen.append(held(cache))
+            return allocate(shape)
+        cache._allocate_kv = spy
+        cache.reset()
+        assert seen == [[]], (cache.policy, seen)
+        # the buffers come back (lazily built tables such as the neighbourhood may wait for use)
+        assert {"k", "v", "slot_frame"} <= set(held(cache)) <= set(before), cache.policy
+        assert cache.num_tokens(0) == 0, cache.policy
+
+
 def test_caches_report_whether_their_attention_shapes_repeat():
     """`static_shape` after each stage: dense never (it grows), window once full, TempCache
     once its budget is in use (before, it attends over its growing filled prefix). GPU

@@ -167,6 +167,50 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames():
             assert torch.equal(eager, static_frames) and fi_e == fi_s and commits_e == commits_s
 
 
+def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_unchanged():
+    """Rollout.rehearse (on at every reset on a GPU: `engine.rehearse`) runs one throwaway
+    pass over a cache that pretends to be full, so that the shape play keeps once the cache
+    is full is staged at start-up, then starts from a fresh cache: the frames that follow
+    are identical to a rollout without it, and the cache starts empty. Dense has no such
+    shape and is left alone."""
+    from runtime.cache import DenseCache
+    from runtime.tempcache import TempCache
+
+    model = random_model(9)
+    _, _, prompt = random_clip(1)
+    first = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    actions = torch.randint(0, 6, (10, 2), generator=torch.Generator().manual_seed(6))
+    spec = CacheSpec(TINY.depth, 2, TINY.heads, TINY.head_dim, TINY.tokens_per_frame, torch.device("cpu"), torch.float32)
+    makes = {"window": lambda: WindowCache(spec, sink_frames=1, window_frames=4),
+             "tempcache": lambda: TempCache(spec, budget_frames=5, sink_frames=1, threshold=0.5, match="local",
+                                            match_frames=2, representative="mean", merge_when="full"),
+             "dense": lambda: DenseCache(spec, initial_frames=4)}
+    for name, make in makes.items():
+        runs = []
+        for rehearse in (False, True):
+            r = Rollout(model, FlowSampler(SamplerConfig(steps=1)), make(), rehearse=rehearse)
+            staged = []
+            stage = r.cache.stage
+
+            def spy(layer, k, v, k_pre=None, stage=stage, staged=staged, cache=r.cache):
+                out = stage(layer, k, v, k_pre)
+                staged.append((out[0].shape[2], cache.static_shape))
+                return out
+            r.cache.stage = spy
+            r.reset(first, prompt.expand(2, -1, -1), seed=5)
+            assert r.cache.commits == [0] * TINY.depth and r.cache.num_tokens(0) == 0, name
+            rehearsed = list(staged)
+            runs.append((torch.stack([r.step(a) for a in actions]), list(r.cache.commits), rehearsed))
+        (plain, commits_p, none), (frames, commits_r, rehearsed) = runs
+        assert none == [], name  # a reset alone stages nothing
+        assert torch.equal(plain, frames) and commits_p == commits_r, name
+        if name == "dense":
+            assert rehearsed == [], name
+        else:  # every layer staged [full cache | clean | noisy] once, as a static shape
+            full = r.cache._capacity + 2 * TINY.tokens_per_frame
+            assert rehearsed == [(full, True)] * TINY.depth, (name, rehearsed)
+
+
 def test_compiled_blocks_give_the_eager_predictions():
     # engine.compile: the blocks' dense parts through torch.compile, the cached attention
     # eager; the cached predictions match the uncached forward of the eager model
