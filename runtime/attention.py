@@ -49,7 +49,9 @@ CUDNN_MIN_PAIRS_FOR_NEW_SHAPES = 1 << 27
 # (`window` on the shipped model, H100: no more 0.6 s frame when the window fills, and
 # 2.11 -> 1.50 ms per frame; BENCHMARKS.md). Calls with a bias (TempCache's log-counts)
 # keep cuDNN: without it a bias goes to the memory-efficient kernel, which was slower
-# for `fastar`'s frame; its plans still cost one 1.6 s frame when its budget fills.
+# for `fastar`'s frame. Their plans are built at start-up: TempCache's shapes are static
+# from the first frame on a GPU (`fill: budget`) and the rollout rehearses the full
+# cache's shape at reset (`Rollout.rehearse`).
 CUDNN_MIN_PAIRS_FOR_STATIC_SHAPES = 1 << 23
 NO_CUDNN = [  # every SDPA backend but cuDNN
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

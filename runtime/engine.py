@@ -153,18 +153,23 @@ class Rollout:
 
     @torch.no_grad()
     def rehearse(self, like: torch.Tensor) -> None:
-        """One throwaway merged pass (a clean frame committed with the next frame's first
-        denoising step: the shape of every later frame) over a cache that pretends to be
-        full, then a fresh cache. On a GPU the attention plans of that shape (cuDNN builds
-        one per new shape: 1.8 s for `window` at the Wan shape when the window fills) and
-        its compiled kernels are made now, at start-up, instead of in the middle of play.
-        It uses zeros and draws nothing from the generator: the frames that follow are the
-        same with or without it. like: (B, 1, 3, H, W), the shape of one frame."""
+        """Throwaway passes over a cache that pretends to be full, with the attention shapes
+        of every later frame: the merged pass (a clean frame committed with the next frame's
+        first denoising step) and, with more than one sampler step, a later step's pass over
+        [cache | the frame]; then a fresh cache. On a GPU the attention plans of those shapes
+        (cuDNN builds one per new shape: 1.8 s for `window` at the Wan shape when the window
+        fills) and their compiled kernels are made now, at start-up, instead of in the middle
+        of play (TempCache's Triton kernels are compiled when it is built). It uses zeros
+        and draws nothing from the generator: the frames that follow are the same with or
+        without it. like: (B, 1, 3, H, W), the shape of one frame."""
         self.cache.pretend_full()
         zero = torch.zeros_like(like)
         actions = torch.zeros(like.shape[0], 2, dtype=torch.long, device=self.device)
-        self._forward(torch.cat([zero, zero], 1), torch.cat([zero, zero], 1), [0.0, self.sampler.times[0]], actions,
+        times = self.sampler.times
+        self._forward(torch.cat([zero, zero], 1), torch.cat([zero, zero], 1), [0.0, times[0]], actions,
                       [0, 1], self.model.cfg.tokens_per_frame, 0)
+        if len(times) > 1:
+            self._forward(zero, zero, [times[1]], actions[:, :1], [1], 0, 1)
         self.cache.reset()
         if self.attention is not None:
             self.attention.reset_stats()

@@ -61,7 +61,7 @@ from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_atte
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache, take_rows
 from runtime.configs import strict_dataclass
 from runtime.flex_sparse import FlexBlockSparse, plan_dense_mask
-from runtime.tempcache import HistoryProbe, TempCache
+from runtime.tempcache import FILLS, MATCH_DTYPES, HistoryProbe, TempCache
 
 POLICIES = ("dense", "window", "tempcache")
 KERNELS = ("auto", "flex", "gather")
@@ -98,7 +98,8 @@ class AttentionConfig:
     recent_frames: int = 2          # AnnSA: always keep the most recent frames
     dense_fraction: float = 0.3     # AnnSA: dense for the first floor(fraction * steps) steps
     max_density: float = 0.9        # AnnSA: above this kept fraction, run dense
-    min_blocks: int = 64            # AnnSA: with fewer cached blocks, run dense (selection costs more)
+    min_blocks: int = 64            # AnnSA: with fewer cache blocks in the attention span, run dense (selection
+                                    # costs more); with fill=budget the span is the whole budget from the start
     annca_min_tokens: int = 0       # AnnCA: with fewer (distinct) prompt tokens, run dense
     stats_recall: bool = False      # measure attention recall (costs a dense pass)
     kernel: str = "auto"            # AnnSA kernel: flex (block-sparse FlexAttention) | gather | auto (flex on CUDA)
@@ -128,6 +129,10 @@ class AttentionConfig:
             raise ValueError(f"attention.flex_block={self.flex_block} must be >= 1")
         if self.flex_max_compiles < 1:
             raise ValueError(f"attention.flex_max_compiles={self.flex_max_compiles} must be >= 1")
+        if self.fill not in FILLS:
+            raise ValueError(f"attention.fill={self.fill!r}; expected one of {list(FILLS)}")
+        if self.match_dtype not in MATCH_DTYPES:
+            raise ValueError(f"attention.match_dtype={self.match_dtype!r}; expected one of {list(MATCH_DTYPES)}")
 
     @classmethod
     def from_dict(cls, d) -> "AttentionConfig":

@@ -43,6 +43,21 @@ FILLS = ("auto", "prefix", "budget")
 MATCH_DTYPES = ("auto", "cache", "float32")
 
 
+def static_fill(fill: str, device: torch.device) -> bool:
+    """Whether attention spans the whole budget while it fills (`fill`, see TempCache)."""
+    if fill not in FILLS:
+        raise ValueError(f"tempcache fill={fill!r}; expected one of {list(FILLS)}")
+    return fill == "budget" or (fill == "auto" and device.type == "cuda")
+
+
+def match_key_dtype(match_dtype: str, device: torch.device, cache_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the stored match keys (`match_dtype`, see TempCache)."""
+    if match_dtype not in MATCH_DTYPES:
+        raise ValueError(f"tempcache match_dtype={match_dtype!r}; expected one of {list(MATCH_DTYPES)}")
+    cache = match_dtype == "cache" or (match_dtype == "auto" and device.type == "cuda")
+    return cache_dtype if cache else torch.float32
+
+
 class TempCache(KVCache):
     policy = "tempcache"
 
@@ -79,21 +94,16 @@ class TempCache(KVCache):
         #           a GPU builds its attention plans once at start-up (not in the middle of
         #           play when the budget fills) and a CUDA graph captures from the third frame
         #   auto    budget on CUDA, prefix elsewhere (on a CPU the short prefix is cheaper)
-        if fill not in FILLS:
-            raise ValueError(f"tempcache fill={fill!r}; expected one of {list(FILLS)}")
         self.fill = fill
-        self.static_fill = fill == "budget" or (fill == "auto" and spec.device.type == "cuda")
+        self.static_fill = static_fill(fill, spec.device)
         # the dtype of the stored match keys (similarities are computed in float32 either way):
         #   cache    the cache's dtype: bf16 keys take half the bytes of float32 ones, which
         #            doubled the bytes of every cached key (3 GB at the Wan shape)
         #   float32  no conversion when candidates are compared: on a CPU converting them
         #            cost more (~0.9 ms per frame) than the memory saved (17 MB)
         #   auto     cache on CUDA, float32 elsewhere
-        if match_dtype not in MATCH_DTYPES:
-            raise ValueError(f"tempcache match_dtype={match_dtype!r}; expected one of {list(MATCH_DTYPES)}")
         self.match_dtype = match_dtype
-        cache_dtype = match_dtype == "cache" or (match_dtype == "auto" and spec.device.type == "cuda")
-        self._mkey_dtype = spec.dtype if cache_dtype else torch.float32
+        self._mkey_dtype = match_key_dtype(match_dtype, spec.device, spec.dtype)
         # evaluation only: keep every committed key to measure what the cache still
         # represents (history_recall); memory grows with the rollout
         self.track_history = track_history
@@ -115,6 +125,7 @@ class TempCache(KVCache):
         super().__init__(spec, budget_frames * spec.tokens_per_frame)
 
     def reset(self) -> None:
+        self._history = []  # (evaluation) let go of the old keys too before allocating
         super().reset()
         s, cap = self.spec, self._capacity
         full = cap + 2 * s.tokens_per_frame
@@ -486,9 +497,11 @@ class TempCache(KVCache):
 
     # --- facts
     def recent_slots(self, layer: int, frames: int) -> torch.Tensor:
-        """(B, H, cap) True for groups updated within the last `frames` commits, and sinks."""
+        """(B, H, cap) True for groups updated within the last `frames` commits, and sinks;
+        never for empty slots (stamp -1, which the first commits would otherwise count as
+        recent: with `fill: budget` attention spans them while the budget fills)."""
         st = self.stamp[layer][:, :, : self._capacity]
-        return (st >= self._steps_t[layer] - frames) | (st == -2)
+        return ((st >= 0) & (st >= self._steps_t[layer] - frames)) | (st == -2)
 
     def graph_ready(self) -> bool:
         """Every commit from now on has the same shapes and Python-side control flow (the

@@ -520,6 +520,44 @@ def test_reset_lets_go_of_the_old_buffers_before_allocating_new_ones():
         assert cache.num_tokens(0) == 0, cache.policy
 
 
+def test_annsa_over_a_budget_that_fills_keeps_the_sink_and_equals_dense():
+    """fill=budget: attention spans the whole budget while it fills, most of it empty.
+    Empty slots are never "recent", so AnnSA's forced blocks are the sink and the frames
+    really committed; with room for them in the kept blocks the result is dense attention
+    (an empty slot counted as recent in the first commits tied with the sink, and the
+    selection could drop the sink)."""
+    g = torch.Generator().manual_seed(53)
+    rt = make_runtime(policy="tempcache", annsa=True, ann="exact", block=N, density=0.25, max_density=1.0,
+                      recent_frames=2, min_blocks=4, sink_frames=1, budget_frames=16, merge_when="full",
+                      fill="budget", threshold=0.99)
+    cache = rt.build_cache(spec())
+    dense = DenseCache(spec(), initial_frames=32)
+    for f in range(4):
+        q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+        out = AnnSelfAttention(rt, cache, N, sparse=True)(0, q, k, v, k)
+        ref = CachedSelfAttention(dense, N)(0, q, k, v, k)
+        assert torch.allclose(out, ref, atol=1e-5), f
+        if f:  # the sink and the committed frames are forced in
+            recent = cache.recent_slots(0, 2)[0, 0, : 16 * N]
+            assert recent[:N].all() and not recent[(f + 1) * N :].any(), f
+    assert rt.sa_stats.summary()["density"] < 1.0  # the sparse path ran
+
+
+def test_tempcache_dtype_and_fill_choices_resolve_per_device():
+    from runtime.tempcache import match_key_dtype, static_fill
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert static_fill("auto", cuda) and not static_fill("auto", cpu)
+    assert static_fill("budget", cpu) and not static_fill("prefix", cuda)
+    assert match_key_dtype("auto", cuda, torch.bfloat16) == torch.bfloat16
+    assert match_key_dtype("auto", cpu, torch.bfloat16) == torch.float32
+    assert match_key_dtype("cache", cpu, torch.bfloat16) == torch.bfloat16
+    assert match_key_dtype("float32", cuda, torch.bfloat16) == torch.float32
+    for bad in ({"fill": "static"}, {"match_dtype": "half"}):
+        with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
+            AttentionConfig(**bad)
+
+
 def test_caches_report_whether_their_attention_shapes_repeat():
     """`static_shape` after each stage: dense never (it grows), window once full, TempCache
     once its budget is in use (before, it attends over its growing filled prefix). GPU

@@ -211,6 +211,34 @@ def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_uncha
             assert rehearsed == [(full, True)] * TINY.depth, (name, rehearsed)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_rehearsal_with_the_attention_runtime_leaves_frames_and_statistics_unchanged(steps):
+    """The same through the attention runtime (`fastar`-style: TempCache with AnnSA and
+    AnnCA, the budget static from the start), with one and two sampler steps: identical
+    frames, and the rehearsal's own attention calls are not in the statistics."""
+    from runtime.sparse import AttentionConfig, AttentionRuntime
+
+    model = random_model(11)
+    _, _, prompt = random_clip(1)
+    first = torch.randint(0, 256, (1, 64, 64, 3), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    actions = torch.randint(0, 6, (8, 1), generator=torch.Generator().manual_seed(8))
+    spec = CacheSpec(TINY.depth, 1, TINY.heads, TINY.head_dim, TINY.tokens_per_frame, torch.device("cpu"), torch.float32)
+    cfg = dict(policy="tempcache", budget_frames=4, sink_frames=1, threshold=0.5, match="local", match_frames=2,
+               representative="mean", merge_when="full", fill="budget", annsa=True, annca=True, ann="exact",
+               block=TINY.tokens_per_frame, density=0.5, max_density=1.0, min_blocks=2, dense_fraction=0.0)
+    runs = []
+    for rehearse in (False, True):
+        rt = AttentionRuntime(AttentionConfig(**cfg))
+        r = Rollout(model, FlowSampler(SamplerConfig(steps=steps)), rt.build_cache(spec), attention=rt,
+                    rehearse=rehearse)
+        r.reset(first, prompt, seed=3)
+        assert rt.sa_stats.sums == {} and rt.ca_stats.sums == {}
+        frames = torch.stack([r.step(a) for a in actions])
+        runs.append((frames, rt.summary()["self_attn"]["density"], r.cache.merge_rate()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1:] == runs[1][1:]
+
+
 def test_compiled_blocks_give_the_eager_predictions():
     # engine.compile: the blocks' dense parts through torch.compile, the cached attention
     # eager; the cached predictions match the uncached forward of the eager model
