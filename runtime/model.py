@@ -320,7 +320,9 @@ class WorldModel(nn.Module):
         x = self.embed(torch.cat([xp, pp], dim=-1)).reshape(b, f * n, -1)  # (B, L, W)
         c = self.t_embed(timestep_embedding(t, cfg.width).to(x.dtype)) + self.a_embed(actions)  # (B, F, W)
         cond = F.silu(c)  # (B, F, W)
-        cos, sin = rope_tables(rope_angles(cfg, frame_index))
+        # in the residual stream's dtype once per pass (apply_rope's casts are then no-ops for
+        # a model in bf16; under autocast the stream is float32 and each call casts as before)
+        cos, sin = (t.to(x.dtype) for t in rope_tables(rope_angles(cfg, frame_index)))
         fns = compiled_block_fns() if self.compiled else None
         for i, blk in enumerate(self.blocks):
             pk, pv = prompt_kv[i]

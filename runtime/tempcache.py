@@ -383,7 +383,7 @@ class TempCache(KVCache):
             flat = slot.reshape(lb, h, -1)
             ok &= (torch.gather(st["stamp"], 2, flat) >= step - self.match_frames).view(slot.shape)
             keys = take_rows(st["mkey"], flat).view(lb, h, c, -1, d).float()
-            sim = torch.linalg.vecdot(keys, m_new[..., None, :]).masked_fill(~ok, float("-inf"))  # (LB, H, c, T)
+            sim = torch.linalg.vecdot(keys, m_new[..., None, :]).masked_fill_(~ok, float("-inf"))  # (LB, H, c, T)
             best, which = sim.max(dim=-1)
             return best, torch.gather(slot, 3, which[..., None]).squeeze(-1)
         slots = st["trail"][:, :, :, :c].reshape(lb, h, -1)  # (LB, H, T*c): commit t, position p
@@ -393,7 +393,7 @@ class TempCache(KVCache):
         keys = take_rows(st["mkey"], slot).float()  # (LB, H, T*c, D)
         sim = m_new @ keys.transpose(-1, -2)  # (LB, H, c, T*c)
         near = self._trail_near(slots.shape[-1] // c, m_new.device)  # (c, T*c)
-        sim = sim.masked_fill(~(near & ok[:, :, None, :]), float("-inf"))
+        sim.masked_fill_(~near | ~ok[:, :, None, :], float("-inf"))
         best, which = sim.max(dim=-1)
         return best, torch.gather(slot, 2, which)
 
@@ -429,7 +429,7 @@ class TempCache(KVCache):
         table = self._near_table(m_new.device)
         tok = self._token_pos(c, m_new.device)[0, 0]
         near = table[tok[None, None, :, None], torch.where(pos >= 0, pos, table.shape[1] - 1)[:, :, None, :]]
-        s = s.masked_fill(~near, float("-inf"))
+        s.masked_fill_(~near, float("-inf"))
         return s.max(dim=-1)
 
     def _append(self, st, k_new, v_new, m_new, merged, step, sink: bool, now: torch.Tensor) -> torch.Tensor:
