@@ -46,8 +46,10 @@ def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tenso
     ctx_sigma (B,): context-noise level of the clean frames (None: clean, time 0);
     noisy_targets: the targets at time t_tgt as given (sampling) instead of noised here.
     Returns (noisy, prev, t, actions, frame_index, targets)."""
-    x = to_unit(batch["frames"].to(device))  # (B, F+1, 3, S, S): x_{-1}, x_0 .. x_{F-1}
-    acts = batch["actions"].to(device)  # (B, F+1)
+    # the loader pins its batches: the copies need not wait for the device to finish the
+    # previous step (a blocking copy does)
+    x = to_unit(batch["frames"].to(device, non_blocking=True))  # (B, F+1, 3, S, S): x_{-1}, x_0 .. x_{F-1}
+    acts = batch["actions"].to(device, non_blocking=True)  # (B, F+1)
     b, f1 = x.shape[:2]
     f = f1 - 1
     if ctx_sigma is None:
@@ -72,19 +74,21 @@ def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tenso
     frame_index = [torch.arange(f, device=device), torch.arange(1, f, device=device)]
     if "memory" in batch:  # earlier frames of the trajectories, at their true distance
         m = batch["memory"].shape[1]
-        noisy.insert(0, context(to_unit(batch["memory"].to(device))))
-        prev.insert(0, context(to_unit(batch["memory_prev"].to(device))))
+        noisy.insert(0, context(to_unit(batch["memory"].to(device, non_blocking=True))))
+        prev.insert(0, context(to_unit(batch["memory_prev"].to(device, non_blocking=True))))
         t.insert(0, sigma.view(b, 1).expand(b, m))
-        actions.insert(0, batch["memory_actions"].to(device))
-        frame_index.insert(0, batch["memory_index"].to(device))
+        actions.insert(0, batch["memory_actions"].to(device, non_blocking=True))
+        frame_index.insert(0, batch["memory_index"].to(device, non_blocking=True))
     cat = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
     return cat(noisy), cat(prev), cat(t), cat(actions), torch.cat(frame_index), targets
 
 
-def sample_times(b: int, n: int, sampler_times: list[float], gen, device) -> torch.Tensor:
-    """Half uniform in (0, 1], half on the sampler's own grid (few-step sampling)."""
+def sample_times(b: int, n: int, sampler_times, gen, device) -> torch.Tensor:
+    """Half uniform in (0, 1], half on the sampler's own grid (few-step sampling).
+    sampler_times: a list, or the same already on the device (no copy from the host,
+    which would wait for the device, on every step)."""
     u = 1 - torch.rand(b, n, generator=gen, device=device)
-    grid = torch.tensor(sampler_times, device=device)
+    grid = torch.as_tensor(sampler_times, device=device)
     g = grid[torch.randint(len(sampler_times), (b, n), generator=gen, device=device)]
     pick = torch.rand(b, n, generator=gen, device=device) < 0.5
     return torch.where(pick, g, u)
@@ -92,7 +96,7 @@ def sample_times(b: int, n: int, sampler_times: list[float], gen, device) -> tor
 
 def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
     noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device)
-    prompt = batch["prompt"].to(device)
+    prompt = batch["prompt"].to(device, non_blocking=True)
     out = model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt)
     return out[:, out.shape[1] - targets.shape[1] :], targets
 
@@ -221,6 +225,7 @@ def train(cfg: DictConfig) -> dict:
         OmegaConf.save(cfg, out / "train_config.yaml")
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bool(tc.bf16))
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1000 + rank)
+    grid = torch.tensor(sampler.times, device=device, dtype=torch.float32)  # the sampler's times, once
     steps = int(tc.steps)
     t_start = time.time()
 
@@ -259,7 +264,7 @@ def train(cfg: DictConfig) -> dict:
             b = batch["frames"].shape[0]
             ctx_sigma = torch.rand(b, generator=gen, device=device) * float(tc.context_noise_max)
             ctx_sigma = ctx_sigma * (torch.rand(b, generator=gen, device=device) < float(tc.context_noise_prob))
-            t_tgt = sample_times(b, dcfg.frames - 1, sampler.times, gen, device)
+            t_tgt = sample_times(b, dcfg.frames - 1, grid, gen, device)
             with amp:
                 pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn)
                 loss = F.mse_loss(pred.float(), target) / micro
