@@ -27,6 +27,31 @@ from runtime.factory import build_rollout
 
 
 
+def activities(cuda: bool) -> list:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+
+def summarize(prof, n: int, cuda: bool, top: int, unit: str) -> dict:
+    """What `n` profiled frames or steps (`unit`) spent: on a GPU the kernels by device time,
+    on a CPU the operators by their own time (self, so nested calls do not count twice);
+    the host's own time (every operator and runtime call, self time) and the calls that
+    make the host wait for the device, all per `unit`."""
+    events = prof.key_averages()
+    if cuda:  # kernels only: operator rows would count their kernels again
+        rows = [(e.key, e.device_time_total, e.count) for e in events
+                if e.device_time_total > 0 and not e.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda"))]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    host = sum(e.self_cpu_time_total for e in events) / n / 1e3
+    waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                      "cudaEventSynchronize")) / n
+    return {f"profiled_ms_per_{unit}": sum(r[1] for r in rows) / n / 1e3,
+            f"host_ms_per_{unit}": host, f"host_waits_per_{unit}": waits,
+            "top": [{"name": k[:160], f"ms_per_{unit}": t / n / 1e3, f"calls_per_{unit}": c / n}
+                    for k, t, c in rows[:top]]}
+
+
 def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int, top: int) -> dict:
     rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(spec))
     first, prompt = world_start(world, int(cfg.seed))
@@ -40,28 +65,12 @@ def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int,
         t0 = time.perf_counter()
         rollout.step(torch.tensor([i % 6])).cpu()
         lat.append((time.perf_counter() - t0) * 1e3)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=activities(cuda)) as prof:
         for i in range(n_prof):
             rollout.step(torch.tensor([i % 6])).cpu()
-    events = prof.key_averages()
-    if cuda:  # kernels only: operator rows would count their kernels again
-        rows = [(e.key, e.device_time_total, e.count) for e in events
-                if e.device_time_total > 0 and not e.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda"))]
-    else:  # operators by their own time (self), so nested calls are not counted twice
-        rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
     tail = lat[-40:]
-    # host side: the CPU time of every operator and runtime call (self time, so nothing
-    # counts twice), and the calls that make the host wait for the device
-    host = sum(e.self_cpu_time_total for e in events) / n_prof / 1e3
-    waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                      "cudaEventSynchronize")) / n_prof
     out = {"median_ms": float(np.median(tail)), "p90_ms": float(np.percentile(tail, 90)),
-           "cache_tokens": rollout.cache.num_tokens(0),
-           "profiled_ms_per_frame": sum(r[1] for r in rows) / n_prof / 1e3,
-           "host_ms_per_frame": host, "host_waits_per_frame": waits,
-           "top": [{"name": k[:160], "ms_per_frame": t / n_prof / 1e3, "calls_per_frame": c / n_prof} for k, t, c in rows[:top]]}
+           "cache_tokens": rollout.cache.num_tokens(0), **summarize(prof, n_prof, cuda, top, "frame")}
     if cuda:
         out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out

@@ -167,10 +167,39 @@ def check_train_settings(tc: DictConfig) -> None:
             raise ValueError(f"train.{key}={tc[key]!r}; expected an integer >= 1")
     if integer("train.workers", tc.workers) < 0:
         raise ValueError(f"train.workers={tc.workers!r}; expected an integer >= 0")
+    if integer("train.profile_steps", tc.profile_steps) < 0:
+        raise ValueError(f"train.profile_steps={tc.profile_steps!r}; expected an integer >= 0")
     if not 0.0 <= number("train.context_noise_prob", tc.context_noise_prob) <= 1.0:
         raise ValueError(f"train.context_noise_prob={tc.context_noise_prob!r}; expected a probability in [0, 1]")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
+
+
+def profile_start(device):
+    """torch.profiler over the next training steps (`train.profile_steps`)."""
+    from torch.profiler import profile
+
+    from runtime.profile_step import activities
+
+    prof = profile(activities=activities(device.type == "cuda"))
+    prof.__enter__()
+    return prof
+
+
+def profile_stop(prof, device, n: int, path: Path, progress) -> None:
+    """End the profile of `n` steps; write what a step spent to `path` and print it."""
+    from runtime.profile_step import summarize
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prof.__exit__(None, None, None)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "steps": n,
+           **summarize(prof, n, device.type == "cuda", 25, "step")}
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"profile of {n} steps: {res['profiled_ms_per_step']:.1f} ms of kernels/operators per step, host "
+             f"{res['host_ms_per_step']:.1f} ms, {res['host_waits_per_step']:.1f} waits per step ({path})"]
+    lines += [f"  {t['ms_per_step']:8.2f} ms  x{t['calls_per_step']:<7.1f} {t['name'][:100]}" for t in res["top"][:12]]
+    (progress.write if progress is not None else print)("\n".join(lines))
 
 
 def train(cfg: DictConfig) -> dict:
@@ -248,6 +277,11 @@ def train(cfg: DictConfig) -> dict:
 
         progress = tqdm(total=steps, desc="train", dynamic_ncols=True, disable=not bool(tc.progress))
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    # train.profile_steps: profile that many steps (rank 0), after 10 steps of warm-up
+    # (compiles, the loader's first batches) or from the start of a shorter run
+    n_prof = int(tc.profile_steps)
+    prof_from = max(0, min(10, steps - n_prof)) if n_prof and rank == 0 else -1
+    prof = None
     step = 0
     elapsed = 0.0  # the shared clock, read once per step (a collective under DDP)
     last_metrics: dict = {}
@@ -257,6 +291,8 @@ def train(cfg: DictConfig) -> dict:
         lr = float(tc.lr) * min(1.0, (step + 1) / max(1, int(tc.warmup))) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         for g in opt.param_groups:
             g["lr"] = lr
+        if step == prof_from:
+            prof = profile_start(device)
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)  # stays on the device: no host sync per micro-batch
         for _ in range(micro):
@@ -276,6 +312,9 @@ def train(cfg: DictConfig) -> dict:
             d = min(float(tc.ema), (1 + step) / (10 + step))  # short runs: the average ramps up
             torch._foreach_lerp_(ema_params, model_params, 1 - d)
         step += 1
+        if prof is not None and (step == prof_from + n_prof or step == steps):
+            profile_stop(prof, device, step - prof_from, out / "profile.json", progress)
+            prof = None
         elapsed = elapsed_s()
         stop = elapsed > float(tc.time_limit_s)
         if rank == 0:
@@ -296,6 +335,8 @@ def train(cfg: DictConfig) -> dict:
                 save_checkpoint(out / "model.safetensors", ema, info)
         if stop:
             break
+    if prof is not None:  # the time limit came first
+        profile_stop(prof, device, step - prof_from, out / "profile.json", progress)
     if progress is not None:
         progress.close()
     if world > 1:

@@ -71,6 +71,25 @@ def test_cpu_smoke_run(tmp_path, memory):
     assert info["metrics"] == lines[-1]
 
 
+def test_profile_steps_write_what_a_step_spends(tmp_path, capsys):
+    """train.profile_steps=N profiles N steps (here the whole 2-step run) and writes a
+    per-step summary to out/profile.json; 0 (the default) writes nothing."""
+    from runtime.train import train
+
+    train(compose_train(SMOKE + [f"out={tmp_path}", "train.profile_steps=2"]))
+    res = json.loads((tmp_path / "profile.json").read_text())
+    assert res["device"] == "cpu" and res["steps"] == 2
+    assert res["profiled_ms_per_step"] > 0 and res["host_ms_per_step"] > 0 and res["host_waits_per_step"] == 0
+    assert res["top"] and all(t["ms_per_step"] > 0 for t in res["top"])
+    assert any("addmm" in t["name"] or "mm" in t["name"] for t in res["top"])  # the linear layers ran under it
+    assert "profile of 2 steps" in capsys.readouterr().out
+    other = tmp_path / "plain"
+    train(compose_train(SMOKE + [f"out={other}"]))
+    assert not (other / "profile.json").exists()
+    with pytest.raises(ValueError, match="train.profile_steps=-1"):
+        train(compose_train(SMOKE + [f"out={other}", "train.profile_steps=-1"]))
+
+
 # Runs `python -m runtime.train` under torchrun with two hooks installed first: every
 # process writes the weights its model was created with, and the weights it holds
 # when training ends (just before the process group is torn down), to OUT/rankR.pt.
