@@ -76,10 +76,11 @@ class KVCache:
 
     def _drop_buffers(self) -> None:
         """Let go of the previous buffers before a reset allocates new ones, so that a
-        reset never holds two sets (at the Wan shape a set is tens of GB)."""
+        reset never holds two sets (at the Wan shape a set is tens of GB): every attribute
+        that holds tensors, directly or in lists, tuples and dicts (reset makes them again;
+        tables built lazily are rebuilt on use)."""
         for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor) or (isinstance(value, list) and any(
-                    isinstance(x, torch.Tensor) for x in value)):
+            if _holds_tensors(value):
                 setattr(self, name, None)
 
     def pretend_full(self) -> None:
@@ -221,6 +222,14 @@ class WindowCache(KVCache):
 
     def graph_ready(self) -> bool:
         return min(self.length) >= self._capacity  # full: the same shapes every frame
+
+
+def _holds_tensors(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensors(x) for x in value)
 
 
 def flat_rows(store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

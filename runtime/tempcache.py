@@ -125,7 +125,6 @@ class TempCache(KVCache):
         super().__init__(spec, budget_frames * spec.tokens_per_frame)
 
     def reset(self) -> None:
-        self._history = []  # (evaluation) let go of the old keys too before allocating
         super().reset()
         s, cap = self.spec, self._capacity
         full = cap + 2 * s.tokens_per_frame

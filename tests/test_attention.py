@@ -496,16 +496,23 @@ def test_match_dtype_auto_is_float32_on_cpu_and_bad_values_fail():
 def test_reset_lets_go_of_the_old_buffers_before_allocating_new_ones():
     """A reset allocates a whole new set of buffers; holding the old set meanwhile would
     need twice the cache's memory (tens of GB at the Wan shape)."""
+    def tensors_in(v) -> bool:  # at any depth of lists, tuples and dicts
+        if isinstance(v, dict):
+            v = list(v.values())
+        return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(tensors_in(x) for x in v))
+
     def held(cache):
-        return sorted(n for n, v in vars(cache).items() if isinstance(v, torch.Tensor)
-                      or (isinstance(v, list) and any(isinstance(x, torch.Tensor) for x in v)))
+        return sorted(n for n, v in vars(cache).items() if tensors_in(v))
 
     g = torch.Generator().manual_seed(47)
     for cache in (WindowCache(spec(), sink_frames=1, window_frames=2), DenseCache(spec(), initial_frames=2),
-                  TempCache(spec(), budget_frames=3, sink_frames=1, match="local", merge_when="full")):
+                  TempCache(spec(), budget_frames=3, sink_frames=1, match="local", merge_when="full"),
+                  TempCache(spec(), budget_frames=3, sink_frames=1, match="local", track_history=True)):
         for _ in range(4):
             commit_frame(cache, *(torch.randn(1, H, N, D, generator=g) for _ in range(2)))
         before = held(cache)
+        if getattr(cache, "track_history", False):
+            assert "_history" in before  # the committed keys, in lists of tuples
         seen = []
         allocate = cache._allocate_kv
 
