@@ -201,7 +201,11 @@ def test_micro_bench_smoke_runs_and_writes_its_json(tmp_path):
     ratios += [out["merged"]["kernel_ratio"], out["bias"]["flex_25_bias_ratio"], out["bias"]["sdpa_bias_ratio"]]
     assert all(isinstance(x, float) and x > 0 and math.isfinite(x) for x in ratios)
     tc = out["tempcache"]
-    assert tc["commit_ms"] >= 0 and 0 < tc["fraction_reference"] and 0 < tc["merge_rate"] < 1
+    # the merge's time is a difference of two timings (stage + commit, stage alone): on a busy
+    # machine noise can make it 0, so the test checks how the fractions are made, not a time
+    assert tc["commit_ms"] >= 0 and 0 < tc["merge_rate"] < 1
+    assert tc["merge_per_chunk_ms"] == pytest.approx(tc["frames_per_chunk"] * tc["commit_ms"])
+    assert tc["fraction_reference"] == pytest.approx(tc["merge_per_chunk_ms"] / tc["chunk_ms_reference"])
     assert tc["groups_per_head"] <= tc["capacity"]
 
 
