@@ -1,4 +1,5 @@
-"""TempCache's group means on CUDA as one Triton kernel (no atomic adds, one writer per group).
+"""TempCache's merge on CUDA in Triton kernels: group means (no atomic adds, one writer
+per group), row copies that skip the scratch slot, and int32 eviction priorities.
 
 When tokens of a frame join groups, each group's mean value (and mean key) becomes
 
@@ -13,9 +14,12 @@ group row once, adds the members of a group in sorted (= token) order in float32
 writes the group's row in place: the group's last member in sorted order is its only
 writer, so the result does not depend on scheduling and a CUDA graph replays it exactly.
 
-The sort itself (small: one int64 per token) stays in PyTorch (`group_runs`). Triton is
-optional: without it (or on the CPU) the caller keeps the PyTorch path. The kernel also
-runs on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use.
+The sort itself (small: one int64 per token) stays in PyTorch (`group_runs`). `put_rows_`
+copies appended rows into their slots, skipping the scratch slot; `eviction_priority` makes
+the eviction order's keys in one pass (the same order as TempCache's PyTorch reference).
+Triton is optional: without it (or on the CPU) the caller keeps the PyTorch paths. The
+kernels also run on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the
+tests use.
 """
 from __future__ import annotations
 

@@ -94,15 +94,13 @@ class TempCache(KVCache):
         #           a GPU builds its attention plans once at start-up (not in the middle of
         #           play when the budget fills) and a CUDA graph captures from the third frame
         #   auto    budget on CUDA, prefix elsewhere (on a CPU the short prefix is cheaper)
-        self.fill = fill
         self.static_fill = static_fill(fill, spec.device)
         # the dtype of the stored match keys (similarities are computed in float32 either way):
         #   cache    the cache's dtype: bf16 keys take half the bytes of float32 ones, which
         #            doubled the bytes of every cached key (3 GB at the Wan shape)
         #   float32  no conversion when candidates are compared: on a CPU converting them
-        #            cost more (~0.9 ms per frame) than the memory saved (17 MB)
+        #            cost more time than the memory saved is worth (17 MB for the shipped model)
         #   auto     cache on CUDA, float32 elsewhere
-        self.match_dtype = match_dtype
         self._mkey_dtype = match_key_dtype(match_dtype, spec.device, spec.dtype)
         # evaluation only: keep every committed key to measure what the cache still
         # represents (history_recall); memory grows with the rollout

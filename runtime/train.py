@@ -182,7 +182,7 @@ def profile_start(device):
     from runtime.profile_step import activities
 
     prof = profile(activities=activities(device.type == "cuda"))
-    prof.__enter__()
+    prof.start()
     return prof
 
 
@@ -192,7 +192,7 @@ def profile_stop(prof, device, n: int, path: Path, progress) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    prof.__exit__(None, None, None)
+    prof.stop()
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "steps": n,
            **summarize(prof, n, device.type == "cuda", 25, "step")}
     path.write_text(json.dumps(res, indent=1) + "\n")

@@ -454,13 +454,6 @@ def test_fill_budget_attends_over_the_whole_budget_from_the_first_frame_and_equa
     assert caches["budget"].merge_rate() == caches["prefix"].merge_rate() > 0
 
 
-def test_fill_auto_is_budget_on_cuda_and_prefix_elsewhere():
-    assert TempCache(spec(), budget_frames=4, merge_when="full").static_fill is False  # CPU
-    assert TempCache(spec(), budget_frames=4, merge_when="full", fill="budget").static_fill is True
-    with pytest.raises(ValueError, match="fill='static'"):
-        TempCache(spec(), budget_frames=4, fill="static")
-
-
 @pytest.mark.parametrize("match", ["local", "pre", "post"])
 def test_match_keys_in_the_cache_dtype_give_the_float32_merges(match):
     """match_dtype=cache stores the unit match keys in the cache's dtype (bf16 here, half
@@ -560,6 +553,10 @@ def test_tempcache_dtype_and_fill_choices_resolve_per_device():
     assert match_key_dtype("auto", cpu, torch.bfloat16) == torch.float32
     assert match_key_dtype("cache", cpu, torch.bfloat16) == torch.bfloat16
     assert match_key_dtype("float32", cuda, torch.bfloat16) == torch.float32
+    assert TempCache(spec(), budget_frames=4, merge_when="full").static_fill is False  # a CPU cache: auto
+    assert TempCache(spec(), budget_frames=4, merge_when="full", fill="budget").static_fill is True
+    with pytest.raises(ValueError, match="fill='static'"):
+        TempCache(spec(), budget_frames=4, fill="static")
     for bad in ({"fill": "static"}, {"match_dtype": "half"}):
         with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
             AttentionConfig(**bad)
