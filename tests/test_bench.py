@@ -152,20 +152,34 @@ def test_lockstep_ratios_cancel_a_drift_that_hits_both_configs():
 
 
 def test_lockstep_stops_a_slow_config_and_goes_on_with_the_others(tmp_path, monkeypatch):
-    import time
-
     import runtime.bench as bench
 
+    class Clock:  # the bench's clock: dense's chunks take 0.3 s on it, everything else ~0
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1e-6
+            return self.now
+
+        def time(self) -> float:
+            return self.now
+
+    clock = Clock()
     build = bench.build_rollout
 
     def slow_dense(model, cfg, batch, attention):
         rollout = build(model, cfg, batch=batch, attention=attention)
         if attention.name == "dense":
             step = rollout.step
-            rollout.step = lambda a: (time.sleep(0.3), step(a))[1]
+
+            def slow(a):
+                clock.now += 0.3
+                return step(a)
+            rollout.step = slow
         return rollout
 
     monkeypatch.setattr(bench, "build_rollout", slow_dense)
+    monkeypatch.setattr(bench, "time", clock)
     cfg = tiny_random(["bench.frames=8", "bench.attentions=[dense,window]", "bench.lockstep=true",
                        "bench.max_chunk_ms=250"])
     res = run(cfg, tmp_path)
