@@ -10,6 +10,9 @@ A window holds
     frames  (B, F+1, H, W, 3) uint8   x_{-1}, x_0 .. x_{F-1}
     actions (B, F+1) int64            a_i produced x_i from x_{i-1}
     prompt  (B, T, E) float32         each world's tile set
+    creatures (B, F+1, K, 2) int64    view pixel (y, x) of each creature's box in each
+                                      frame (what the training loss may weight: the
+                                      moving objects the view's scroll does not explain)
 
 and, with `memory_frames` = M > 0, M earlier frames of the same trajectories, what a
 long rollout's cache holds (the model learns to attend to frames far back, at their
@@ -114,7 +117,11 @@ class WindowStream:
         start = self._t  # the step before x_{-1}
         acts = self.actions[:, start : start + f + 1]
         self._windows_left -= 1
-        frames = np.stack([self._step() for _ in range(f + 1)], axis=1)
+        frames, creatures = [], []
+        for _ in range(f + 1):
+            frames.append(self._step())
+            creatures.append(self.world.creature_view_pos)
+        frames, creatures = np.stack(frames, axis=1), np.stack(creatures, axis=1)
         out = {}
         if self.history is not None:
             steps = self._memory_steps(start + 1)  # up to x_{-1}, step start + 1
@@ -133,6 +140,7 @@ class WindowStream:
             "frames": torch.from_numpy(frames),
             "actions": torch.from_numpy(acts.astype(np.int64)),
             "prompt": torch.from_numpy(self.prompts.astype(np.float32)),
+            "creatures": torch.from_numpy(creatures),
             **out,
         }
 

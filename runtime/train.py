@@ -27,7 +27,6 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
@@ -83,15 +82,38 @@ def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tenso
     return cat(noisy), cat(prev), cat(t), cat(actions), torch.cat(frame_index), targets
 
 
-def sample_times(b: int, n: int, sampler_times, gen, device) -> torch.Tensor:
-    """Half uniform in (0, 1], half on the sampler's own grid (few-step sampling).
+def sample_times(b: int, n: int, sampler_times, gen, device, grid_prob: float = 0.5) -> torch.Tensor:
+    """On the sampler's own grid with probability `grid_prob` (the times few-step
+    sampling visits), else uniform in (0, 1].
     sampler_times: a list, or the same already on the device (no copy from the host,
     which would wait for the device, on every step)."""
     u = 1 - torch.rand(b, n, generator=gen, device=device)
     grid = torch.as_tensor(sampler_times, device=device)
     g = grid[torch.randint(len(sampler_times), (b, n), generator=gen, device=device)]
-    pick = torch.rand(b, n, generator=gen, device=device) < 0.5
+    pick = torch.rand(b, n, generator=gen, device=device) < grid_prob
     return torch.where(pick, g, u)
+
+
+def focus_weights(creatures: torch.Tensor, size: int, box: int, margin: int, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, n, 1, size, size): 1 + `weight` on each creature's box
+    grown by `margin` pixels (which covers where it was a frame before), 1 elsewhere.
+    creatures: (B, n, K, 2) view pixel (y, x) of each box's top-left in each target frame.
+    Creatures are a few percent of the pixels but move by their own rule, not by the
+    view's scroll: the part of a frame hardest to predict."""
+    r = torch.arange(size, device=creatures.device)
+    y, x = creatures[..., 0, None], creatures[..., 1, None]  # (B, n, K, 1)
+    rows = (r >= y - margin) & (r < y + box + margin)  # (B, n, K, size)
+    cols = (r >= x - margin) & (r < x + box + margin)
+    inside = (rows[..., :, None] & cols[..., None, :]).any(dim=2)  # (B, n, size, size)
+    return (1 + weight * inside.float())[:, :, None]
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """MSE, or with per-pixel weights normalized by their mean (the loss keeps its scale)."""
+    err = (pred.float() - target) ** 2
+    if weights is None:
+        return err.mean()
+    return (weights * err).mean() / weights.mean()
 
 
 def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
@@ -169,8 +191,13 @@ def check_train_settings(tc: DictConfig) -> None:
         raise ValueError(f"train.workers={tc.workers!r}; expected an integer >= 0")
     if integer("train.profile_steps", tc.profile_steps) < 0:
         raise ValueError(f"train.profile_steps={tc.profile_steps!r}; expected an integer >= 0")
-    if not 0.0 <= number("train.context_noise_prob", tc.context_noise_prob) <= 1.0:
-        raise ValueError(f"train.context_noise_prob={tc.context_noise_prob!r}; expected a probability in [0, 1]")
+    for key in ("context_noise_prob", "grid_prob"):
+        if not 0.0 <= number(f"train.{key}", tc[key]) <= 1.0:
+            raise ValueError(f"train.{key}={tc[key]!r}; expected a probability in [0, 1]")
+    if not number("train.focus_weight", tc.focus_weight) >= 0:
+        raise ValueError(f"train.focus_weight={tc.focus_weight!r}; expected a number >= 0")
+    if integer("train.focus_margin", tc.focus_margin) < 0:
+        raise ValueError(f"train.focus_margin={tc.focus_margin!r}; expected an integer >= 0")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
 
@@ -256,6 +283,8 @@ def train(cfg: DictConfig) -> dict:
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1000 + rank)
     grid = torch.tensor(sampler.times, device=device, dtype=torch.float32)  # the sampler's times, once
     steps = int(tc.steps)
+    focus_weight = float(tc.focus_weight)
+    box = world_cfgs[0].tile  # a creature's box is one tile
     t_start = time.time()
 
     def elapsed_s() -> float:
@@ -300,10 +329,14 @@ def train(cfg: DictConfig) -> dict:
             b = batch["frames"].shape[0]
             ctx_sigma = torch.rand(b, generator=gen, device=device) * float(tc.context_noise_max)
             ctx_sigma = ctx_sigma * (torch.rand(b, generator=gen, device=device) < float(tc.context_noise_prob))
-            t_tgt = sample_times(b, dcfg.frames - 1, grid, gen, device)
+            t_tgt = sample_times(b, dcfg.frames - 1, grid, gen, device, float(tc.grid_prob))
+            weights = None
+            if focus_weight > 0:
+                creatures = batch["creatures"][:, 2:].to(device, non_blocking=True)  # the targets' frames
+                weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
                 pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn)
-                loss = F.mse_loss(pred.float(), target) / micro
+                loss = weighted_mse(pred, target, weights) / micro
             loss.backward()
             total += loss.detach()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))

@@ -51,11 +51,11 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- smoke runs
 
 
-@pytest.mark.parametrize("memory", [0, 3])
-def test_cpu_smoke_run(tmp_path, memory):
+@pytest.mark.parametrize("memory, focus", [(0, 0), (3, 4)])
+def test_cpu_smoke_run(tmp_path, memory, focus):
     from runtime.train import train
 
-    cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}"])
+    cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}", f"train.focus_weight={focus}"])
     res = train(cfg)
     assert res["steps"] == 2
     ckpt, log = tmp_path / "model.safetensors", tmp_path / "log.jsonl"
@@ -290,6 +290,59 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob):
     assert checked >= m * (cfg.episode_windows - 2)
 
 
+def test_window_creature_boxes_are_where_creatures_are_drawn():
+    """The data's creature positions, turned into focus weights (margin 0), mark each
+    window's last frame exactly where creatures are drawn: every pixel that changes when
+    the same world is drawn with its creatures moved out of sight lies in a box, and
+    every box in view holds such pixels."""
+    from runtime.data import DataConfig, WindowStream
+    from runtime.train import focus_weights
+    from worlds.overworld import load_config
+
+    wc = load_config("overworld")
+    cfg = DataConfig(env_batch=4, frames=6, episode_windows=8, reset_like_prob=0.0)
+    stream = WindowStream([wc], cfg, rank=0)
+    boxes_seen = 0
+    for _ in range(cfg.episode_windows):
+        w = stream.next()
+        weights = focus_weights(w["creatures"], wc.view, wc.tile, 0, 1.0)[:, :, 0]  # (B, F+1, V, V)
+        assert weights.shape == (cfg.env_batch, cfg.frames + 1, wc.view, wc.view)
+        inside = weights[:, -1].numpy() == 2.0
+        creatures = stream.world._creatures
+        kept = creatures.pos.copy()
+        creatures.pos = creatures.pos - 10**4  # out of sight
+        bare = stream.world.render()
+        creatures.pos = kept
+        drawn = (w["frames"][:, -1].numpy() != bare).any(-1)  # (B, V, V)
+        assert not (drawn & ~inside).any()
+        for b in range(cfg.env_batch):
+            for y, x in w["creatures"][b, -1].tolist():
+                box = (slice(max(y, 0), max(y + wc.tile, 0)), slice(max(x, 0), max(x + wc.tile, 0)))
+                if inside[b][box].size == 0:
+                    continue  # out of view
+                boxes_seen += 1
+                assert drawn[b][box].any()
+                assert inside[b][box].all()
+    assert boxes_seen > 0
+
+
+def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
+    from runtime.train import focus_weights, weighted_mse
+
+    creatures = torch.tensor([[[[10, 20]]]])  # one frame, one creature at (10, 20)
+    w = focus_weights(creatures, 64, 8, 2, 3.0)[0, 0, 0]
+    assert w.shape == (64, 64) and set(w.unique().tolist()) == {1.0, 4.0}
+    rows, cols = torch.nonzero(w == 4.0, as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 19, 18, 29)  # 8 px + 2 on each side
+    pred, target = torch.zeros(1, 1, 3, 64, 64), torch.full((1, 1, 3, 64, 64), 0.5)
+    full = w[None, None, None]
+    assert torch.allclose(weighted_mse(pred, target, full), torch.tensor(0.25))  # uniform error: the same
+    assert torch.allclose(weighted_mse(pred, target, None), torch.tensor(0.25))
+    target[..., 10:18, 20:28] = 1.0  # error only inside the box weighs more than plain MSE
+    inside_only = target - 0.5
+    assert weighted_mse(pred, inside_only, full) > weighted_mse(pred, inside_only, None) * 2
+
+
 # ----------------------------------------------------------------------------- bad settings
 
 
@@ -308,6 +361,9 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob):
     ("train.context_noise_prob=1.5", "train.context_noise_prob=1.5; expected a probability in [0, 1]"),
     ("train.context_noise_prob=-0.1", "train.context_noise_prob=-0.1; expected a probability in [0, 1]"),
     ("train.time_limit_s=0", "train.time_limit_s=0; expected a number of seconds > 0"),
+    ("train.grid_prob=1.1", "train.grid_prob=1.1; expected a probability in [0, 1]"),
+    ("train.focus_weight=-1", "train.focus_weight=-1; expected a number >= 0"),
+    ("train.focus_margin=-2", "train.focus_margin=-2; expected an integer >= 0"),
     ("train.steps=many", "train.steps='many'; expected an integer"),
     ("train.data.memory_frames=-1", "train.data.memory_frames=-1; expected an integer >= 0"),
     ("train.data.memory_recent_prob=2", "train.data.memory_recent_prob=2; expected a probability in [0, 1]"),

@@ -147,6 +147,12 @@ class BatchOverworld:
         return self._creatures.pos - self._origin
 
     @property
+    def creature_view_pos(self) -> np.ndarray:
+        """(B, K, 2) int64 view pixel (y, x) of the top-left of each creature's box, as
+        drawn in the current frame (may lie outside the view)."""
+        return self._creatures.pos - (self._pos - self._player_view)[:, None]
+
+    @property
     def tiles(self) -> np.ndarray:
         """(B, map_size, map_size) uint8 current tile ids (markers included), read-only view."""
         p, m = self._pad, self.cfg.map_size
