@@ -6,8 +6,10 @@ are re-created every `episode_windows` windows with a new seed and tile set: hal
 tile sets are random styles, so the model must read its prompt to draw what it has not
 seen yet. Seeds used here start at `seed_base` (>= 10**6); evaluation uses small seeds.
 
-A window holds
-    frames  (B, F+1, H, W, 3) uint8   x_{-1}, x_0 .. x_{F-1}
+A window holds, for a model whose tokens carry K previous frames (`prev_frames`, set by
+the training from the model config),
+    frames  (B, F+K, H, W, 3) uint8   x_{-K} .. x_{-1}, x_0 .. x_{F-1} (frames before the
+                                      episode's first are that first frame, as at a reset)
     actions (B, F+1) int64            a_i produced x_i from x_{i-1}
     prompt  (B, T, E) float32         each world's tile set
     creatures (B, F+1, K, 2) int64    view pixel (y, x) of each creature's box in each
@@ -18,7 +20,7 @@ and, with `memory_frames` = M > 0, M earlier frames of the same trajectories, wh
 long rollout's cache holds (the model learns to attend to frames far back, at their
 true temporal distance, and to recall places it has seen):
     memory          (B, M, H, W, 3) uint8   in time order
-    memory_prev     (B, M, H, W, 3) uint8   the frame before each
+    memory_prev     (B, M, K, H, W, 3) uint8 the K frames before each, the last one first
     memory_actions  (B, M) int64            the action that produced each
     memory_index    (M,) int64              each one's step relative to x_0 (< 0)
 Memory steps are shared by the batch (its worlds step together). With probability
@@ -48,8 +50,11 @@ class DataConfig:
     seed_base: int = 1_000_000
     memory_frames: int = 0       # earlier frames of the trajectory given as extra context
     memory_recent_prob: float = 0.25  # memory = the steps just before the window
+    prev_frames: int = 1         # previous frames each frame's tokens carry (the model's)
 
     def __post_init__(self):
+        if self.prev_frames < 1:
+            raise ValueError(f"prev_frames={self.prev_frames!r}; expected an integer >= 1")
         if self.memory_frames < 0:
             raise ValueError(f"train.data.memory_frames={self.memory_frames!r}; expected an integer >= 0")
         if not 0.0 <= self.memory_recent_prob <= 1.0:
@@ -86,7 +91,7 @@ class WindowStream:
         self._t = 0
         self._windows_left = cfg.episode_windows
         self.history = None
-        if m:  # every step of the episode, for memory: history[s] is step s (0 = reset)
+        if m or cfg.prev_frames > 1:  # every step of the episode: history[s] is step s (0 = reset)
             self.history = np.empty((steps + 1,) + first.shape, dtype=np.uint8)
             self.history[0] = first
             for _ in range(m):
@@ -121,19 +126,25 @@ class WindowStream:
         for _ in range(f + 1):
             frames.append(self._step())
             creatures.append(self.world.creature_view_pos)
+        k = self.cfg.prev_frames
+        if k > 1:  # the frames before x_{-1} (step start + 1); before the reset, the reset frame
+            earlier = self.history[np.maximum(np.arange(start + 2 - k, start + 1), 0)]  # (K-1, B, ...)
+            frames = list(earlier) + frames
+            creatures = [creatures[0]] * (k - 1) + creatures  # no loss falls on these frames
         frames, creatures = np.stack(frames, axis=1), np.stack(creatures, axis=1)
         out = {}
-        if self.history is not None:
+        if self.cfg.memory_frames:
             steps = self._memory_steps(start + 1)  # up to x_{-1}, step start + 1
             out = {
                 "memory": torch.from_numpy(self.history[steps].swapaxes(0, 1).copy()),
-                "memory_prev": torch.from_numpy(self.history[steps - 1].swapaxes(0, 1).copy()),
+                "memory_prev": torch.from_numpy(self.history[np.maximum(steps[:, None] - 1 - np.arange(k), 0)]
+                                                .transpose(2, 0, 1, 3, 4, 5).copy()),
                 # actions[:, s - 1] produced step s
                 "memory_actions": torch.from_numpy(self.actions[:, steps - 1].astype(np.int64)),
                 "memory_index": torch.from_numpy(steps - (start + 2)),  # x_0 is step start + 2
             }
         reset_like = self.rng.random(self.cfg.env_batch) < self.cfg.reset_like_prob
-        frames[reset_like, 0] = frames[reset_like, 1]
+        frames[reset_like, :k] = frames[reset_like, k : k + 1]
         acts = acts.copy()
         acts[reset_like, 1] = 0
         return {

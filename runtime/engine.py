@@ -19,6 +19,7 @@ import torch
 
 from runtime.attention import CachedSelfAttention, dense_cross_attn
 from runtime.cache import KVCache
+from runtime.model import push_frame
 
 
 @dataclass
@@ -147,9 +148,9 @@ class Rollout:
         idle = torch.zeros(first.shape[0], dtype=torch.long, device=self.device)
         if self.rehearse_on_reset and self.cache.rehearsable:
             self.rehearse(first)
-        # the first frame comes from reset: its previous frame is itself, its action idle
-        self.prev = first
-        self.pending = (first, first, idle, 0)
+        # the first frame comes from reset: its previous frames are itself, its action idle
+        self.prev = first.repeat(1, 1, self.model.cfg.prev_frames, 1, 1)  # (B, 1, K*3, H, W)
+        self.pending = (first, self.prev, idle, 0)
 
     @torch.no_grad()
     def rehearse(self, like: torch.Tensor) -> None:
@@ -164,12 +165,13 @@ class Rollout:
         without it. like: (B, 1, 3, H, W), the shape of one frame."""
         self.cache.pretend_full()
         zero = torch.zeros_like(like)
+        zero_prev = zero.repeat(1, 1, self.model.cfg.prev_frames, 1, 1)
         actions = torch.zeros(like.shape[0], 2, dtype=torch.long, device=self.device)
         times = self.sampler.times
-        self._forward(torch.cat([zero, zero], 1), torch.cat([zero, zero], 1), [0.0, times[0]], actions,
+        self._forward(torch.cat([zero, zero], 1), torch.cat([zero_prev, zero_prev], 1), [0.0, times[0]], actions,
                       [0, 1], self.model.cfg.tokens_per_frame, 0)
         if len(times) > 1:
-            self._forward(zero, zero, [times[1]], actions[:, :1], [1], 0, 1)
+            self._forward(zero, zero_prev, [times[1]], actions[:, :1], [1], 0, 1)
         self.cache.reset()
         if self.attention is not None:
             self.attention.reset_stats()
@@ -195,7 +197,13 @@ class Rollout:
 
     def draw_noise(self) -> torch.Tensor:
         """The next frame's starting noise (float32) from the rollout's generator."""
-        return torch.randn(self.prev.shape, generator=self.gen, device=self.device, dtype=torch.float32)
+        return torch.randn(self.frame_shape, generator=self.gen, device=self.device, dtype=torch.float32)
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """(B, 1, 3, H, W): one frame of the batch."""
+        b, _, _, h, w = self.prev.shape
+        return (b, 1, self.model.cfg.channels, h, w)
 
     def check_finite(self, x0: torch.Tensor) -> None:
         if not bool(torch.isfinite(x0).all()):
@@ -209,7 +217,7 @@ class Rollout:
         """Queue the clean frame (B, 1, 3, H, W) made by `actions` for the cache."""
         self.flush()
         self.pending = (clean, self.prev, actions.to(self.device), self.frame_index)
-        self.prev = clean
+        self.prev = push_frame(self.prev, clean)
 
     @torch.no_grad()
     def flush(self) -> None:

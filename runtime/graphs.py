@@ -26,6 +26,7 @@ import copy
 import torch
 
 from runtime.engine import to_uint8, to_unit
+from runtime.model import push_frame
 
 HOST_COUNTERS = ("commits", "new_tokens", "frames_seen")
 # everything a frame may change on the host side of a cache (put back if a capture fails)
@@ -48,7 +49,7 @@ class FrameGraph:
         self.idx = torch.tensor([index, ro.frame_index + 1], device=dev)
         # per-frame inputs, written before every replay
         self.act = torch.zeros_like(act)
-        self.noise = torch.zeros(ro.prev.shape, device=dev, dtype=torch.float32)
+        self.noise = torch.zeros(ro.frame_shape, device=dev, dtype=torch.float32)
         # constant inputs, built outside the capture (a host-to-device copy cannot be captured)
         times = ro.sampler.times
         self.t_merged = torch.tensor([0.0, times[0]], device=dev, dtype=torch.float32)
@@ -119,7 +120,7 @@ class FrameGraph:
         self.pend_clean.copy_(clean)
         self.pend_prev.copy_(self.prev)
         self.pend_act.copy_(self.act)
-        self.prev.copy_(clean)
+        self.prev.copy_(push_frame(self.prev, clean))
         self.idx.add_(1)
         return x0, frame_u8
 

@@ -45,8 +45,11 @@ class ModelConfig:
     prompt_dim: int = 12
     rope_frame_dims: int = 16   # of each head's dims, rotated by the frame index
     rope_base: float = 100.0
+    prev_frames: int = 1        # previous clean frames each token carries (the last one first)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prev_frames, int) or self.prev_frames < 1:
+            raise ValueError(f"model.prev_frames={self.prev_frames!r}; expected an integer >= 1")
         if self.frame_size % self.patch:
             raise ValueError(f"model.frame_size={self.frame_size} is not a multiple of model.patch={self.patch}")
         if self.width % self.heads:
@@ -258,14 +261,32 @@ def compiled_block_fns():
     return _COMPILED_BLOCK_FNS
 
 
+def push_frame(prev: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """The previous-frames stack (B, F, K*C, S, S) after `frame` (B, F, C, S, S): the frame
+    first, the oldest one dropped. With K = 1 that is the frame itself."""
+    c = frame.shape[2]
+    return frame if prev.shape[2] == c else torch.cat([frame, prev[:, :, :-c]], dim=2)
+
+
+def widen_prev_frames(state: dict[str, torch.Tensor], cfg: "ModelConfig") -> dict[str, torch.Tensor]:
+    """Weights of a model with fewer `prev_frames` made into weights of `cfg`: the input
+    projection gets zero columns for the added frames, so the widened model computes
+    exactly what the original did until training teaches it to use them."""
+    w = state["embed.weight"]  # (width, (1 + k) * patch_dim)
+    want = (1 + cfg.prev_frames) * cfg.patch_dim
+    if w.shape[1] > want or w.shape[1] % cfg.patch_dim:
+        raise ValueError(f"embed.weight of shape {tuple(w.shape)} cannot be widened to {want} inputs")
+    return {**state, "embed.weight": torch.cat([w, w.new_zeros(w.shape[0], want - w.shape[1])], dim=1)}
+
+
 class WorldModel(nn.Module):
-    """Predicts clean frames from noisy ones, given the previous frame, action and time."""
+    """Predicts clean frames from noisy ones, given the previous frames, action and time."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.embed = nn.Linear(2 * cfg.patch_dim, w)
+        self.embed = nn.Linear((1 + cfg.prev_frames) * cfg.patch_dim, w)
         self.t_embed = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.a_embed = nn.Embedding(cfg.num_actions, w)
         self.prompt_embed = nn.Linear(cfg.prompt_dim, w)
@@ -301,7 +322,7 @@ class WorldModel(nn.Module):
     def forward(
         self,
         noisy: torch.Tensor,       # (B, F, C, S, S) frames being denoised (or clean ones)
-        prev: torch.Tensor,        # (B, F, C, S, S) each frame's previous clean frame
+        prev: torch.Tensor,        # (B, F, K*C, S, S) each frame's K previous clean frames, the last one first
         t: torch.Tensor,           # (B, F) diffusion time of each frame (0 = clean)
         actions: torch.Tensor,     # (B, F) int action that produced each frame
         frame_index: torch.Tensor, # (F,) absolute frame numbers (RoPE)
@@ -330,7 +351,7 @@ class WorldModel(nn.Module):
         sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, F, 1, W)
         x = self.norm_out(x.view(b, f, n, -1)) * (1 + sc) + sh
         res = self.out(x)  # (B, F, N, C*P*P)
-        return prev + unpatchify(res, cfg.patch, cfg.channels)
+        return prev[:, :, : cfg.channels] + unpatchify(res, cfg.patch, cfg.channels)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

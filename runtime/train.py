@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import hydra
@@ -34,7 +34,7 @@ from runtime.checkpoint import save_checkpoint
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_unit
 from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
-from runtime.model import ModelConfig, WorldModel
+from runtime.model import ModelConfig, WorldModel, widen_prev_frames
 from runtime.sampler import FlowSampler, SamplerConfig
 from worlds.overworld import load_config
 
@@ -42,39 +42,46 @@ from worlds.overworld import load_config
 def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tensor, gen: torch.Generator | None,
                  device, noisy_targets: torch.Tensor | None = None):
     """Assemble [memory | clean | noisy targets] (the mask in runtime/attention.py).
+    The window's frames hold K frames before x_0 (the model's `prev_frames`): K is the
+    number of frames less the number of actions, plus one.
     ctx_sigma (B,): context-noise level of the clean frames (None: clean, time 0);
     noisy_targets: the targets at time t_tgt as given (sampling) instead of noised here.
-    Returns (noisy, prev, t, actions, frame_index, targets)."""
+    Returns (noisy, prev, t, actions, frame_index, targets); prev stacks each frame's K
+    previous frames on the channels, the last one first."""
     # the loader pins its batches: the copies need not wait for the device to finish the
     # previous step (a blocking copy does)
-    x = to_unit(batch["frames"].to(device, non_blocking=True))  # (B, F+1, 3, S, S): x_{-1}, x_0 .. x_{F-1}
-    acts = batch["actions"].to(device, non_blocking=True)  # (B, F+1)
-    b, f1 = x.shape[:2]
-    f = f1 - 1
+    x = to_unit(batch["frames"].to(device, non_blocking=True))  # (B, F+K, 3, S, S): x_{-K} .. x_{F-1}
+    acts = batch["actions"].to(device, non_blocking=True)  # (B, F+1): the actions of x_{-1} .. x_{F-1}
+    b, f = x.shape[0], acts.shape[1] - 1
+    k = x.shape[1] - f
     if ctx_sigma is None:
         sigma = torch.zeros(b, device=device)
         context = lambda frames: frames  # noqa: E731
     else:
-        sigma, s = ctx_sigma, ctx_sigma.view(b, 1, 1, 1, 1)
+        sigma = ctx_sigma
 
         def context(frames: torch.Tensor) -> torch.Tensor:  # context noise on clean frames
+            s = sigma.view(b, *([1] * (frames.dim() - 1)))
             return (1 - s) * frames + s * torch.randn(frames.shape, generator=gen, device=device)
 
     ctx = context(x)
-    targets = x[:, 2:]  # x_1 .. x_{F-1}
+    # the previous frames of x_0 .. x_{F-1}: x_{i-1} .. x_{i-K} on the channels
+    prev_ctx = torch.cat([ctx[:, k - 1 - j : k - 1 - j + f] for j in range(k)], dim=2)  # (B, F, K*3, S, S)
+    targets = x[:, k + 1 :]  # x_1 .. x_{F-1}
     if noisy_targets is None:
         eps_t = torch.randn(targets.shape, generator=gen, device=device)
         tt = t_tgt.view(b, f - 1, 1, 1, 1)
         noisy_targets = (1 - tt) * targets + tt * eps_t
-    noisy = [ctx[:, 1:], noisy_targets]
-    prev = [ctx[:, :-1], ctx[:, 1:-1]]
+    noisy = [ctx[:, k:], noisy_targets]
+    prev = [prev_ctx, prev_ctx[:, 1:]]
     t = [sigma.view(b, 1).expand(b, f), t_tgt]
     actions = [acts[:, 1:], acts[:, 2:]]
     frame_index = [torch.arange(f, device=device), torch.arange(1, f, device=device)]
     if "memory" in batch:  # earlier frames of the trajectories, at their true distance
         m = batch["memory"].shape[1]
         noisy.insert(0, context(to_unit(batch["memory"].to(device, non_blocking=True))))
-        prev.insert(0, context(to_unit(batch["memory_prev"].to(device, non_blocking=True))))
+        mem_prev = context(to_unit(batch["memory_prev"].to(device, non_blocking=True)))  # (B, M, K, 3, S, S)
+        prev.insert(0, mem_prev.flatten(2, 3))
         t.insert(0, sigma.view(b, 1).expand(b, m))
         actions.insert(0, batch["memory_actions"].to(device, non_blocking=True))
         frame_index.insert(0, batch["memory_index"].to(device, non_blocking=True))
@@ -129,8 +136,7 @@ def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> flo
     The context is the window's own frames (memory frames are left out: `mask` is the
     plain teacher-forcing mask)."""
     window = {k: v for k, v in batch.items() if not k.startswith("memory")}
-    b, f1 = batch["frames"].shape[:2]
-    n = f1 - 2
+    b, n = batch["frames"].shape[0], batch["actions"].shape[1] - 2
     gen = torch.Generator(device=device).manual_seed(1234)
     noise = torch.randn((b, n, 3) + tuple(batch["frames"].shape[2:4]), generator=gen, device=device)
     pkv = model.encode_prompt(batch["prompt"].to(device))
@@ -142,7 +148,7 @@ def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> flo
 
     x0 = sampler.sample(denoise, noise)
     x0 = ((x0.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-    return float(psnr(x0, to_unit(batch["frames"][:, 2:].to(device))).mean())
+    return float(psnr(x0, to_unit(batch["frames"][:, -n:].to(device))).mean())
 
 
 def setup_distributed(device_cfg: str):
@@ -239,16 +245,19 @@ def train(cfg: DictConfig) -> dict:
     scfg = SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True))
     sampler = FlowSampler(scfg)
     tc = cfg.train
-    dcfg = DataConfig(**OmegaConf.to_container(tc.data, resolve=True))
+    dcfg = DataConfig(**OmegaConf.to_container(tc.data, resolve=True), prev_frames=mcfg.prev_frames)
     world_cfgs = [load_config(name) for name in tc.worlds]
     model = WorldModel(mcfg).to(device)
     if tc.get("init"):
         from runtime.checkpoint import load_checkpoint
 
         init, _ = load_checkpoint(str(tc.init))
-        if init.cfg != mcfg:
+        state = init.state_dict()
+        if init.cfg != mcfg and replace(init.cfg, prev_frames=mcfg.prev_frames) == mcfg and init.cfg.prev_frames < mcfg.prev_frames:
+            state = widen_prev_frames(state, mcfg)  # the same model, given more previous frames
+        elif init.cfg != mcfg:
             raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg}")
-        model.load_state_dict(init.state_dict())
+        model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if rank == 0:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} x{world}", flush=True)
@@ -332,7 +341,7 @@ def train(cfg: DictConfig) -> dict:
             t_tgt = sample_times(b, dcfg.frames - 1, grid, gen, device, float(tc.grid_prob))
             weights = None
             if focus_weight > 0:
-                creatures = batch["creatures"][:, 2:].to(device, non_blocking=True)  # the targets' frames
+                creatures = batch["creatures"][:, -(dcfg.frames - 1):].to(device, non_blocking=True)  # the targets' frames
                 weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
                 pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn)
@@ -356,7 +365,7 @@ def train(cfg: DictConfig) -> dict:
                 progress.set_postfix(loss=f"{float(total):.5f}", lr=f"{lr:.1e}")
             if step % int(tc.eval_every) == 0 or step == steps or stop:
                 with amp:
-                    tf = teacher_forced_psnr(ema, eval_batch, sampler, device, teacher_forcing_mask(eval_batch["frames"].shape[1] - 1, mcfg.tokens_per_frame, device))
+                    tf = teacher_forced_psnr(ema, eval_batch, sampler, device, teacher_forcing_mask(eval_batch["actions"].shape[1] - 1, mcfg.tokens_per_frame, device))
                 last_metrics = {"step": step, "loss": float(total), "grad_norm": float(gn), "lr": lr, "elapsed_s": round(elapsed, 1), "tf_psnr": round(tf, 2)}
                 log.append(last_metrics)
                 with open(out / "log.jsonl", "a") as f:

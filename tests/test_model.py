@@ -75,6 +75,57 @@ def test_cached_generation_equals_uncached_forward():
         assert torch.allclose(got, ref, atol=1e-5), (merged, (got - ref).abs().max())
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_cached_generation_equals_the_training_forward_with_k_previous_frames(k):
+    """The engine's stack of previous frames (the reset frame repeated, then each committed
+    frame pushed in front) is the one training builds from a window (runtime.train.build_inputs):
+    cached next-frame predictions equal the training-style forward over the same clip."""
+    from runtime.train import build_inputs
+
+    cfg = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8, prev_frames=k)
+    model = random_model(cfg=cfg)
+    frames, actions, prompt = random_clip(6)
+    f = frames.shape[1]
+    noisy = torch.randn(1, f - 1, 3, 64, 64)
+    idle = torch.zeros(1, 1, dtype=torch.long)
+    window = {"frames": torch.cat([frames[:, :1]] * k + [frames], dim=1),  # x_{-K} .. x_{-1}: the reset frame
+              "actions": torch.cat([idle, idle, actions[:, 1:]], dim=1)}  # x_0 comes from reset: idle
+    x_noisy, prev, tt, act, fi, _ = build_inputs(window, None, torch.full((1, f - 1), 0.7), None, "cpu", noisy_targets=noisy)
+    assert prev.shape == (1, 2 * f - 1, 3 * k, 64, 64)
+    with torch.no_grad():
+        ref = model(x_noisy, prev, tt, act, fi, MaskedSelfAttention(teacher_forcing_mask(f, cfg.tokens_per_frame)),
+                    dense_cross_attn, prompt)[:, f:]
+    got = cached_predictions(model, make_cache(cfg), frames, actions, prompt, noisy, 0.7)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    if k > 1:  # the older frames are really used
+        other = window | {"frames": window["frames"].clone()}
+        other["frames"][:, 0] = 255 - other["frames"][:, 0]
+        x2, prev2, *_ = build_inputs(other, None, torch.full((1, f - 1), 0.7), None, "cpu", noisy_targets=noisy)
+        with torch.no_grad():
+            out2 = model(x2, prev2, tt, act, fi, MaskedSelfAttention(teacher_forcing_mask(f, cfg.tokens_per_frame)),
+                         dense_cross_attn, prompt)[:, f:]
+        assert not torch.allclose(out2, ref, atol=1e-3)
+
+
+def test_a_model_widened_to_more_previous_frames_plays_the_same_frames():
+    """widen_prev_frames gives the added frames zero weight: the widened model generates
+    exactly the original's frames until training changes it."""
+    from runtime.model import widen_prev_frames
+
+    small = random_model()
+    wide = WorldModel(ModelConfig(**{**TINY.__dict__, "prev_frames": 3})).eval()
+    wide.load_state_dict(widen_prev_frames(small.state_dict(), wide.cfg))
+    frames, actions, prompt = random_clip(7)
+    outs = []
+    for model in (small, wide):
+        r = Rollout(model, FlowSampler(SamplerConfig(steps=1)), make_cache(model.cfg))
+        r.reset(frames[:, 0], prompt, seed=3)
+        outs.append(torch.stack([r.step(actions[:, j]) for j in range(1, 7)], 1))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="cannot be widened"):
+        widen_prev_frames(wide.state_dict(), TINY)
+
+
 def test_window_cache_equals_dense_until_full_then_differs():
     model = random_model()
     frames, actions, prompt = random_clip(8)
@@ -127,17 +178,20 @@ def test_model_config_rejects_bad_values():
         ModelConfig(frame_size=60, patch=8)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"widht": 3})
+    with pytest.raises(ValueError, match=r"model.prev_frames=0; expected an integer >= 1"):
+        ModelConfig(prev_frames=0)
 
 
-def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames():
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames(k):
     """runtime/graphs.py runs a frame on static buffers that the frame itself updates
-    (pending clean frame, previous frame, actions, frame indices); a CUDA graph captures
+    (pending clean frame, previous frames, actions, frame indices); a CUDA graph captures
     exactly that. Run without capture here (CPU), it must give the frames of the plain
     rollout, with the caches' counters and the rollout's frame index moving alike."""
     from runtime.graphs import FrameGraph
     from runtime.tempcache import TempCache
 
-    model = random_model(7)
+    model = random_model(7, ModelConfig(**{**TINY.__dict__, "prev_frames": k}))
     _, _, prompt = random_clip(1)
     first = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     actions = torch.randint(0, 6, (14, 2), generator=torch.Generator().manual_seed(4))

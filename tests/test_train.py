@@ -71,6 +71,22 @@ def test_cpu_smoke_run(tmp_path, memory, focus):
     assert info["metrics"] == lines[-1]
 
 
+def test_init_from_a_model_with_fewer_previous_frames_widens_it(tmp_path):
+    """train.init from the same model with one previous frame trains a model with two: the
+    checkpoint is widened (runtime.model.widen_prev_frames) and saved with the new config."""
+    from runtime.checkpoint import save_checkpoint
+    from runtime.model import WorldModel
+    from runtime.train import train
+
+    init = tmp_path / "one.safetensors"
+    save_checkpoint(init, WorldModel(tiny_config()), {"world_family": "overworld"})
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.init={init}", "model.prev_frames=2",
+                                 "train.data.memory_frames=2"])
+    assert train(cfg)["steps"] == 2
+    model, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert model.cfg.prev_frames == 2 and model.embed.weight.shape[1] == 3 * model.cfg.patch_dim
+
+
 def test_profile_steps_write_what_a_step_spends(tmp_path, capsys):
     """train.profile_steps=N profiles N steps (here the whole 2-step run) and writes a
     per-step summary to out/profile.json; 0 (the default) writes nothing."""
@@ -260,13 +276,16 @@ def test_memory_mask_is_the_documented_picture():
     assert torch.equal(mask_mod(0, 0, q, kv), want.repeat_interleave(3, 0).repeat_interleave(3, 1))
 
 
-@pytest.mark.parametrize("recent_prob", [0.0, 1.0])
-def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob):
+@pytest.mark.parametrize("recent_prob, k", [(0.0, 1), (1.0, 1), (0.0, 3)])
+def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k):
+    """Memory frames, their K previous frames and actions, and the K frames before x_0
+    are the trajectory's own frames."""
     from runtime.data import DataConfig, WindowStream
     from worlds.overworld import load_config
 
     f, m = 4, 3
-    cfg = DataConfig(env_batch=2, frames=f, episode_windows=6, memory_frames=m, memory_recent_prob=recent_prob, reset_like_prob=0.0)
+    cfg = DataConfig(env_batch=2, frames=f, episode_windows=6, memory_frames=m, memory_recent_prob=recent_prob,
+                     reset_like_prob=0.0, prev_frames=k)
     stream = WindowStream([load_config("overworld")], cfg, rank=0)
     frames_seen: list[np.ndarray] = []  # every window's frames in order: one trajectory
     actions_seen: list[np.ndarray] = []  # the action that produced each of them
@@ -275,17 +294,24 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob):
         w = stream.next()
         index = w["memory_index"].numpy()
         assert index.shape == (m,) and (np.diff(index) > 0).all() and index.max() <= -1
+        assert w["frames"].shape[1] == f + k and w["memory_prev"].shape[:3] == (2, m, k)
         if recent_prob == 1.0:
             assert index.tolist() == list(range(-m, 0))  # contiguous, ending at x_{-1}
         x_minus_1 = len(frames_seen)
-        frames_seen.extend(w["frames"].numpy().swapaxes(0, 1))
+        for j in range(1, k):  # the frames before x_{-1}, when an earlier window holds them
+            if x_minus_1 - j >= 0:
+                np.testing.assert_array_equal(w["frames"][:, k - 1 - j].numpy(), frames_seen[x_minus_1 - j])
+                checked += 1
+        frames_seen.extend(w["frames"][:, k - 1 :].numpy().swapaxes(0, 1))
         actions_seen.extend(w["actions"].numpy().T)
         for j, i in enumerate(index):
             step = x_minus_1 + 1 + int(i)  # x_0 has memory index 0
             if step >= 1:  # earlier windows (the warm-up steps are in no window)
                 np.testing.assert_array_equal(w["memory"][:, j].numpy(), frames_seen[step])
-                np.testing.assert_array_equal(w["memory_prev"][:, j].numpy(), frames_seen[step - 1])
                 np.testing.assert_array_equal(w["memory_actions"][:, j].numpy(), actions_seen[step])
+                for back in range(k):
+                    if step - 1 - back >= 0:
+                        np.testing.assert_array_equal(w["memory_prev"][:, j, back].numpy(), frames_seen[step - 1 - back])
                 checked += 1
     assert checked >= m * (cfg.episode_windows - 2)
 
