@@ -22,7 +22,8 @@ SMALL_EVAL = ["device=cpu", "engine.dtype=float32", "eval.sequences=2", "eval.ho
               "eval.revisit_steps=3"]
 KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "rollout_psnr_8", "rollout_psnr_mean_4",
         "rollout_ssim_8", "copy_last_psnr_4", "copy_last_psnr_8", "revisit_psnr", "sim_revisit_psnr",
-        "revisit_vs_truth_psnr"]
+        "revisit_vs_truth_psnr", "idle_next_psnr_creatures_move", "idle_next_psnr_creatures_still",
+        "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,6 +131,11 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     for h in (4, 8):
         assert res[f"rollout_psnr_{h}"] == pytest.approx(res[f"copy_last_psnr_{h}"], abs=1e-5)
         assert res[f"rollout_psnr_mean_{h}"] == pytest.approx(res[f"copy_last_psnr_mean_{h}"], abs=1e-5)
+    for name in ("move", "still"):
+        assert res[f"idle_next_psnr_creatures_{name}"] == pytest.approx(res[f"copy_last_idle_psnr_creatures_{name}"], abs=1e-5)
+    # standing still, nothing but the creatures and the water changes, and creatures only
+    # on their move frames: the copy baseline is exact on the other frames
+    assert res["copy_last_idle_psnr_creatures_still"] > res["copy_last_idle_psnr_creatures_move"]
     assert res["revisit_psnr"] == 60.0  # every generated frame is the first one
     assert res["revisit_vs_truth_psnr"] == pytest.approx(res["sim_revisit_psnr"], abs=1e-5)
 
