@@ -9,6 +9,10 @@ On world seeds and action scripts never used in training (training seeds start a
                   `rollout_psnr_H` is the PSNR at frame H, `rollout_psnr_mean_H` the
                   mean over frames 1..H
     copy_last_*   the "repeat the last true frame" baseline at the same frames
+    idle_next_psnr_creatures_move / _still
+                  next-frame prediction while the player stands still (only creatures
+                  and water change), on the frames where creatures take a step and on
+                  the others; `copy_last_idle_psnr_creatures_*` is the baseline
     revisit_*     walk `revisit_steps` steps away and the same number back: PSNR between
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
