@@ -1,7 +1,7 @@
 """Training data streamed from the simulator: windows of frames and the actions between them.
 
 A worker keeps a batch of live worlds driven by the random exploring agent (persistent
-moves, revisits) and cuts consecutive windows of `frames + 1` frames from them. Worlds
+moves, revisits) and cuts consecutive windows of `frames + 1` steps from them. Worlds
 are re-created every `episode_windows` windows with a new seed and tile set: half the
 tile sets are random styles, so the model must read its prompt to draw what it has not
 seen yet. Seeds used here start at `seed_base` (>= 10**6); evaluation uses small seeds.
@@ -12,9 +12,10 @@ the training from the model config),
                                       episode's first are that first frame, as at a reset)
     actions (B, F+1) int64            a_i produced x_i from x_{i-1}
     prompt  (B, T, E) float32         each world's tile set
-    creatures (B, F+1, K, 2) int64    view pixel (y, x) of each creature's box in each
-                                      frame (what the training loss may weight: the
-                                      moving objects the view's scroll does not explain)
+    creatures (B, F+K, C, 2) int64    view pixel (y, x) of each of the C creatures' boxes
+                                      in each frame (what the training loss may weight:
+                                      the moving objects the view's scroll does not
+                                      explain); the K-1 leading entries repeat x_{-1}'s
 
 and, with `memory_frames` = M > 0, M earlier frames of the same trajectories, what a
 long rollout's cache holds (the model learns to attend to frames far back, at their
@@ -54,7 +55,7 @@ class DataConfig:
 
     def __post_init__(self):
         if self.prev_frames < 1:
-            raise ValueError(f"prev_frames={self.prev_frames!r}; expected an integer >= 1")
+            raise ValueError(f"model.prev_frames={self.prev_frames!r}; expected an integer >= 1")
         if self.memory_frames < 0:
             raise ValueError(f"train.data.memory_frames={self.memory_frames!r}; expected an integer >= 0")
         if not 0.0 <= self.memory_recent_prob <= 1.0:

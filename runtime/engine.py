@@ -123,7 +123,8 @@ class Rollout:
         return self.attention.build(self.cache, commit=commit, step_index=step_index, num_steps=len(self.sampler.times))
 
     def _forward(self, x, prev, times: list[float], actions, indices: list[int], commit: int, step_index):
-        """x, prev: (B, F, 3, H, W); actions (B, F); one time and frame index per frame."""
+        """x: (B, F, 3, H, W); prev: (B, F, K*3, H, W), each frame's K previous frames;
+        actions (B, F); one time and frame index per frame."""
         b = x.shape[0]
         tt = (times if isinstance(times, torch.Tensor)
               else torch.tensor(times, device=self.device, dtype=torch.float32)).expand(b, -1)
@@ -197,10 +198,10 @@ class Rollout:
 
     def draw_noise(self) -> torch.Tensor:
         """The next frame's starting noise (float32) from the rollout's generator."""
-        return torch.randn(self.frame_shape, generator=self.gen, device=self.device, dtype=torch.float32)
+        return torch.randn(self.noise_shape, generator=self.gen, device=self.device, dtype=torch.float32)
 
     @property
-    def frame_shape(self) -> tuple[int, ...]:
+    def noise_shape(self) -> tuple[int, ...]:
         """(B, 1, 3, H, W): one frame of the batch."""
         b, _, _, h, w = self.prev.shape
         return (b, 1, self.model.cfg.channels, h, w)

@@ -115,8 +115,6 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     res["next_ssim"] = float(ssim_u8(gen, truth[:, 1 : nxt + 1]).mean())
     res["copy_last_next_psnr"] = float(psnr_u8(truth[:, :nxt], truth[:, 1 : nxt + 1]).mean())
 
-    res.update(idle_next(rollout, world_cfg, seeds, nxt, int(cfg.seed)))
-
     gen = rollout_frames(rollout, truth[:, 0], prompt, actions, int(cfg.seed))
     per_frame = psnr_u8(gen, truth[:, 1:]).mean(0)  # (T,)
     ssim_frame = ssim_u8(gen, truth[:, 1:]).mean(0)
@@ -129,6 +127,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
         res[f"copy_last_psnr_mean_{h}"] = float(copy[:h].mean())
     res["rollout_psnr_curve"] = [round(float(v), 3) for v in per_frame]
     res["time_rollout_s"] = round(time.time() - t0, 2)
+    res.update(idle_next(rollout, world_cfg, seeds, nxt, int(cfg.seed)))
     res.update(revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), int(cfg.seed)))
     return res
 
@@ -137,15 +136,19 @@ def idle_next(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], fr
     """Next-frame prediction from true context while the player stands still: the view does
     not scroll, so what changes is the creatures (they move one pixel on every
     `creature_period`-th frame, on a rule their past moves reveal) and the water's phase.
-    Scored separately on the frames where creatures move and on the others."""
+    Scored separately on the frames where creatures move and on the others; frames where
+    the water changes phase are left out of both. A group with no frame is left out."""
     n = len(seeds)
     acts = np.zeros((n, frames), dtype=np.int64)
     truth, _, atlases = simulate(world_cfg, seeds, acts)
     gen = rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, seed, teacher=truth)
     model, copy = psnr_u8(gen, truth[:, 1:]), psnr_u8(truth[:, :-1], truth[:, 1:])  # (B, T)
-    moves = torch.arange(1, frames + 1) % world_cfg.creature_period == 0  # frame t moves them (the simulator's clock)
+    t = torch.arange(1, frames + 1)  # frame t moves them when t is a multiple of the period (the simulator's clock)
+    moves, water = t % world_cfg.creature_period == 0, t % world_cfg.water_period == 0
     out = {}
-    for name, pick in (("move", moves), ("still", ~moves)):
+    for name, pick in (("move", moves & ~water), ("still", ~moves & ~water)):
+        if not bool(pick.any()):
+            continue
         out[f"idle_next_psnr_creatures_{name}"] = float(model[:, pick].mean())
         out[f"copy_last_idle_psnr_creatures_{name}"] = float(copy[:, pick].mean())
     return out

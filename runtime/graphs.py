@@ -9,7 +9,7 @@ conversion to uint8) is captured into one CUDA graph and replayed.
 
 What a frame reads and the next frame needs lives in static buffers that the graph
 updates in place: the pending clean frame (written into the cache by the next frame's
-first pass), the previous frame, their actions and frame indices. What changes from
+first pass), the stack of previous frames, their actions and frame indices. What changes from
 frame to frame outside the graph is copied in before each replay: the action and the
 noise, drawn from the rollout's generator exactly as the eager path draws it, so a seed
 replays the same frames either way (checked on a GPU by `python -m runtime.graphs`).
@@ -49,7 +49,7 @@ class FrameGraph:
         self.idx = torch.tensor([index, ro.frame_index + 1], device=dev)
         # per-frame inputs, written before every replay
         self.act = torch.zeros_like(act)
-        self.noise = torch.zeros(ro.frame_shape, device=dev, dtype=torch.float32)
+        self.noise = torch.zeros(ro.noise_shape, device=dev, dtype=torch.float32)
         # constant inputs, built outside the capture (a host-to-device copy cannot be captured)
         times = ro.sampler.times
         self.t_merged = torch.tensor([0.0, times[0]], device=dev, dtype=torch.float32)

@@ -2,7 +2,8 @@
 
 Each frame is cut into P x P patches (64 tokens for a 64x64 frame with patch 8). A token
 carries its patch of the (noisy) frame being generated *and* the same patch of the
-previous clean frame; the network predicts a residual, and the clean-frame estimate is
+previous clean frame (of the K previous clean frames with `prev_frames` = K, the last one
+first); the network predicts a residual, and the clean-frame estimate is
 x0 = previous frame + residual. Every block is
 
     x += gate1 * SelfAttn(modulate(norm(x)))      # over [cached past frames + this chunk]
@@ -48,7 +49,7 @@ class ModelConfig:
     prev_frames: int = 1        # previous clean frames each token carries (the last one first)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prev_frames, int) or self.prev_frames < 1:
+        if not isinstance(self.prev_frames, int) or isinstance(self.prev_frames, bool) or self.prev_frames < 1:
             raise ValueError(f"model.prev_frames={self.prev_frames!r}; expected an integer >= 1")
         if self.frame_size % self.patch:
             raise ValueError(f"model.frame_size={self.frame_size} is not a multiple of model.patch={self.patch}")

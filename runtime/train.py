@@ -103,10 +103,11 @@ def sample_times(b: int, n: int, sampler_times, gen, device, grid_prob: float = 
 
 def focus_weights(creatures: torch.Tensor, size: int, box: int, margin: int, weight: float) -> torch.Tensor:
     """Per-pixel loss weights (B, n, 1, size, size): 1 + `weight` on each creature's box
-    grown by `margin` pixels (which covers where it was a frame before), 1 elsewhere.
+    grown by `margin` pixels (which covers its one-pixel step), 1 elsewhere.
     creatures: (B, n, K, 2) view pixel (y, x) of each box's top-left in each target frame.
     Creatures are a few percent of the pixels but move by their own rule, not by the
-    view's scroll: the part of a frame hardest to predict."""
+    view's scroll: the part of a frame hardest to predict. (With the view scrolling too,
+    a box can have moved up to margin + 1 pixels in the previous frame's coordinates.)"""
     r = torch.arange(size, device=creatures.device)
     y, x = creatures[..., 0, None], creatures[..., 1, None]  # (B, n, K, 1)
     rows = (r >= y - margin) & (r < y + box + margin)  # (B, n, K, size)
@@ -245,7 +246,10 @@ def train(cfg: DictConfig) -> dict:
     scfg = SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True))
     sampler = FlowSampler(scfg)
     tc = cfg.train
-    dcfg = DataConfig(**OmegaConf.to_container(tc.data, resolve=True), prev_frames=mcfg.prev_frames)
+    data = OmegaConf.to_container(tc.data, resolve=True)
+    if "prev_frames" in data:
+        raise ValueError("train.data.prev_frames is set by the model; use model.prev_frames instead")
+    dcfg = DataConfig(**data, prev_frames=mcfg.prev_frames)
     world_cfgs = [load_config(name) for name in tc.worlds]
     model = WorldModel(mcfg).to(device)
     if tc.get("init"):
@@ -341,7 +345,8 @@ def train(cfg: DictConfig) -> dict:
             t_tgt = sample_times(b, dcfg.frames - 1, grid, gen, device, float(tc.grid_prob))
             weights = None
             if focus_weight > 0:
-                creatures = batch["creatures"][:, -(dcfg.frames - 1):].to(device, non_blocking=True)  # the targets' frames
+                creatures = batch["creatures"]
+                creatures = creatures[:, creatures.shape[1] - (dcfg.frames - 1):].to(device, non_blocking=True)  # the targets' frames
                 weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
                 pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn)

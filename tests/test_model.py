@@ -221,7 +221,8 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames(k):
             assert torch.equal(eager, static_frames) and fi_e == fi_s and commits_e == commits_s
 
 
-def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_unchanged():
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_unchanged(k):
     """Rollout.rehearse (on at every reset on a GPU: `engine.rehearse`) runs one throwaway
     pass over a cache that pretends to be full, so that the shape play keeps once the cache
     is full is staged at start-up, then starts from a fresh cache: the frames that follow
@@ -230,7 +231,7 @@ def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_uncha
     from runtime.cache import DenseCache
     from runtime.tempcache import TempCache
 
-    model = random_model(9)
+    model = random_model(9, ModelConfig(**{**TINY.__dict__, "prev_frames": k}))
     _, _, prompt = random_clip(1)
     first = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     actions = torch.randint(0, 6, (10, 2), generator=torch.Generator().manual_seed(6))

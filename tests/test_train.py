@@ -79,12 +79,19 @@ def test_init_from_a_model_with_fewer_previous_frames_widens_it(tmp_path):
     from runtime.train import train
 
     init = tmp_path / "one.safetensors"
-    save_checkpoint(init, WorldModel(tiny_config()), {"world_family": "overworld"})
+    one = WorldModel(tiny_config())
+    save_checkpoint(init, one, {"world_family": "overworld"})
     cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.init={init}", "model.prev_frames=2",
                                  "train.data.memory_frames=2"])
     assert train(cfg)["steps"] == 2
     model, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert model.cfg.prev_frames == 2 and model.embed.weight.shape[1] == 3 * model.cfg.patch_dim
+    # the EMA of two steps from the widened weights: the original columns carried over,
+    # the new ones near their zero start (a fresh initialisation is far from both)
+    p = model.cfg.patch_dim
+    kept, added = model.embed.weight[:, : 2 * p].float(), model.embed.weight[:, 2 * p :].float()
+    assert (kept - one.embed.weight).abs().max() < 0.02 < one.embed.weight.abs().max()
+    assert added.abs().max() < 0.02
 
 
 def test_profile_steps_write_what_a_step_spends(tmp_path, capsys):
@@ -289,7 +296,7 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k)
     stream = WindowStream([load_config("overworld")], cfg, rank=0)
     frames_seen: list[np.ndarray] = []  # every window's frames in order: one trajectory
     actions_seen: list[np.ndarray] = []  # the action that produced each of them
-    checked = 0
+    checked = earlier_checked = 0
     for _ in range(cfg.episode_windows):
         w = stream.next()
         index = w["memory_index"].numpy()
@@ -301,7 +308,7 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k)
         for j in range(1, k):  # the frames before x_{-1}, when an earlier window holds them
             if x_minus_1 - j >= 0:
                 np.testing.assert_array_equal(w["frames"][:, k - 1 - j].numpy(), frames_seen[x_minus_1 - j])
-                checked += 1
+                earlier_checked += 1
         frames_seen.extend(w["frames"][:, k - 1 :].numpy().swapaxes(0, 1))
         actions_seen.extend(w["actions"].numpy().T)
         for j, i in enumerate(index):
@@ -314,6 +321,29 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k)
                         np.testing.assert_array_equal(w["memory_prev"][:, j, back].numpy(), frames_seen[step - 1 - back])
                 checked += 1
     assert checked >= m * (cfg.episode_windows - 2)
+    assert earlier_checked == (k - 1) * (cfg.episode_windows - 1)
+
+
+def test_k_previous_frames_at_an_episode_start_and_in_reset_like_windows():
+    """Before the episode's first frame the stack holds that frame (as the engine does at a
+    reset); a reset-like window's K frames before x_0 are all x_0, its action idle."""
+    from runtime.data import DataConfig, WindowStream
+    from worlds.overworld import load_config
+
+    k, f = 3, 4
+    stream = WindowStream([load_config("overworld")], DataConfig(env_batch=2, frames=f, episode_windows=3, prev_frames=k,
+                                                                reset_like_prob=0.0), rank=0)
+    w = stream.next()  # the episode's first window: x_{-1} is step 1, so x_{-2} and x_{-3} are the reset frame
+    np.testing.assert_array_equal(w["frames"][:, 0].numpy(), stream.history[0])
+    np.testing.assert_array_equal(w["frames"][:, 1].numpy(), stream.history[0])
+    np.testing.assert_array_equal(w["frames"][:, 2].numpy(), stream.history[1])
+    stream = WindowStream([load_config("overworld")], DataConfig(env_batch=2, frames=f, episode_windows=3, prev_frames=k,
+                                                                reset_like_prob=1.0), rank=0)
+    for _ in range(2):
+        w = stream.next()
+        for j in range(k):
+            np.testing.assert_array_equal(w["frames"][:, j].numpy(), w["frames"][:, k].numpy())
+        assert (w["actions"][:, 1] == 0).all()
 
 
 def test_window_creature_boxes_are_where_creatures_are_drawn():
@@ -390,6 +420,8 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     ("train.grid_prob=1.1", "train.grid_prob=1.1; expected a probability in [0, 1]"),
     ("train.focus_weight=-1", "train.focus_weight=-1; expected a number >= 0"),
     ("train.focus_margin=-2", "train.focus_margin=-2; expected an integer >= 0"),
+    ("+train.data.prev_frames=2", "use model.prev_frames"),
+    ("model.prev_frames=0", "model.prev_frames=0; expected an integer >= 1"),
     ("train.steps=many", "train.steps='many'; expected an integer"),
     ("train.data.memory_frames=-1", "train.data.memory_frames=-1; expected an integer >= 0"),
     ("train.data.memory_recent_prob=2", "train.data.memory_recent_prob=2; expected a probability in [0, 1]"),
