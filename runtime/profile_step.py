@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from runtime.bench import build_source, world_start
@@ -37,9 +38,12 @@ def summarize(prof, n: int, cuda: bool, top: int, unit: str) -> dict:
     the host's own time (every operator and runtime call, self time) and the calls that
     make the host wait for the device, all per `unit`."""
     events = prof.key_averages()
-    if cuda:  # kernels only: operator rows would count their kernels again
+    if cuda:  # the device's own events (kernels, copies) only: an operator, an autograd node or
+        # a kernel's launcher on the host carries its kernels' device time too, and would
+        # count it again; so would the device-side ranges of annotations
         rows = [(e.key, e.device_time_total, e.count) for e in events
-                if e.device_time_total > 0 and not e.key.startswith(("aten::", "Torch-Compiled", "## Call", "cuda"))]
+                if e.device_type == DeviceType.CUDA and e.device_time_total > 0
+                and not getattr(e, "is_user_annotation", False) and not e.key.startswith(("Torch-Compiled", "## Call"))]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in events if e.self_cpu_time_total > 0]
     rows.sort(key=lambda r: -r[1])

@@ -220,3 +220,39 @@ def test_profile_step_reports_where_each_configs_frames_go(tmp_path):
         assert all(t["ms_per_frame"] > 0 and t["calls_per_frame"] > 0 for t in r["top"])
     assert res["specs"][FASTAR]["cache_tokens"] == 4 * 64  # the tiny model's budget, full
     assert res["specs"]["window"]["cache_tokens"] == (6 + 2) * 64  # every frame run and profiled
+
+
+def test_the_gpu_summary_counts_each_kernel_once():
+    """On a GPU the summary adds up the device's own events. A kernel's launcher on the
+    host, an autograd node and an operator carry the same device time again (a training
+    step's profile listed its attention kernel twice and a compiled region's backward on
+    top), and an annotation's device-side range spans kernels already counted."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from runtime.profile_step import summarize
+
+    def event(key, device_type, device_ms, count=1, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, device_time_total=device_ms * 1e3, count=count,
+                               self_cpu_time_total=0.0 if device_type == DeviceType.CUDA else 100.0,
+                               is_user_annotation=annotation)
+
+    events = [
+        event("triton_tem_fused_flex_attention_backward", DeviceType.CUDA, 26.0, 8),  # the kernel
+        event("triton_tem_fused_flex_attention_backward", DeviceType.CPU, 26.0, 8),  # its launcher
+        event("CompiledFunctionBackward", DeviceType.CPU, 60.0, 8),
+        event("autograd::engine::evaluate_function: CompiledFunctionBackward", DeviceType.CPU, 60.0, 8),
+        event("aten::mm", DeviceType.CPU, 4.0, 49),
+        event("nvjet_sm90_tst_128x256", DeviceType.CUDA, 4.0, 49),
+        event("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 0.5, 2),
+        event("## Call CompiledFxGraph ##", DeviceType.CUDA, 70.0, 8, annotation=True),
+        event("cudaLaunchKernel", DeviceType.CPU, 0.0, 300),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    res = summarize(prof, 2, True, 10, "step")
+    assert res["profiled_ms_per_step"] == pytest.approx((26.0 + 4.0 + 0.5) / 2)
+    assert [t["name"] for t in res["top"]] == ["triton_tem_fused_flex_attention_backward", "nvjet_sm90_tst_128x256",
+                                               "Memcpy HtoD (Pageable -> Device)"]
+    assert res["top"][0]["calls_per_step"] == 4.0
+    assert res["host_ms_per_step"] == pytest.approx(5 * 100.0 / 2 / 1e3)  # the five host events
