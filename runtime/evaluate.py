@@ -13,6 +13,10 @@ On world seeds and action scripts never used in training (training seeds start a
                   next-frame prediction while the player stands still (only creatures
                   and water change), on the frames where creatures take a step and on
                   the others; `copy_last_idle_psnr_creatures_*` is the baseline
+    creature_step_weight_true / _back / _others
+                  on those step frames, how the prediction around each stepping creature
+                  splits between the five places it could be (least-squares weights of
+                  renders with it there): the true step, the step back, the rest
     revisit_*     walk `revisit_steps` steps away and the same number back: PSNR between
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
@@ -140,7 +144,7 @@ def idle_next(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], fr
     the water changes phase are left out of both. A group with no frame is left out."""
     n = len(seeds)
     acts = np.zeros((n, frames), dtype=np.int64)
-    truth, _, atlases = simulate(world_cfg, seeds, acts)
+    truth, atlases, places = simulate_creature_places(world_cfg, seeds, frames)
     gen = rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, seed, teacher=truth)
     model, copy = psnr_u8(gen, truth[:, 1:]), psnr_u8(truth[:, :-1], truth[:, 1:])  # (B, T)
     t = torch.arange(1, frames + 1)  # frame t moves them when t is a multiple of the period (the simulator's clock)
@@ -151,7 +155,70 @@ def idle_next(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], fr
             continue
         out[f"idle_next_psnr_creatures_{name}"] = float(model[:, pick].mean())
         out[f"copy_last_idle_psnr_creatures_{name}"] = float(copy[:, pick].mean())
+    out.update(step_weights(gen, places))
     return out
+
+
+# where a creature can be one move tick after its last position: the four one-pixel steps
+# (worlds/overworld/creatures.py's compass: up, right, down, left) and staying (a turn)
+PLACES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1), (0, 0)], dtype=np.int64)
+
+
+def simulate_creature_places(world_cfg: OverworldConfig, seeds: list[int], frames: int):
+    """The idle simulation of `idle_next`, and on each frame where creatures step (water
+    flips left out), for each creature whose box and one-pixel surroundings are in view:
+    that frame drawn with the creature at each of the five PLACES around its last position.
+    Returns frames (B, T+1, H, W, 3) uint8, the tile sets, and a list of
+    (b, t, (y0, y1, x0, x1) region, renders (5, h, w, 3) uint8, index of the true place);
+    t indexes the generated frames (frame t + 1)."""
+    w = BatchOverworld(world_cfg, len(seeds))
+    truth = [w.reset(seeds)]
+    places = []
+    box, view = world_cfg.tile, world_cfg.view
+    idle = np.zeros(len(seeds), dtype=np.int64)
+    for t in range(frames):
+        before = w.creature_view_pos.copy()
+        truth.append(w.step(idle))
+        if w.frame_index % world_cfg.creature_period or w.frame_index % world_cfg.water_period == 0:
+            continue
+        creatures = w._creatures
+        after = creatures.pos.copy()
+        moved = w.creature_view_pos - before  # (B, K, 2)
+        for b, k in zip(*np.nonzero(((before >= 1) & (before + box + 1 <= view)).all(-1))):
+            y, x = before[b, k]
+            renders = []
+            for d in PLACES:
+                creatures.pos = after.copy()
+                creatures.pos[b, k] = after[b, k] - moved[b, k] + d
+                renders.append(w.render()[b, y - 1 : y + box + 1, x - 1 : x + box + 1])
+            creatures.pos = after
+            true = int(np.nonzero((PLACES == moved[b, k]).all(-1))[0][0])
+            places.append((int(b), t, (y - 1, y + box + 1, x - 1, x + box + 1), np.stack(renders), true))
+    return torch.from_numpy(np.stack(truth, 1)), torch.from_numpy(w.atlases.copy()), places
+
+
+def step_weights(gen: torch.Tensor, places: list) -> dict:
+    """How a generated frame draws each creature of `places` (simulate_creature_places):
+    the least-squares weights of the five renders that best reproduce the generated patch
+    around it. A model that knows where a creature goes puts weight 1 on the true place; a
+    blur over the possible steps spreads it. Reported as the mean weight on the true place,
+    on the true step's opposite (the step back) and on the other places, for creatures that
+    stepped; `creature_step_count` is how many."""
+    true_w, back_w, other_w = [], [], []
+    for b, t, (y0, y1, x0, x1), renders, true in places:
+        if true == len(PLACES) - 1:  # a turn: no step to read a direction from
+            continue
+        a = torch.from_numpy(renders).double().reshape(len(PLACES), -1).T  # (pixels, 5)
+        y = gen[b, t, y0:y1, x0:x1].double().reshape(-1)
+        weights = torch.linalg.lstsq(a, y[:, None]).solution[:, 0]
+        back = (true + 2) % 4
+        true_w.append(float(weights[true]))
+        back_w.append(float(weights[back]))
+        other_w.append(float(sum(weights[i] for i in range(len(PLACES)) if i not in (true, back))))
+    if not true_w:
+        return {"creature_step_count": 0}
+    return {"creature_step_count": len(true_w), "creature_step_weight_true": float(np.mean(true_w)),
+            "creature_step_weight_back": float(np.mean(back_w)), "creature_step_weight_others": float(np.mean(other_w))}
 
 
 def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], steps: int, seed: int) -> dict:

@@ -193,3 +193,24 @@ def test_motion_split_reports_merge_rate_and_history_recall_for_idle_and_moving_
         temp = split["tempcache:budget_frames=3"][kind]
         assert 0.0 < temp["history_recall"] <= 1.0 and 0.0 <= temp["merge_rate"] <= 1.0
         assert split["window"][kind]["history_recall"] is None  # only TempCache tracks its history
+
+
+def test_creature_step_weights_find_the_true_place_in_true_frames_and_staying_in_the_last_frame():
+    """The renders of simulate_creature_places reproduce the true frame at the true place:
+    fitting the true frames puts all weight on the true step; fitting the previous frames
+    (the repeat-last baseline) puts it on staying, none on the step or its opposite."""
+    from runtime.evaluate import simulate_creature_places, step_weights
+    from worlds.overworld import load_config
+
+    truth, _, places = simulate_creature_places(load_config("overworld"), [0, 1, 2], 12)
+    assert truth.shape == (3, 13, 64, 64, 3)
+    exact = step_weights(truth[:, 1:], places)
+    assert exact["creature_step_count"] > 5
+    assert exact["creature_step_weight_true"] == pytest.approx(1.0, abs=1e-6)
+    assert exact["creature_step_weight_back"] == pytest.approx(0.0, abs=1e-6)
+    assert exact["creature_step_weight_others"] == pytest.approx(0.0, abs=1e-6)
+    copy = step_weights(truth[:, :-1], places)
+    assert copy["creature_step_count"] == exact["creature_step_count"]
+    assert copy["creature_step_weight_true"] == pytest.approx(0.0, abs=0.05)
+    assert copy["creature_step_weight_back"] == pytest.approx(0.0, abs=0.05)
+    assert copy["creature_step_weight_others"] == pytest.approx(1.0, abs=0.05)
