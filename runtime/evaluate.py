@@ -181,17 +181,14 @@ def simulate_creature_places(world_cfg: OverworldConfig, seeds: list[int], frame
         truth.append(w.step(idle))
         if w.frame_index % world_cfg.creature_period or w.frame_index % world_cfg.water_period == 0:
             continue
-        creatures = w._creatures
-        after = creatures.pos.copy()
         moved = w.creature_view_pos - before  # (B, K, 2)
         for b, k in zip(*np.nonzero(((before >= 1) & (before + box + 1 <= view)).all(-1))):
             y, x = before[b, k]
             renders = []
-            for d in PLACES:
-                creatures.pos = after.copy()
-                creatures.pos[b, k] = after[b, k] - moved[b, k] + d
-                renders.append(w.render()[b, y - 1 : y + box + 1, x - 1 : x + box + 1])
-            creatures.pos = after
+            for d in PLACES:  # the creature at its last position plus d; the others where they are
+                offset = np.zeros((len(seeds), 2), dtype=np.int64)
+                offset[b] = d - moved[b, k]
+                renders.append(w.render_creature_moved(int(k), offset)[b, y - 1 : y + box + 1, x - 1 : x + box + 1])
             true = int(np.nonzero((PLACES == moved[b, k]).all(-1))[0][0])
             places.append((int(b), t, (y - 1, y + box + 1, x - 1, x + box + 1), np.stack(renders), true))
     return torch.from_numpy(np.stack(truth, 1)), torch.from_numpy(w.atlases.copy()), places

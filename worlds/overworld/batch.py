@@ -131,6 +131,17 @@ class BatchOverworld:
         frames[:, p, p] = np.where(self._opaque[:, PLAYER, ..., None], atlas[:, PLAYER], frames[:, p, p])
         return frames
 
+    def render_creature_moved(self, k: int, offset: np.ndarray) -> np.ndarray:
+        """The current frames with creature k drawn `offset` (B, 2) pixels (y, x) from where
+        it is; the state is left as it was. (What-if renders for evaluation.)"""
+        kept = self._creatures.pos
+        self._creatures.pos = kept.copy()
+        self._creatures.pos[:, k] += offset
+        try:
+            return self.render()
+        finally:
+            self._creatures.pos = kept
+
     # ------------------------------------------------------------ properties
     @property
     def _origin(self) -> int:
