@@ -13,10 +13,11 @@ On world seeds and action scripts never used in training (training seeds start a
                   next-frame prediction while the player stands still (only creatures
                   and water change), on the frames where creatures take a step and on
                   the others; `copy_last_idle_psnr_creatures_*` is the baseline
-    creature_step_weight_true / _back / _others
+    creature_step_weight_true / _back / _sides / _stay / _absent, creature_step_fit_r2
                   on those step frames, how the prediction around each stepping creature
-                  splits between the five places it could be (least-squares weights of
-                  renders with it there): the true step, the step back, the rest
+                  splits between the places it could be (least-squares weights of renders
+                  with it one step ahead, back, aside, where it was, or gone) and how well
+                  those renders explain the prediction
     revisit_*     walk `revisit_steps` steps away and the same number back: PSNR between
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
@@ -160,16 +161,20 @@ def idle_next(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], fr
 
 
 # where a creature can be one move tick after its last position: the four one-pixel steps
-# (worlds/overworld/creatures.py's compass: up, right, down, left) and staying (a turn)
+# (worlds/overworld/creatures.py's compass: up, right, down, left), staying (a turn), and
+# "absent" (drawn out of sight: the ground it stands on), the last two by their index
 PLACES = np.array([(-1, 0), (0, 1), (1, 0), (0, -1), (0, 0)], dtype=np.int64)
+STAY, ABSENT = 4, 5
+OUT_OF_SIGHT = np.array([10**4, 10**4], dtype=np.int64)
 
 
 def simulate_creature_places(world_cfg: OverworldConfig, seeds: list[int], frames: int):
     """The idle simulation of `idle_next`, and on each frame where creatures step (water
-    flips left out), for each creature whose box and one-pixel surroundings are in view:
-    that frame drawn with the creature at each of the five PLACES around its last position.
+    flips left out), for each creature that steps and whose box and one-pixel surroundings
+    are in view: that frame drawn with the creature at each of the five PLACES around its
+    last position and once without it (ABSENT).
     Returns frames (B, T+1, H, W, 3) uint8, the tile sets, and a list of
-    (b, t, (y0, y1, x0, x1) region, renders (5, h, w, 3) uint8, index of the true place);
+    (b, t, (y0, y1, x0, x1) region, renders (6, h, w, 3) uint8, index of the true place);
     t indexes the generated frames (frame t + 1)."""
     w = BatchOverworld(world_cfg, len(seeds))
     truth = [w.reset(seeds)]
@@ -182,40 +187,48 @@ def simulate_creature_places(world_cfg: OverworldConfig, seeds: list[int], frame
         if w.frame_index % world_cfg.creature_period or w.frame_index % world_cfg.water_period == 0:
             continue
         moved = w.creature_view_pos - before  # (B, K, 2)
-        for b, k in zip(*np.nonzero(((before >= 1) & (before + box + 1 <= view)).all(-1))):
-            y, x = before[b, k]
-            renders = []
-            for d in PLACES:  # the creature at its last position plus d; the others where they are
-                offset = np.zeros((len(seeds), 2), dtype=np.int64)
-                offset[b] = d - moved[b, k]
-                renders.append(w.render_creature_moved(int(k), offset)[b, y - 1 : y + box + 1, x - 1 : x + box + 1])
-            true = int(np.nonzero((PLACES == moved[b, k]).all(-1))[0][0])
-            places.append((int(b), t, (y - 1, y + box + 1, x - 1, x + box + 1), np.stack(renders), true))
+        stepped = ((before >= 1) & (before + box + 1 <= view)).all(-1) & (moved != 0).any(-1)  # (B, K)
+        for k in np.nonzero(stepped.any(0))[0]:  # one render per place for the whole batch
+            renders = [w.render_creature_moved(int(k), d - moved[:, k]) for d in PLACES]
+            renders.append(w.render_creature_moved(int(k), OUT_OF_SIGHT - moved[:, k]))
+            for b in np.nonzero(stepped[:, k])[0]:
+                y, x = before[b, k]
+                region = (y - 1, y + box + 1, x - 1, x + box + 1)
+                true = int(np.nonzero((PLACES == moved[b, k]).all(-1))[0][0])
+                places.append((int(b), t, region, np.stack([r[b, region[0]:region[1], region[2]:region[3]] for r in renders]), true))
     return torch.from_numpy(np.stack(truth, 1)), torch.from_numpy(w.atlases.copy()), places
 
 
 def step_weights(gen: torch.Tensor, places: list) -> dict:
-    """How a generated frame draws each creature of `places` (simulate_creature_places):
-    the least-squares weights of the five renders that best reproduce the generated patch
-    around it. A model that knows where a creature goes puts weight 1 on the true place; a
-    blur over the possible steps spreads it. Reported as the mean weight on the true place,
-    on the true step's opposite (the step back) and on the other places, for creatures that
-    stepped; `creature_step_count` is how many."""
-    true_w, back_w, other_w = [], [], []
+    """How a generated frame draws each stepping creature of `places`
+    (simulate_creature_places): the least-squares weights of the six renders (the five
+    places and the creature absent) that best reproduce the generated patch around it.
+    A model that knows where a creature goes puts weight 1 on the true step; one that
+    repeats the last frame, 1 on staying; a blur over the possible steps spreads it.
+    Reported as mean weights on the true step, the step back, the two side steps, staying
+    and absent, with the fit's mean R^2 (how much of the patch's variation the six renders
+    explain: a low value means the patch is something else, e.g. a creature drawn two
+    pixels off). Fits whose renders are not independent (a creature hidden at every
+    place) are left out; `creature_step_count` is how many fits count."""
+    rows = []
     for b, t, (y0, y1, x0, x1), renders, true in places:
-        if true == len(PLACES) - 1:  # a turn: no step to read a direction from
+        a = torch.from_numpy(renders).double().reshape(len(renders), -1).T  # (pixels, 6)
+        if int(torch.linalg.matrix_rank(a)) < a.shape[1]:
             continue
-        a = torch.from_numpy(renders).double().reshape(len(PLACES), -1).T  # (pixels, 5)
         y = gen[b, t, y0:y1, x0:x1].double().reshape(-1)
         weights = torch.linalg.lstsq(a, y[:, None]).solution[:, 0]
+        resid = y - a @ weights
+        r2 = 1 - float(resid @ resid) / max(float(((y - y.mean()) ** 2).sum()), 1e-12)
         back = (true + 2) % 4
-        true_w.append(float(weights[true]))
-        back_w.append(float(weights[back]))
-        other_w.append(float(sum(weights[i] for i in range(len(PLACES)) if i not in (true, back))))
-    if not true_w:
+        sides = [i for i in range(4) if i not in (true, back)]
+        rows.append([float(weights[true]), float(weights[back]), float(weights[sides].sum()), float(weights[STAY]),
+                     float(weights[ABSENT]), r2])
+    if not rows:
         return {"creature_step_count": 0}
-    return {"creature_step_count": len(true_w), "creature_step_weight_true": float(np.mean(true_w)),
-            "creature_step_weight_back": float(np.mean(back_w)), "creature_step_weight_others": float(np.mean(other_w))}
+    mean = np.mean(rows, axis=0)
+    names = ("true", "back", "sides", "stay", "absent")
+    return {"creature_step_count": len(rows), **{f"creature_step_weight_{n}": float(v) for n, v in zip(names, mean[:5])},
+            "creature_step_fit_r2": float(mean[5])}
 
 
 def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], steps: int, seed: int) -> dict:

@@ -195,22 +195,31 @@ def test_motion_split_reports_merge_rate_and_history_recall_for_idle_and_moving_
         assert split["window"][kind]["history_recall"] is None  # only TempCache tracks its history
 
 
-def test_creature_step_weights_find_the_true_place_in_true_frames_and_staying_in_the_last_frame():
+def test_creature_step_weights_name_the_place_a_patch_shows():
     """The renders of simulate_creature_places reproduce the true frame at the true place:
     fitting the true frames puts all weight on the true step; fitting the previous frames
-    (the repeat-last baseline) puts it on staying, none on the step or its opposite."""
-    from runtime.evaluate import simulate_creature_places, step_weights
+    (the repeat-last baseline) puts it on staying; a patch drawn with the creature one step
+    back, or gone, puts it there."""
+    from runtime.evaluate import ABSENT, simulate_creature_places, step_weights
     from worlds.overworld import load_config
 
     truth, _, places = simulate_creature_places(load_config("overworld"), [0, 1, 2], 12)
     assert truth.shape == (3, 13, 64, 64, 3)
     exact = step_weights(truth[:, 1:], places)
     assert exact["creature_step_count"] > 5
-    assert exact["creature_step_weight_true"] == pytest.approx(1.0, abs=1e-6)
-    assert exact["creature_step_weight_back"] == pytest.approx(0.0, abs=1e-6)
-    assert exact["creature_step_weight_others"] == pytest.approx(0.0, abs=1e-6)
+    want = {"true": 1.0, "back": 0.0, "sides": 0.0, "stay": 0.0, "absent": 0.0}
+    for name, v in want.items():
+        assert exact[f"creature_step_weight_{name}"] == pytest.approx(v, abs=1e-6), name
+    assert exact["creature_step_fit_r2"] == pytest.approx(1.0, abs=1e-9)
     copy = step_weights(truth[:, :-1], places)
     assert copy["creature_step_count"] == exact["creature_step_count"]
+    assert copy["creature_step_weight_stay"] == pytest.approx(1.0, abs=0.05)
     assert copy["creature_step_weight_true"] == pytest.approx(0.0, abs=0.05)
-    assert copy["creature_step_weight_back"] == pytest.approx(0.0, abs=0.05)
-    assert copy["creature_step_weight_others"] == pytest.approx(1.0, abs=0.05)
+    assert copy["creature_step_fit_r2"] > 0.95
+    for b, t, (y0, y1, x0, x1), renders, true in places[:6]:
+        for index, name in (((true + 2) % 4, "back"), (ABSENT, "absent")):
+            gen = truth[:, 1:].clone()
+            gen[b, t, y0:y1, x0:x1] = torch.from_numpy(renders[index])
+            res = step_weights(gen, [(b, t, (y0, y1, x0, x1), renders, true)])
+            assert res[f"creature_step_weight_{name}"] == pytest.approx(1.0, abs=1e-6), name
+            assert res["creature_step_weight_true"] == pytest.approx(0.0, abs=1e-6)

@@ -340,7 +340,7 @@ def test_render_creature_moved_draws_one_creature_elsewhere_and_keeps_the_state(
     moved = w.render_creature_moved(0, np.array([[0, 3], [0, 0]]))
     np.testing.assert_array_equal(moved[1], frame[1])  # only world 0's creature moved
     y, x = pos[0, 0]
-    if 0 <= y < 56 and 0 <= x < 53:  # in view: its box changed
+    if 0 <= y <= 56 and 0 <= x <= 53:  # in view: its box changed
         assert not np.array_equal(moved[0, y:y + 8, x:x + 11], frame[0, y:y + 8, x:x + 11])
     np.testing.assert_array_equal(w.render(), frame)  # the state is as it was
     np.testing.assert_array_equal(w.creature_view_pos, pos)
