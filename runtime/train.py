@@ -89,14 +89,12 @@ def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tenso
     return cat(noisy), cat(prev), cat(t), cat(actions), torch.cat(frame_index), targets
 
 
-def sample_times(b: int, n: int, sampler_times, gen, device, grid_prob: float = 0.5) -> torch.Tensor:
+def sample_times(b: int, n: int, grid: torch.Tensor, gen, device, grid_prob: float = 0.5) -> torch.Tensor:
     """On the sampler's own grid with probability `grid_prob` (the times few-step
-    sampling visits), else uniform in (0, 1].
-    sampler_times: a list, or the same already on the device (no copy from the host,
-    which would wait for the device, on every step)."""
+    sampling visits), else uniform in (0, 1]. grid: the sampler's times, already on the
+    device (a copy from the host on every step would wait for the device)."""
     u = 1 - torch.rand(b, n, generator=gen, device=device)
-    grid = torch.as_tensor(sampler_times, device=device)
-    g = grid[torch.randint(len(sampler_times), (b, n), generator=gen, device=device)]
+    g = grid[torch.randint(len(grid), (b, n), generator=gen, device=device)]
     pick = torch.rand(b, n, generator=gen, device=device) < grid_prob
     return torch.where(pick, g, u)
 
@@ -257,10 +255,10 @@ def train(cfg: DictConfig) -> dict:
 
         init, _ = load_checkpoint(str(tc.init))
         state = init.state_dict()
-        if init.cfg != mcfg and replace(init.cfg, prev_frames=mcfg.prev_frames) == mcfg and init.cfg.prev_frames < mcfg.prev_frames:
-            state = widen_prev_frames(state, mcfg)  # the same model, given more previous frames
-        elif init.cfg != mcfg:
-            raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg}")
+        if init.cfg != mcfg:  # accepted only as the same model given more previous frames
+            if replace(init.cfg, prev_frames=mcfg.prev_frames) != mcfg or init.cfg.prev_frames > mcfg.prev_frames:
+                raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg}")
+            state = widen_prev_frames(state, mcfg)
         model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if rank == 0:
