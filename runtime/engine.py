@@ -122,15 +122,17 @@ class Rollout:
             return CachedSelfAttention(self.cache, commit), dense_cross_attn
         return self.attention.build(self.cache, commit=commit, step_index=step_index, num_steps=len(self.sampler.times))
 
-    def _forward(self, x, prev, times: list[float], actions, indices: list[int], commit: int, step_index):
+    def _forward(self, x, prev, times: list[float], actions, indices: list[int], commit: int, step_index,
+                 outputs: int | None = None):
         """x: (B, F, 3, H, W); prev: (B, F, K*3, H, W), each frame's K previous frames;
-        actions (B, F); one time and frame index per frame."""
+        actions (B, F); one time and frame index per frame; x0 estimates of the last
+        `outputs` frames (all: None)."""
         b = x.shape[0]
         tt = (times if isinstance(times, torch.Tensor)
               else torch.tensor(times, device=self.device, dtype=torch.float32)).expand(b, -1)
         idx = indices if isinstance(indices, torch.Tensor) else torch.tensor(indices, device=self.device)
         sa, ca = self._attn(commit, step_index)
-        return self.model(x, prev, tt, actions, idx, sa, ca, self.prompt_kv)
+        return self.model(x, prev, tt, actions, idx, sa, ca, self.prompt_kv, outputs=outputs)
 
     @torch.no_grad()
     def reset(self, first_frames_u8: torch.Tensor, prompt: torch.Tensor, seed: int) -> None:
@@ -191,10 +193,9 @@ class Rollout:
         """The pending clean frame (committed to the cache) and the frame x being denoised
         (actions a (B, 1)) in one forward; returns the x0 estimate of x. times and indices:
         one per frame, as lists or device tensors (a CUDA graph passes tensors)."""
-        out = self._forward(torch.cat([clean, x], 1), torch.cat([prev_of_clean, self.prev], 1), times,
-                            torch.cat([act_of_clean[:, None], a], 1), indices, self.model.cfg.tokens_per_frame,
-                            step_index)
-        return out[:, 1:]
+        return self._forward(torch.cat([clean, x], 1), torch.cat([prev_of_clean, self.prev], 1), times,
+                             torch.cat([act_of_clean[:, None], a], 1), indices, self.model.cfg.tokens_per_frame,
+                             step_index, outputs=1)
 
     def draw_noise(self) -> torch.Tensor:
         """The next frame's starting noise (float32) from the rollout's generator."""

@@ -4,7 +4,11 @@ Each frame is cut into P x P patches (64 tokens for a 64x64 frame with patch 8).
 carries its patch of the (noisy) frame being generated *and* the same patch of the
 previous clean frame (of the K previous clean frames with `prev_frames` = K, the last one
 first); the network predicts a residual, and the clean-frame estimate is
-x0 = previous frame + residual. Every block is
+x0 = previous frame + residual. With `motion_radius` = r > 0 it also predicts, for every
+pixel, a weight on each of a few displaced copies of the previous frame (up to r pixels
+along one axis and 1 along the other: a scroll plus a one-pixel step), and
+x0 = previous + residual + sum_s weight_s * (previous displaced by s - previous): moving
+something by a pixel is then a choice among copies rather than a drawing. Every block is
 
     x += gate1 * SelfAttn(modulate(norm(x)))      # over [cached past frames + this chunk]
     x += CrossAttn(norm(x), prompt)               # the world's tile set
@@ -47,10 +51,14 @@ class ModelConfig:
     rope_frame_dims: int = 16   # of each head's dims, rotated by the frame index
     rope_base: float = 100.0
     prev_frames: int = 1        # previous clean frames each token carries (the last one first)
+    motion_radius: int = 0      # > 0: per-pixel weights on displaced copies of the previous frame
 
     def __post_init__(self) -> None:
         if not isinstance(self.prev_frames, int) or isinstance(self.prev_frames, bool) or self.prev_frames < 1:
             raise ValueError(f"model.prev_frames={self.prev_frames!r}; expected an integer >= 1")
+        r = self.motion_radius
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.frame_size // 2:
+            raise ValueError(f"model.motion_radius={r!r}; expected an integer in [0, {self.frame_size // 2 - 1}]")
         if self.frame_size % self.patch:
             raise ValueError(f"model.frame_size={self.frame_size} is not a multiple of model.patch={self.patch}")
         if self.width % self.heads:
@@ -78,6 +86,15 @@ class ModelConfig:
     @property
     def patch_dim(self) -> int:
         return self.channels * self.patch * self.patch
+
+    @property
+    def motion_offsets(self) -> list[tuple[int, int]]:
+        """The displacements (dy, dx) the motion weights choose among: up to
+        `motion_radius` pixels along one axis and at most 1 along the other, (0, 0) left
+        out (the residual's base). 32 for radius 3."""
+        r = self.motion_radius
+        span = range(-r, r + 1)
+        return [(dy, dx) for dy in span for dx in span if (dy, dx) != (0, 0) and min(abs(dy), abs(dx)) <= 1]
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -262,6 +279,19 @@ def compiled_block_fns():
     return _COMPILED_BLOCK_FNS
 
 
+def motion_mix(prev: torch.Tensor, weights: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """sum_s weights[:, :, s] * (prev displaced by offsets[s] - prev), where prev displaced
+    by (dy, dx) holds at pixel (y, x) the pixel (y + dy, x + dx) of prev (the nearest edge
+    pixel beyond the border). prev: (B, F, C, S, S); weights: (B, F, len(offsets), S, S)."""
+    b, f, c, s, _ = prev.shape
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = F.pad(prev.reshape(b * f, c, s, s), (r, r, r, r), mode="replicate").view(b, f, c, s + 2 * r, s + 2 * r)
+    out = -weights.sum(2, keepdim=True) * prev
+    for i, (dy, dx) in enumerate(offsets):
+        out = out + weights[:, :, i : i + 1] * padded[..., r + dy : r + dy + s, r + dx : r + dx + s]
+    return out
+
+
 def push_frame(prev: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
     """The previous-frames stack (B, F, K*C, S, S) after `frame` (B, F, C, S, S): the frame
     first, the oldest one dropped. With K = 1 that is the frame itself."""
@@ -280,6 +310,16 @@ def widen_prev_frames(state: dict[str, torch.Tensor], cfg: "ModelConfig") -> dic
     return {**state, "embed.weight": torch.cat([w, w.new_zeros(w.shape[0], want - w.shape[1])], dim=1)}
 
 
+def add_motion_head(state: dict[str, torch.Tensor], cfg: "ModelConfig") -> dict[str, torch.Tensor]:
+    """Weights of a model without motion weights made into weights of `cfg` (motion_radius
+    > 0): the motion head starts at zero, so the model computes exactly what it did."""
+    if any(k.startswith("motion.") for k in state):
+        raise ValueError("these weights already have a motion head; it cannot be re-sized")
+    w = state["out.weight"]
+    n = len(cfg.motion_offsets) * cfg.patch * cfg.patch
+    return {**state, "motion.weight": w.new_zeros(n, w.shape[1]), "motion.bias": w.new_zeros(n)}
+
+
 class WorldModel(nn.Module):
     """Predicts clean frames from noisy ones, given the previous frames, action and time."""
 
@@ -296,10 +336,13 @@ class WorldModel(nn.Module):
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(w, 2 * w)
         self.out = nn.Linear(w, cfg.patch_dim)
-        nn.init.zeros_(self.ada_out.weight)
-        nn.init.zeros_(self.ada_out.bias)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        heads = [self.ada_out, self.out]
+        if cfg.motion_radius:
+            self.motion = nn.Linear(w, len(cfg.motion_offsets) * cfg.patch * cfg.patch)
+            heads.append(self.motion)
+        for head in heads:  # the model starts as "repeat the previous frame"
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
         self.compiled = False
 
     def compile_blocks(self, on: bool = True) -> "WorldModel":
@@ -330,8 +373,11 @@ class WorldModel(nn.Module):
         self_attn,                 # callable(layer, q, k, v, k_pre) -> (B, H, L, D)
         cross_attn,                # callable(layer, q, k, v) -> (B, H, L, D)
         prompt_kv,                 # per-layer prompt (keys, values), or the raw prompt (B, T, E)
+        outputs: int | None = None,  # estimate only the last this many frames (all: None)
     ) -> torch.Tensor:
-        """Returns the clean-frame estimate x0, (B, F, C, S, S)."""
+        """Returns the clean-frame estimate x0, (B, F, C, S, S), or (B, outputs, C, S, S)
+        for the last `outputs` frames (the others are context: only their keys and values
+        matter)."""
         cfg = self.cfg
         if isinstance(prompt_kv, torch.Tensor):
             prompt_kv = self.encode_prompt(prompt_kv)
@@ -349,10 +395,16 @@ class WorldModel(nn.Module):
         for i, blk in enumerate(self.blocks):
             pk, pv = prompt_kv[i]
             x = blk(x, cond, cos, sin, self_attn, i, cross_attn, pk, pv, fns)
-        sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, F, 1, W)
-        x = self.norm_out(x.view(b, f, n, -1)) * (1 + sc) + sh
-        res = self.out(x)  # (B, F, N, C*P*P)
-        return prev[:, :, : cfg.channels] + unpatchify(res, cfg.patch, cfg.channels)
+        o = f if outputs is None else int(outputs)
+        x, cond, prev = x.view(b, f, n, -1)[:, f - o :], cond[:, f - o :], prev[:, f - o :, : cfg.channels]
+        sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, O, 1, W)
+        x = self.norm_out(x) * (1 + sc) + sh
+        res = self.out(x)  # (B, O, N, C*P*P)
+        x0 = prev + unpatchify(res, cfg.patch, cfg.channels)
+        if cfg.motion_radius:
+            offsets = cfg.motion_offsets
+            x0 = x0 + motion_mix(prev, unpatchify(self.motion(x), cfg.patch, len(offsets)), offsets)
+        return x0
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

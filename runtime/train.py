@@ -34,7 +34,7 @@ from runtime.checkpoint import save_checkpoint
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_unit
 from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
-from runtime.model import ModelConfig, WorldModel, widen_prev_frames
+from runtime.model import ModelConfig, WorldModel, add_motion_head, widen_prev_frames
 from runtime.sampler import FlowSampler, SamplerConfig
 from worlds.overworld import load_config
 
@@ -125,8 +125,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
     noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device)
     prompt = batch["prompt"].to(device, non_blocking=True)
-    out = model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt)
-    return out[:, out.shape[1] - targets.shape[1] :], targets
+    return model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt, outputs=targets.shape[1]), targets
 
 
 @torch.no_grad()
@@ -143,7 +142,7 @@ def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> flo
     def denoise(x, t, i):  # the sequence with the current noisy targets
         t_tgt = torch.full((b, n), t, device=device)
         noisy, prev, tt, actions, fi, _ = build_inputs(window, None, t_tgt, None, device, noisy_targets=x)
-        return model(noisy, prev, tt, actions, fi, MaskedSelfAttention(mask), dense_cross_attn, pkv)[:, n + 1 :]
+        return model(noisy, prev, tt, actions, fi, MaskedSelfAttention(mask), dense_cross_attn, pkv, outputs=n)
 
     x0 = sampler.sample(denoise, noise)
     x0 = ((x0.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
@@ -255,10 +254,15 @@ def train(cfg: DictConfig) -> dict:
 
         init, _ = load_checkpoint(str(tc.init))
         state = init.state_dict()
-        if init.cfg != mcfg:  # accepted only as the same model given more previous frames
-            if replace(init.cfg, prev_frames=mcfg.prev_frames) != mcfg or init.cfg.prev_frames > mcfg.prev_frames:
-                raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg}")
+        if init.cfg != mcfg:  # accepted only as the same model given more previous frames or motion weights
+            grown = replace(init.cfg, prev_frames=mcfg.prev_frames, motion_radius=mcfg.motion_radius)
+            if (grown != mcfg or init.cfg.prev_frames > mcfg.prev_frames
+                    or init.cfg.motion_radius not in (0, mcfg.motion_radius)):
+                raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg} "
+                                 "(or the same with fewer prev_frames, or motion_radius 0)")
             state = widen_prev_frames(state, mcfg)
+            if init.cfg.motion_radius != mcfg.motion_radius:
+                state = add_motion_head(state, mcfg)
         model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if rank == 0:

@@ -75,14 +75,15 @@ def test_cached_generation_equals_uncached_forward():
         assert torch.allclose(got, ref, atol=1e-5), (merged, (got - ref).abs().max())
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_cached_generation_equals_the_training_forward_with_k_previous_frames(k):
+@pytest.mark.parametrize("k,r", [(1, 0), (3, 0), (1, 2)])
+def test_cached_generation_equals_the_training_forward_with_k_previous_frames(k, r):
     """The engine's stack of previous frames (the reset frame repeated, then each committed
     frame pushed in front) is the one training builds from a window (runtime.train.build_inputs):
-    cached next-frame predictions equal the training-style forward over the same clip."""
+    cached next-frame predictions equal the training-style forward over the same clip
+    (also with motion weights, r > 0)."""
     from runtime.train import build_inputs
 
-    cfg = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8, prev_frames=k)
+    cfg = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8, prev_frames=k, motion_radius=r)
     model = random_model(cfg=cfg)
     frames, actions, prompt = random_clip(6)
     f = frames.shape[1]
@@ -124,6 +125,92 @@ def test_a_model_widened_to_more_previous_frames_plays_the_same_frames():
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError, match="cannot be widened"):
         widen_prev_frames(wide.state_dict(), TINY)
+
+
+def test_motion_offsets_cover_a_scroll_plus_a_one_pixel_step():
+    offsets = ModelConfig(motion_radius=3).motion_offsets
+    assert len(offsets) == len(set(offsets)) == 32 and (0, 0) not in offsets
+    scrolls = [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
+    steps = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    assert {(a + c, b + d) for a, b in scrolls for c, d in steps} - {(0, 0)} <= set(offsets)
+    assert ModelConfig(motion_radius=1).motion_offsets == [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+    assert ModelConfig().motion_offsets == []
+
+
+def test_motion_mix_displaces_the_previous_frame():
+    """Weight 1 on one offset everywhere gives exactly the displaced frame (the edge pixel
+    repeated beyond the border); weights split between two offsets give their blend."""
+    from runtime.model import motion_mix
+
+    prev = torch.rand(2, 3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    offsets = ModelConfig(frame_size=16, motion_radius=2).motion_offsets
+    for i, (dy, dx) in enumerate(offsets):
+        w = torch.zeros(2, 3, len(offsets), 16, 16)
+        w[:, :, i] = 1
+        ys = (torch.arange(16) + dy).clamp(0, 15)
+        xs = (torch.arange(16) + dx).clamp(0, 15)
+        want = prev[..., ys, :][..., xs]
+        assert torch.allclose(prev + motion_mix(prev, w, offsets), want, atol=1e-6), (dy, dx)
+    a, b = offsets.index((0, 1)), offsets.index((1, 0))
+    w = torch.zeros(2, 3, len(offsets), 16, 16)
+    w[:, :, a], w[:, :, b] = 0.25, 0.75
+    got = prev + motion_mix(prev, w, offsets)
+    assert torch.allclose(got[..., :15, :15], 0.25 * prev[..., :15, 1:16] + 0.75 * prev[..., 1:16, :15], atol=1e-6)
+
+
+def test_the_motion_head_can_move_what_the_model_draws():
+    """A model whose motion head puts weight 1 on one offset (and whose residual is zero)
+    returns the previous frame displaced by it: the head really reaches the output."""
+    cfg = ModelConfig(**{**TINY.__dict__, "motion_radius": 1})
+    model = random_model(2, cfg)
+    i = cfg.motion_offsets.index((0, -1))
+    p2 = cfg.patch * cfg.patch
+    with torch.no_grad():
+        for head in (model.out, model.motion):
+            head.weight.zero_()
+            head.bias.zero_()
+        model.motion.bias[i * p2 : (i + 1) * p2] = 1
+    frames, actions, prompt = random_clip(3)
+    x = to_unit(frames)
+    out = uncached_predictions(model, frames, actions, prompt, torch.randn(1, 2, 3, 64, 64), 0.5)
+    prev = x[:, :2]
+    assert torch.allclose(out[..., 1:], prev[..., :-1], atol=1e-6)
+    assert torch.allclose(out[..., 0], prev[..., 0], atol=1e-6)
+
+
+def test_outputs_estimates_only_the_last_frames():
+    """`outputs=n` returns the last n frames of the full estimate (up to the rounding of
+    matrix products of another size)."""
+    for r in (0, 1):
+        model = random_model(4, ModelConfig(**{**TINY.__dict__, "motion_radius": r}))
+        frames, actions, prompt = random_clip(3)
+        x = to_unit(frames)  # the doubled sequence of two frames: clean 0, 1 | noisy 1
+        args = (x, torch.cat([x[:, :1], x[:, :1], x[:, :1]], 1), torch.tensor([[0.0, 0.0, 0.6]]), actions,
+                torch.tensor([0, 1, 1]), MaskedSelfAttention(teacher_forcing_mask(2, TINY.tokens_per_frame)),
+                dense_cross_attn, prompt)
+        with torch.no_grad():
+            full = model(*args)
+            assert torch.allclose(model(*args, outputs=2), full[:, 1:], atol=1e-6)
+            assert torch.allclose(model(*args, outputs=1), full[:, 2:], atol=1e-6)
+
+
+def test_a_model_given_a_motion_head_plays_the_same_frames():
+    """add_motion_head starts the head at zero: the grown model generates exactly the
+    original's frames until training changes it; a head is not added twice."""
+    from runtime.model import add_motion_head
+
+    small = random_model()
+    grown = WorldModel(ModelConfig(**{**TINY.__dict__, "motion_radius": 3})).eval()
+    grown.load_state_dict(add_motion_head(small.state_dict(), grown.cfg))
+    frames, actions, prompt = random_clip(7)
+    outs = []
+    for model in (small, grown):
+        r = Rollout(model, FlowSampler(SamplerConfig(steps=1)), make_cache(model.cfg))
+        r.reset(frames[:, 0], prompt, seed=3)
+        outs.append(torch.stack([r.step(actions[:, j]) for j in range(1, 7)], 1))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="already have a motion head"):
+        add_motion_head(grown.state_dict(), grown.cfg)
 
 
 def test_window_cache_equals_dense_until_full_then_differs():
@@ -180,10 +267,12 @@ def test_model_config_rejects_bad_values():
         ModelConfig.from_dict({"widht": 3})
     with pytest.raises(ValueError, match=r"model.prev_frames=0; expected an integer >= 1"):
         ModelConfig(prev_frames=0)
+    with pytest.raises(ValueError, match=r"model.motion_radius=-1; expected an integer in \[0, 31\]"):
+        ModelConfig(motion_radius=-1)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames(k):
+@pytest.mark.parametrize("k,r", [(1, 0), (3, 0), (1, 2)])
+def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames(k, r):
     """runtime/graphs.py runs a frame on static buffers that the frame itself updates
     (pending clean frame, previous frames, actions, frame indices); a CUDA graph captures
     exactly that. Run without capture here (CPU), it must give the frames of the plain
@@ -191,7 +280,7 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames(k):
     from runtime.graphs import FrameGraph
     from runtime.tempcache import TempCache
 
-    model = random_model(7, ModelConfig(**{**TINY.__dict__, "prev_frames": k}))
+    model = random_model(7, ModelConfig(**{**TINY.__dict__, "prev_frames": k, "motion_radius": r}))
     _, _, prompt = random_clip(1)
     first = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     actions = torch.randint(0, 6, (14, 2), generator=torch.Generator().manual_seed(4))
@@ -221,8 +310,8 @@ def test_the_frame_a_cuda_graph_captures_gives_the_eager_frames(k):
             assert torch.equal(eager, static_frames) and fi_e == fi_s and commits_e == commits_s
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_unchanged(k):
+@pytest.mark.parametrize("k,r", [(1, 0), (3, 0), (1, 2)])
+def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_unchanged(k, r):
     """Rollout.rehearse (on at every reset on a GPU: `engine.rehearse`) runs one throwaway
     pass over a cache that pretends to be full, so that the shape play keeps once the cache
     is full is staged at start-up, then starts from a fresh cache: the frames that follow
@@ -231,7 +320,7 @@ def test_a_rehearsal_at_reset_reaches_the_full_shape_and_leaves_the_frames_uncha
     from runtime.cache import DenseCache
     from runtime.tempcache import TempCache
 
-    model = random_model(9, ModelConfig(**{**TINY.__dict__, "prev_frames": k}))
+    model = random_model(9, ModelConfig(**{**TINY.__dict__, "prev_frames": k, "motion_radius": r}))
     _, _, prompt = random_clip(1)
     first = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     actions = torch.randint(0, 6, (10, 2), generator=torch.Generator().manual_seed(6))

@@ -94,6 +94,30 @@ def test_init_from_a_model_with_fewer_previous_frames_widens_it(tmp_path):
     assert added.abs().max() < 0.02
 
 
+def test_init_from_a_model_without_motion_weights_adds_the_head(tmp_path):
+    """train.init from the same model without motion weights trains one with them: the
+    head starts at zero (runtime.model.add_motion_head) and the result is saved with the
+    new config; a model with a head of another radius is refused."""
+    from runtime.checkpoint import save_checkpoint
+    from runtime.model import WorldModel
+    from runtime.train import train
+
+    init = tmp_path / "plain.safetensors"
+    plain = WorldModel(tiny_config())
+    save_checkpoint(init, plain, {"world_family": "overworld"})
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.init={init}", "model.motion_radius=2"])
+    assert train(cfg)["steps"] == 2
+    model, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert model.cfg.motion_radius == 2
+    assert model.motion.weight.shape == (len(model.cfg.motion_offsets) * 64, model.cfg.width)
+    assert (model.embed.weight.float() - plain.embed.weight).abs().max() < 0.02 < plain.embed.weight.abs().max()
+    assert 0 < model.motion.weight.float().abs().max() < 0.02  # trained from its zero start
+    bad = compose_train(SMOKE + [f"out={tmp_path / 'run2'}", f"train.init={tmp_path / 'run' / 'model.safetensors'}",
+                                 "model.motion_radius=1"])
+    with pytest.raises(ValueError, match="or motion_radius 0"):
+        train(bad)
+
+
 def test_profile_steps_write_what_a_step_spends(tmp_path, capsys):
     """train.profile_steps=N profiles N steps (here the whole 2-step run) and writes a
     per-step summary to out/profile.json; 0 (the default) writes nothing."""
