@@ -9,6 +9,12 @@ On world seeds and action scripts never used in training (training seeds start a
                   `rollout_psnr_H` is the PSNR at frame H, `rollout_psnr_mean_H` the
                   mean over frames 1..H
     copy_last_*   the "repeat the last true frame" baseline at the same frames
+    unseen_fraction_H, oracle_unseen_psnr_H / _mean_H
+                  how much of frame H shows places the first frame (all a free-running
+                  rollout is given) never showed, and the score of an oracle that is
+                  exact everywhere else and fills those places with their true mean
+                  colour: what no model could know costs this much even when everything
+                  it could know is right
     idle_next_psnr_creatures_move / _still
                   next-frame prediction while the player stands still (only creatures
                   and water change), on the frames where creatures take a step and on
@@ -100,6 +106,25 @@ def prompts_of(atlases: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([atlas_to_prompt(a) for a in atlases.numpy()])).float()
 
 
+def unseen_fill_oracle(truth: torch.Tensor, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """For frames 1..T of `truth` (B, T+1, V, V, 3) uint8 with the player's map pixel
+    positions `pos` (B, T+1, 2) (the view follows the player): per frame, the PSNR
+    (averaged over sequences) of a prediction that equals the truth wherever the view
+    shows a place frame 0 showed and is each sequence's true mean colour of the rest,
+    and the mean fraction of such never-shown pixels. Both (T,)."""
+    v = truth.shape[2]
+    d = torch.from_numpy(pos[:, 1:] - pos[:, :1])  # (B, T, 2): the view's shift since frame 0
+    r = torch.arange(v)
+    rows = ((r + d[..., :1]) >= 0) & ((r + d[..., :1]) < v)  # (B, T, V): frame 0 showed this row
+    cols = ((r + d[..., 1:]) >= 0) & ((r + d[..., 1:]) < v)
+    unseen = ~(rows[..., :, None] & cols[..., None, :])  # (B, T, V, V)
+    x = truth[:, 1:].float()
+    m = unseen[..., None].float()
+    fill = (x * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp(min=1)  # (B, T, 1, 1, 3)
+    pred = torch.where(unseen[..., None], fill.round(), x).to(torch.uint8)
+    return psnr_u8(pred, truth[:, 1:]).mean(0), unseen.float().mean((0, 2, 3))
+
+
 def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     ev = cfg.eval
     n = int(ev.sequences)
@@ -124,7 +149,11 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     per_frame = psnr_u8(gen, truth[:, 1:]).mean(0)  # (T,)
     ssim_frame = ssim_u8(gen, truth[:, 1:]).mean(0)
     copy = psnr_u8(truth[:, :1].expand_as(truth[:, 1:]), truth[:, 1:]).mean(0)
+    oracle, unseen = unseen_fill_oracle(truth, pos)
     for h in horizons:
+        res[f"unseen_fraction_{h}"] = float(unseen[h - 1])
+        res[f"oracle_unseen_psnr_{h}"] = float(oracle[h - 1])
+        res[f"oracle_unseen_psnr_mean_{h}"] = float(oracle[:h].mean())
         res[f"rollout_psnr_{h}"] = float(per_frame[h - 1])
         res[f"rollout_psnr_mean_{h}"] = float(per_frame[:h].mean())
         res[f"rollout_ssim_{h}"] = float(ssim_frame[h - 1])

@@ -23,7 +23,8 @@ SMALL_EVAL = ["device=cpu", "engine.dtype=float32", "eval.sequences=2", "eval.ho
 KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "rollout_psnr_8", "rollout_psnr_mean_4",
         "rollout_ssim_8", "copy_last_psnr_4", "copy_last_psnr_8", "revisit_psnr", "sim_revisit_psnr",
         "revisit_vs_truth_psnr", "idle_next_psnr_creatures_move", "idle_next_psnr_creatures_still",
-        "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still"]
+        "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
+        "oracle_unseen_psnr_8", "oracle_unseen_psnr_mean_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,3 +224,25 @@ def test_creature_step_weights_name_the_place_a_patch_shows():
             res = step_weights(gen, [(b, t, (y0, y1, x0, x1), renders, true)])
             assert res[f"creature_step_weight_{name}"] == pytest.approx(1.0, abs=1e-6), name
             assert res["creature_step_weight_true"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_unseen_fill_oracle_fills_only_what_the_first_frame_never_showed():
+    """Moving right by 2 pixels shows 2 new columns at the right edge: the oracle is exact
+    elsewhere and puts their mean colour there; standing still it is exact."""
+    import numpy as np
+
+    from runtime.evaluate import unseen_fill_oracle
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 256, (2, 3, 16, 16, 3), generator=g, dtype=torch.uint8)
+    pos = np.zeros((2, 3, 2), dtype=np.int64)
+    pos[0, 1:, 1] = [2, 4]  # sequence 0: two steps right; sequence 1 stands still
+    new = truth.clone()
+    new[0, 1, :, 14:] = torch.tensor([10, 20, 30], dtype=torch.uint8)  # one colour: the oracle is exact there
+    new[0, 2, :, 12:14] = 100
+    new[0, 2, :, 14:] = 200  # two colours: the oracle's mean, 150, is 50 off on every new pixel
+    psnr, unseen = unseen_fill_oracle(new, pos)
+    assert unseen.tolist() == pytest.approx([0.5 * 2 / 16, 0.5 * 4 / 16])
+    assert psnr[0] == 60.0  # both sequences exact
+    off = 10 * math.log10(255**2 / (50**2 * 4 / 16))  # sequence 0, frame 2: MSE 50^2 on a quarter of the pixels
+    assert psnr[1] == pytest.approx((off + 60.0) / 2, abs=1e-3)
