@@ -396,6 +396,8 @@ class WorldModel(nn.Module):
             pk, pv = prompt_kv[i]
             x = blk(x, cond, cos, sin, self_attn, i, cross_attn, pk, pv, fns)
         o = f if outputs is None else int(outputs)
+        if not 0 < o <= f:
+            raise ValueError(f"outputs={outputs!r}; expected 1..{f} (the frames in the pass) or None")
         x, cond, prev = x.view(b, f, n, -1)[:, f - o :], cond[:, f - o :], prev[:, f - o :, : cfg.channels]
         sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, O, 1, W)
         x = self.norm_out(x) * (1 + sc) + sh

@@ -192,6 +192,9 @@ def test_outputs_estimates_only_the_last_frames():
             full = model(*args)
             assert torch.allclose(model(*args, outputs=2), full[:, 1:], atol=1e-6)
             assert torch.allclose(model(*args, outputs=1), full[:, 2:], atol=1e-6)
+            for bad in (0, 4):
+                with pytest.raises(ValueError, match=f"outputs={bad}; expected 1..3"):
+                    model(*args, outputs=bad)
 
 
 def test_a_model_given_a_motion_head_plays_the_same_frames():
