@@ -108,24 +108,30 @@ def test_cached_generation_equals_the_training_forward_with_k_previous_frames(k,
         assert not torch.allclose(out2, ref, atol=1e-3)
 
 
-def test_a_model_widened_to_more_previous_frames_plays_the_same_frames():
-    """widen_prev_frames gives the added frames zero weight: the widened model generates
-    exactly the original's frames until training changes it."""
-    from runtime.model import widen_prev_frames
+@pytest.mark.parametrize("grow", ["prev_frames", "motion_radius"])
+def test_a_grown_model_plays_the_same_frames(grow):
+    """widen_prev_frames gives the added frames zero weight and add_motion_head starts the
+    motion head at zero: the grown model generates exactly the original's frames until
+    training changes it. Weights are not widened backwards, nor given a second head."""
+    from runtime.model import add_motion_head, widen_prev_frames
 
     small = random_model()
-    wide = WorldModel(ModelConfig(**{**TINY.__dict__, "prev_frames": 3})).eval()
-    wide.load_state_dict(widen_prev_frames(small.state_dict(), wide.cfg))
+    big = WorldModel(ModelConfig(**{**TINY.__dict__, grow: 3})).eval()
+    if grow == "prev_frames":
+        big.load_state_dict(widen_prev_frames(small.state_dict(), big.cfg))
+        again, refusal = (lambda: widen_prev_frames(big.state_dict(), TINY)), "cannot be widened"
+    else:
+        big.load_state_dict(add_motion_head(small.state_dict(), big.cfg))
+        again, refusal = (lambda: add_motion_head(big.state_dict(), big.cfg)), "already have a motion head"
     frames, actions, prompt = random_clip(7)
     outs = []
-    for model in (small, wide):
+    for model in (small, big):
         r = Rollout(model, FlowSampler(SamplerConfig(steps=1)), make_cache(model.cfg))
         r.reset(frames[:, 0], prompt, seed=3)
         outs.append(torch.stack([r.step(actions[:, j]) for j in range(1, 7)], 1))
     assert torch.equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match="cannot be widened"):
-        widen_prev_frames(wide.state_dict(), TINY)
-
+    with pytest.raises(ValueError, match=refusal):
+        again()
 
 def test_motion_offsets_cover_a_scroll_plus_a_one_pixel_step():
     offsets = ModelConfig(motion_radius=3).motion_offsets
@@ -195,25 +201,6 @@ def test_outputs_estimates_only_the_last_frames():
             for bad in (0, 4):
                 with pytest.raises(ValueError, match=f"outputs={bad}; expected 1..3"):
                     model(*args, outputs=bad)
-
-
-def test_a_model_given_a_motion_head_plays_the_same_frames():
-    """add_motion_head starts the head at zero: the grown model generates exactly the
-    original's frames until training changes it; a head is not added twice."""
-    from runtime.model import add_motion_head
-
-    small = random_model()
-    grown = WorldModel(ModelConfig(**{**TINY.__dict__, "motion_radius": 3})).eval()
-    grown.load_state_dict(add_motion_head(small.state_dict(), grown.cfg))
-    frames, actions, prompt = random_clip(7)
-    outs = []
-    for model in (small, grown):
-        r = Rollout(model, FlowSampler(SamplerConfig(steps=1)), make_cache(model.cfg))
-        r.reset(frames[:, 0], prompt, seed=3)
-        outs.append(torch.stack([r.step(actions[:, j]) for j in range(1, 7)], 1))
-    assert torch.equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match="already have a motion head"):
-        add_motion_head(grown.state_dict(), grown.cfg)
 
 
 def test_window_cache_equals_dense_until_full_then_differs():
