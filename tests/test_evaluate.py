@@ -24,7 +24,7 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "rollout_ssim_8", "copy_last_psnr_4", "copy_last_psnr_8", "revisit_psnr", "sim_revisit_psnr",
         "revisit_vs_truth_psnr", "idle_next_psnr_creatures_move", "idle_next_psnr_creatures_still",
         "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
-        "oracle_unseen_psnr_8", "oracle_unseen_psnr_mean_8"]
+        "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,23 +226,42 @@ def test_creature_step_weights_name_the_place_a_patch_shows():
             assert res["creature_step_weight_true"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_unseen_fill_oracle_fills_only_what_the_first_frame_never_showed():
-    """Moving right by 2 pixels shows 2 new columns at the right edge: the oracle is exact
-    elsewhere and puts their mean colour there; standing still it is exact."""
+def test_unseen_fraction_counts_what_the_first_frame_never_showed():
+    """Two steps right by 2 pixels show 2, then 4 new columns of 16; standing still, none."""
     import numpy as np
 
-    from runtime.evaluate import unseen_fill_oracle
+    from runtime.evaluate import unseen_fraction
 
-    g = torch.Generator().manual_seed(0)
-    truth = torch.randint(0, 256, (2, 3, 16, 16, 3), generator=g, dtype=torch.uint8)
     pos = np.zeros((2, 3, 2), dtype=np.int64)
     pos[0, 1:, 1] = [2, 4]  # sequence 0: two steps right; sequence 1 stands still
-    new = truth.clone()
-    new[0, 1, :, 14:] = torch.tensor([10, 20, 30], dtype=torch.uint8)  # one colour: the oracle is exact there
-    new[0, 2, :, 12:14] = 100
-    new[0, 2, :, 14:] = 200  # two colours: the oracle's mean, 150, is 50 off on every new pixel
-    psnr, unseen = unseen_fill_oracle(new, pos)
-    assert unseen.tolist() == pytest.approx([0.5 * 2 / 16, 0.5 * 4 / 16])
-    assert psnr[0] == 60.0  # both sequences exact
-    off = 10 * math.log10(255**2 / (50**2 * 4 / 16))  # sequence 0, frame 2: MSE 50^2 on a quarter of the pixels
-    assert psnr[1] == pytest.approx((off + 60.0) / 2, abs=1e-3)
+    assert unseen_fraction(pos, 16).tolist() == pytest.approx([0.5 * 2 / 16, 0.5 * 4 / 16])
+    pos[1, 1:, 0] = [-2, -4]  # sequence 1 walks up: as many new rows
+    assert unseen_fraction(pos, 16).tolist() == pytest.approx([2 / 16, 4 / 16])
+    pos[1, 2, 1] = 2  # and right at the end: rows and columns overlap in a corner
+    assert unseen_fraction(pos, 16)[1] == pytest.approx(0.5 * (4 / 16) + 0.5 * (1 - (12 / 16) * (14 / 16)))
+
+
+def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
+    """Without creatures nothing is unknown: the oracle is exact. With them, it is exact
+    until the first move tick (frame 2) and not after; pointing the creatures moves them."""
+    import numpy as np
+    from dataclasses import replace
+
+    from controllers.random_agent import explore_actions
+    from runtime.evaluate import direction_oracle, simulate
+    from worlds.overworld import load_config
+
+    world = load_config("overworld")
+    actions = explore_actions(np.random.default_rng(0), 2, 6)
+    for creatures in (0, 4):
+        wc = replace(world, num_creatures=creatures)
+        truth, _, _ = simulate(wc, [0, 1], actions)
+        oracle = direction_oracle(wc, [0, 1], actions, truth)
+        if creatures == 0:
+            assert oracle.tolist() == [60.0] * 6
+        else:
+            assert oracle[0] == 60.0 and (oracle[1:] < 60).all()
+    ways = [simulate(world, [0], actions[:1], creature_direction=d)[0] for d in range(4)]
+    assert all(not torch.equal(ways[i][:, 2:], ways[j][:, 2:]) for i in range(4) for j in range(i))
+    with pytest.raises(ValueError, match="direction=4; expected 0, 1, 2 or 3"):
+        simulate(world, [0], actions[:1], creature_direction=4)

@@ -142,6 +142,15 @@ class BatchOverworld:
         finally:
             self._creatures.pos = kept
 
+    def point_creatures(self, direction: int) -> None:
+        """Point every creature in `direction` (an index into creatures.COMPASS: 0 up,
+        1 right, 2 down, 3 left), as if each had been spawned facing it. (What-if runs for
+        evaluation: a creature's first direction is drawn from the seed and no single
+        frame shows it.)"""
+        if direction not in range(4):
+            raise ValueError(f"direction={direction!r}; expected 0, 1, 2 or 3 (up, right, down, left)")
+        self._creatures.direction[:] = direction
+
     # ------------------------------------------------------------ properties
     @property
     def _origin(self) -> int:
