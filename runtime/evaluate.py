@@ -124,7 +124,9 @@ def unseen_fraction(pos: np.ndarray, view: int) -> torch.Tensor:
 
 def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray, truth: torch.Tensor) -> torch.Tensor:
     """(T,) PSNR against `truth` (B, T+1, ...) of frames 1..T predicted as the mean of the
-    four simulations with every creature starting in each direction (see the docstring)."""
+    four simulations with every creature starting in each direction (see the docstring).
+    Each run turns every creature the same way; for creatures apart from one another that
+    is the same as averaging each one's four directions on its own."""
     runs = [simulate(world_cfg, seeds, actions, creature_direction=d)[0][:, 1:].float() for d in range(4)]
     return psnr_u8(torch.stack(runs).mean(0).round().to(torch.uint8), truth[:, 1:]).mean(0)
 

@@ -402,11 +402,15 @@ class WorldModel(nn.Module):
         sh, sc = self.ada_out(cond)[:, :, None, :].chunk(2, dim=-1)  # (B, O, 1, W)
         x = self.norm_out(x) * (1 + sc) + sh
         res = self.out(x)  # (B, O, N, C*P*P)
-        x0 = prev + unpatchify(res, cfg.patch, cfg.channels)
-        if cfg.motion_radius:
-            offsets = cfg.motion_offsets
-            x0 = x0 + motion_mix(prev, unpatchify(self.motion(x), cfg.patch, len(offsets)), offsets)
-        return x0
+        if not cfg.motion_radius:
+            return prev + unpatchify(res, cfg.patch, cfg.channels)
+        # the mix's 33 terms cancel on still pixels: summed in float32 (as training does under
+        # autocast, where prev is float32) and rounded once to the model's dtype
+        offsets = cfg.motion_offsets
+        weights = unpatchify(self.motion(x), cfg.patch, len(offsets)).float()
+        prev32 = prev.float()
+        x0 = prev32 + unpatchify(res, cfg.patch, cfg.channels).float() + motion_mix(prev32, weights, offsets)
+        return x0.to(prev.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -108,6 +108,31 @@ def test_cached_generation_equals_the_training_forward_with_k_previous_frames(k,
         assert not torch.allclose(out2, ref, atol=1e-3)
 
 
+def test_the_motion_mix_of_a_bf16_model_is_summed_in_float32():
+    """In bf16 the mix's terms (which cancel on still pixels) are summed in float32 and
+    rounded once: the bf16 model's estimate is the float32 computation from the same
+    bf16 features, rounded (summed in bf16 it differs)."""
+    cfg = ModelConfig(**{**TINY.__dict__, "motion_radius": 2})
+    model = random_model(5, cfg).to(torch.bfloat16)
+    frames, actions, prompt = random_clip(3)
+    x = to_unit(frames).to(torch.bfloat16)
+    seen = {}
+    model.motion.register_forward_hook(lambda m, i, o: seen.update(w=o))
+    model.out.register_forward_hook(lambda m, i, o: seen.update(r=o))
+    with torch.no_grad():
+        out = model(x, torch.cat([x[:, :1], x[:, :1], x[:, :1]], 1), torch.tensor([[0.0, 0.0, 0.6]]), actions,
+                    torch.tensor([0, 1, 1]), MaskedSelfAttention(teacher_forcing_mask(2, TINY.tokens_per_frame)),
+                    dense_cross_attn, prompt.to(torch.bfloat16), outputs=1)
+    from runtime.model import motion_mix, unpatchify
+
+    prev = x[:, :1].float()
+    w = unpatchify(seen["w"], cfg.patch, len(cfg.motion_offsets)).float()
+    want = prev + unpatchify(seen["r"], cfg.patch, 3).float() + motion_mix(prev, w, cfg.motion_offsets)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.to(torch.bfloat16))
+    in_bf16 = x[:, :1] + unpatchify(seen["r"], cfg.patch, 3) + motion_mix(x[:, :1], w.to(torch.bfloat16), cfg.motion_offsets)
+    assert not torch.equal(out, in_bf16)
+
+
 @pytest.mark.parametrize("grow", ["prev_frames", "motion_radius"])
 def test_a_grown_model_plays_the_same_frames(grow):
     """widen_prev_frames gives the added frames zero weight and add_motion_head starts the
@@ -191,7 +216,8 @@ def test_outputs_estimates_only_the_last_frames():
         model = random_model(4, ModelConfig(**{**TINY.__dict__, "motion_radius": r}))
         frames, actions, prompt = random_clip(3)
         x = to_unit(frames)  # the doubled sequence of two frames: clean 0, 1 | noisy 1
-        args = (x, torch.cat([x[:, :1], x[:, :1], x[:, :1]], 1), torch.tensor([[0.0, 0.0, 0.6]]), actions,
+        prev = torch.cat([x[:, :1], x[:, :1], torch.rand_like(x[:, :1])], 1)  # each frame its own: a wrong slice shows
+        args = (x, prev, torch.tensor([[0.0, 0.0, 0.6]]), actions,
                 torch.tensor([0, 1, 1]), MaskedSelfAttention(teacher_forcing_mask(2, TINY.tokens_per_frame)),
                 dense_cross_attn, prompt)
         with torch.no_grad():
