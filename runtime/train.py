@@ -8,7 +8,9 @@ get a small noise level, which the model is told) so free-running rollouts, whos
 context is the model's own output, do not drift. With `train.data.memory_frames` > 0
 the sequence starts with earlier frames of the same trajectory at their true temporal
 distance (runtime/data.py), so the model learns to use a long cache rather than
-only the last F frames it was trained on.
+only the last F frames it was trained on. With `train.rollout_prob` > 0 that share of the
+micro-batches takes its context from the model's own frames (`self_rollout_frames`)
+while the targets stay the true frames: the model learns to recover from its own errors.
 
 Runs on CPU (the tests' smoke run) and on GPUs (bf16 autocast). Several processes
 through torchrun use DDP: NCCL on GPUs, gloo on CPU. Checkpoints are safetensors (EMA
@@ -20,6 +22,7 @@ import copy
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
 from runtime.checkpoint import save_checkpoint
 from runtime.data import DataConfig, WindowDataset
-from runtime.engine import to_unit
+from runtime.engine import to_uint8, to_unit
 from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
 from runtime.model import ModelConfig, WorldModel, add_motion_head, widen_prev_frames
 from runtime.sampler import FlowSampler, SamplerConfig
@@ -40,17 +43,20 @@ from worlds.overworld import load_config
 
 
 def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tensor, gen: torch.Generator | None,
-                 device, noisy_targets: torch.Tensor | None = None):
+                 device, noisy_targets: torch.Tensor | None = None, context_frames: torch.Tensor | None = None):
     """Assemble [memory | clean | noisy targets] (the mask in runtime/attention.py).
     The window's frames hold K frames before x_0 (the model's `prev_frames`): K is the
     number of frames less the number of actions, plus one.
     ctx_sigma (B,): context-noise level of the clean frames (None: clean, time 0);
-    noisy_targets: the targets at time t_tgt as given (sampling) instead of noised here.
+    noisy_targets: the targets at time t_tgt as given (sampling) instead of noised here;
+    context_frames: uint8 frames like batch["frames"] (a self-rollout) that the clean
+    context is made of instead; the targets stay batch["frames"].
     Returns (noisy, prev, t, actions, frame_index, targets); prev stacks each frame's K
     previous frames on the channels, the last one first."""
     # the loader pins its batches: the copies need not wait for the device to finish the
     # previous step (a blocking copy does)
     x = to_unit(batch["frames"].to(device, non_blocking=True))  # (B, F+K, 3, S, S): x_{-K} .. x_{F-1}
+    xc = x if context_frames is None else to_unit(context_frames.to(device, non_blocking=True))
     acts = batch["actions"].to(device, non_blocking=True)  # (B, F+1): the actions of x_{-1} .. x_{F-1}
     b, f = x.shape[0], acts.shape[1] - 1
     k = x.shape[1] - f
@@ -64,7 +70,7 @@ def build_inputs(batch: dict, ctx_sigma: torch.Tensor | None, t_tgt: torch.Tenso
             s = sigma.view(b, *([1] * (frames.dim() - 1)))
             return (1 - s) * frames + s * torch.randn(frames.shape, generator=gen, device=device)
 
-    ctx = context(x)
+    ctx = context(xc)
     # the previous frames of x_0 .. x_{F-1}: x_{i-1} .. x_{i-K} on the channels
     prev_ctx = torch.cat([ctx[:, k - 1 - j : k - 1 - j + f] for j in range(k)], dim=2)  # (B, F, K*3, S, S)
     targets = x[:, k + 1 :]  # x_1 .. x_{F-1}
@@ -122,10 +128,38 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return (weights * err).mean() / weights.mean()
 
 
-def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn):
-    noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device)
+def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames=None):
+    noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device,
+                                                                 context_frames=context_frames)
     prompt = batch["prompt"].to(device, non_blocking=True)
     return model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt, outputs=targets.shape[1]), targets
+
+
+@torch.no_grad()
+def self_rollout_frames(model, batch: dict, passes: int, sampler: FlowSampler, gen, device, self_attn) -> torch.Tensor:
+    """The window's frames (uint8, like batch["frames"]) with x_1 .. x_{F-1} replaced by
+    the model's own frames, rounded to uint8 as generation shows and remembers them.
+
+    Each pass samples every target at once from the context the pass before left (the
+    first from the true frames), with one noise draw per frame kept over the passes. So
+    after P passes x_1 .. x_P are exactly the free-running rollout from the true x_0 and
+    its predecessors, and each later frame carries P steps of the model's own error: a
+    training context like the one play gives, for P forwards without gradients (a
+    rollout of all F-1 frames would take F-1). Memory frames stay true."""
+    frames = batch["frames"].to(device, non_blocking=True)
+    b, n = frames.shape[0], batch["actions"].shape[1] - 2
+    noise = torch.randn((b, n, 3) + tuple(frames.shape[2:4]), generator=gen, device=device)
+    pkv = model.encode_prompt(batch["prompt"].to(device, non_blocking=True))
+    for _ in range(passes):
+        current = dict(batch, frames=frames)
+
+        def denoise(x, t, i):  # the targets at time t, the context of the last pass
+            t_tgt = torch.full((b, n), t, device=device)
+            noisy, prev, tt, actions, fi, _ = build_inputs(current, None, t_tgt, None, device, noisy_targets=x)
+            return model(noisy, prev, tt, actions, fi, self_attn, dense_cross_attn, pkv, outputs=n)
+
+        frames = torch.cat([frames[:, :-n], to_uint8(sampler.sample(denoise, noise))], dim=1)
+    return frames
 
 
 @torch.no_grad()
@@ -202,6 +236,10 @@ def check_train_settings(tc: DictConfig) -> None:
         raise ValueError(f"train.focus_weight={tc.focus_weight!r}; expected a number >= 0")
     if integer("train.focus_margin", tc.focus_margin) < 0:
         raise ValueError(f"train.focus_margin={tc.focus_margin!r}; expected an integer >= 0")
+    if not 0.0 <= number("train.rollout_prob", tc.rollout_prob) <= 1.0:
+        raise ValueError(f"train.rollout_prob={tc.rollout_prob!r}; expected a probability in [0, 1]")
+    if integer("train.rollout_passes", tc.rollout_passes) < 1:
+        raise ValueError(f"train.rollout_passes={tc.rollout_passes!r}; expected an integer >= 1")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
 
@@ -299,6 +337,8 @@ def train(cfg: DictConfig) -> dict:
     grid = torch.tensor(sampler.times, device=device, dtype=torch.float32)  # the sampler's times, once
     steps = int(tc.steps)
     focus_weight = float(tc.focus_weight)
+    rollout_prob, rollout_passes = float(tc.rollout_prob), int(tc.rollout_passes)
+    pick = random.Random(int(cfg.seed) * 1000 + rank)  # which micro-batches get a self-rollout context (no device sync)
     box = world_cfgs[0].tile  # a creature's box is one tile
     t_start = time.time()
 
@@ -351,7 +391,10 @@ def train(cfg: DictConfig) -> dict:
                 creatures = creatures[:, creatures.shape[1] - (dcfg.frames - 1):].to(device, non_blocking=True)  # the targets' frames
                 weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
-                pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn)
+                rolled = None
+                if rollout_prob > 0 and pick.random() < rollout_prob:
+                    rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+                pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn, rolled)
                 loss = weighted_mse(pred, target, weights) / micro
             loss.backward()
             total += loss.detach()

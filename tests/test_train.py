@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, compose
 
-from runtime.attention import teacher_forcing_mask, teacher_forcing_mask_mod
+from runtime.attention import MaskedSelfAttention, teacher_forcing_mask, teacher_forcing_mask_mod
 from runtime.checkpoint import load_checkpoint, read_metadata
 from runtime.model import ModelConfig
 
@@ -444,6 +444,8 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     ("train.grid_prob=1.1", "train.grid_prob=1.1; expected a probability in [0, 1]"),
     ("train.focus_weight=-1", "train.focus_weight=-1; expected a number >= 0"),
     ("train.focus_margin=-2", "train.focus_margin=-2; expected an integer >= 0"),
+    ("train.rollout_prob=2", "train.rollout_prob=2; expected a probability in [0, 1]"),
+    ("train.rollout_passes=0", "train.rollout_passes=0; expected an integer >= 1"),
     ("+train.data.prev_frames=2", "use model.prev_frames"),
     ("model.prev_frames=0", "model.prev_frames=0; expected an integer >= 1"),
     ("train.steps=many", "train.steps='many'; expected an integer"),
@@ -470,3 +472,80 @@ def test_init_checkpoint_of_another_model_config_is_rejected(tmp_path):
     cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.init={other}"])
     with pytest.raises(ValueError, match="has model config"):
         train(cfg)
+
+
+# ----------------------------------------------------------------------------- self-rollout context
+
+
+def rollout_setup(k: int, r: int, f: int = 6):
+    """A randomised model (k previous frames, motion radius r), a window of f frames as the
+    engine starts one (the reset frame repeated before x_0, x_0's action idle) and its prompt."""
+    import conftest
+
+    from runtime.engine import Rollout
+    from runtime.sampler import FlowSampler, SamplerConfig
+
+    cfg = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8, prev_frames=k, motion_radius=r)
+    model = conftest.random_model(cfg)
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (1, f, 64, 64, 3), generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, cfg.num_actions, (1, f), generator=g)
+    idle = torch.zeros(1, 1, dtype=torch.long)
+    window = {"frames": torch.cat([frames[:, :1]] * k + [frames], dim=1),
+              "actions": torch.cat([idle, idle, actions[:, 1:]], dim=1),
+              "prompt": torch.randn(1, cfg.prompt_tokens, cfg.prompt_dim, generator=g)}
+    return model, window, FlowSampler(SamplerConfig(steps=2)), Rollout
+
+
+@pytest.mark.parametrize("k,r", [(1, 0), (2, 1)])
+def test_a_self_rollout_of_every_pass_is_the_engines_free_running_rollout(k, r):
+    """With as many passes as targets, `self_rollout_frames` gives exactly the frames the
+    engine generates from x_0 with a KV cache (the same noise per frame); with P passes the
+    first P frames already are those frames and the later ones are not yet."""
+    from runtime.cache import CacheSpec, DenseCache
+    from runtime.train import self_rollout_frames
+
+    model, window, sampler, Rollout = rollout_setup(k, r)
+    n = window["actions"].shape[1] - 2
+    attn = MaskedSelfAttention(teacher_forcing_mask(n + 1, model.cfg.tokens_per_frame))
+    rolled = self_rollout_frames(model, window, n, sampler, torch.Generator().manual_seed(5), "cpu", attn)
+    noise = torch.randn((1, n, 3, 64, 64), generator=torch.Generator().manual_seed(5))
+    spec = CacheSpec(model.cfg.depth, 1, model.cfg.heads, model.cfg.head_dim, model.cfg.tokens_per_frame,
+                     torch.device("cpu"), torch.float32)
+    engine = Rollout(model, sampler, DenseCache(spec, initial_frames=2))
+    engine.reset(window["frames"][:, k], window["prompt"], seed=0)
+    draws = iter(noise.split(1, dim=1))
+    engine.draw_noise = lambda: next(draws)
+    played = torch.stack([engine.step(window["actions"][:, 2 + i]) for i in range(n)], dim=1)
+    assert torch.equal(rolled[:, : k + 1], window["frames"][:, : k + 1])  # x_{-K} .. x_0 stay true
+    diff = (rolled[:, k + 1 :].int() - played.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999, (diff.max(), (diff > 0).float().mean())
+    assert not torch.equal(played, window["frames"][:, k + 1 :])
+    two = self_rollout_frames(model, window, 2, sampler, torch.Generator().manual_seed(5), "cpu", attn)
+    assert torch.equal(two[:, : k + 3], rolled[:, : k + 3])
+    assert not torch.equal(two[:, k + 3 :], rolled[:, k + 3 :])
+
+
+def test_build_inputs_takes_the_context_from_a_self_rollout_and_the_targets_from_the_truth():
+    from runtime.train import build_inputs
+
+    _, window, _, _ = rollout_setup(1, 0)
+    rolled = 255 - window["frames"]
+    t = torch.full((1, window["actions"].shape[1] - 2), 0.5)
+    noisy = torch.randn(1, t.shape[1], 3, 64, 64)
+    ref = build_inputs(window, None, t, None, "cpu", noisy_targets=noisy)
+    got = build_inputs(window, None, t, None, "cpu", noisy_targets=noisy, context_frames=rolled)
+    clean = t.shape[1] + 1
+    assert torch.equal(got[5], ref[5])  # targets: the true frames
+    assert torch.allclose(got[0][:, :clean], -ref[0][:, :clean], atol=1e-6)  # the context: the rolled frames
+    assert torch.equal(got[0][:, clean:], ref[0][:, clean:])  # the noisy targets as given
+    assert torch.allclose(got[1], -ref[1], atol=1e-6)  # previous frames from the rolled frames too
+
+
+def test_cpu_smoke_run_with_self_rollout_contexts(tmp_path):
+    from runtime.train import train
+
+    cfg = compose_train(SMOKE + [f"out={tmp_path}", "train.rollout_prob=1.0", "train.rollout_passes=2",
+                                 "train.data.memory_frames=2"])
+    res = train(cfg)
+    assert res["steps"] == 2 and math.isfinite(res["metrics"]["loss"]) and res["metrics"]["loss"] > 0
