@@ -325,9 +325,10 @@ def train(cfg: DictConfig) -> dict:
     if bool(tc.compile):
         for blk in model.blocks:  # regional compilation: one compiled block reused by all layers
             blk.compile(dynamic=False)
-        # each block keeps its own compiled entry per grad mode and shape: training, the
-        # self-rollout passes (no grad) and the evaluation (no grad, no memory frames). Past
-        # the limit a block would run eagerly, with FlexAttention unfused (many times slower)
+        # the blocks' compiled forward keeps an entry per layer index (an int argument), grad
+        # mode and sequence shape: training, the self-rollout passes (no grad) and the
+        # evaluation (no grad, no memory frames) need up to three per block. Past torch's
+        # default limit (8) the blocks ran eagerly, with FlexAttention unfused: many times slower
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
     eval_batch = next(iter(torch.utils.data.DataLoader(
         WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch)})),
