@@ -27,6 +27,10 @@ On world seeds and action scripts never used in training (training seeds start a
                   splits between the places it could be (least-squares weights of renders
                   with it one step ahead, back, aside, where it was, or gone) and how well
                   those renders explain the prediction
+    *_per_seed, *_sem
+                  next-frame PSNR and free-running PSNR (at each horizon and its mean
+                  up to it) for each seed, in seed order, and the standard error of their
+                  mean over seeds: how much the averages would move on other seeds
     revisit_*     walk `revisit_steps` steps away and the same number back: PSNR between
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
@@ -131,6 +135,14 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
     return psnr_u8(torch.stack(runs).mean(0).round().to(torch.uint8), truth[:, 1:]).mean(0)
 
 
+def per_seed(name: str, scores: torch.Tensor) -> dict:
+    """`name`_per_seed: one score per sequence (seed order); `name`_sem: the standard error
+    of their mean (sample standard deviation / sqrt(n); 0 for one sequence)."""
+    n = scores.numel()
+    sem = float(scores.double().std() / n**0.5) if n > 1 else 0.0
+    return {f"{name}_per_seed": [round(float(v), 3) for v in scores], f"{name}_sem": sem}
+
+
 def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     ev = cfg.eval
     n = int(ev.sequences)
@@ -147,12 +159,15 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     t0 = time.time()
     nxt = int(ev.next_frames)
     gen = rollout_frames(rollout, truth[:, 0], prompt, actions[:, :nxt], int(cfg.seed), teacher=truth)
-    res["next_psnr"] = float(psnr_u8(gen, truth[:, 1 : nxt + 1]).mean())
+    next_frames = psnr_u8(gen, truth[:, 1 : nxt + 1])  # (B, nxt)
+    res["next_psnr"] = float(next_frames.mean())
+    res.update(per_seed("next_psnr", next_frames.mean(1)))
     res["next_ssim"] = float(ssim_u8(gen, truth[:, 1 : nxt + 1]).mean())
     res["copy_last_next_psnr"] = float(psnr_u8(truth[:, :nxt], truth[:, 1 : nxt + 1]).mean())
 
     gen = rollout_frames(rollout, truth[:, 0], prompt, actions, int(cfg.seed))
-    per_frame = psnr_u8(gen, truth[:, 1:]).mean(0)  # (T,)
+    per_seq_frame = psnr_u8(gen, truth[:, 1:])  # (B, T)
+    per_frame = per_seq_frame.mean(0)  # (T,)
     ssim_frame = ssim_u8(gen, truth[:, 1:]).mean(0)
     copy = psnr_u8(truth[:, :1].expand_as(truth[:, 1:]), truth[:, 1:]).mean(0)
     unseen = unseen_fraction(pos, truth.shape[2])
@@ -162,6 +177,8 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
         res[f"oracle_directions_psnr_{h}"] = float(oracle[h - 1])
         res[f"oracle_directions_psnr_mean_{h}"] = float(oracle[:h].mean())
         res[f"rollout_psnr_{h}"] = float(per_frame[h - 1])
+        res.update(per_seed(f"rollout_psnr_{h}", per_seq_frame[:, h - 1]))
+        res.update(per_seed(f"rollout_psnr_mean_{h}", per_seq_frame[:, :h].mean(1)))
         res[f"rollout_psnr_mean_{h}"] = float(per_frame[:h].mean())
         res[f"rollout_ssim_{h}"] = float(ssim_frame[h - 1])
         res[f"copy_last_psnr_{h}"] = float(copy[h - 1])

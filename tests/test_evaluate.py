@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, compose
@@ -120,6 +121,11 @@ def test_run_on_a_tiny_random_checkpoint(tmp_path):
     assert res["rollout_psnr_4"] == pytest.approx(res["rollout_psnr_curve"][3], abs=1e-3)
     assert 0 < res["next_psnr"] <= 60 and -1 <= res["next_ssim"] <= 1
     assert res["next_psnr"] != res["copy_last_next_psnr"]  # the random model changes the frames
+    for key in ("next_psnr", "rollout_psnr_4", "rollout_psnr_mean_8"):  # one score per seed, their mean the key
+        seeds = res[f"{key}_per_seed"]
+        assert len(seeds) == 2 and seeds[0] != seeds[1], seeds
+        assert np.mean(seeds) == pytest.approx(res[key], abs=1e-3)
+        assert res[f"{key}_sem"] == pytest.approx(np.std(seeds, ddof=1) / np.sqrt(2), abs=1e-3)
     json.dumps(res)  # the CLI writes it as JSON
 
 
