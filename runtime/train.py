@@ -150,7 +150,7 @@ def self_rollout_frames(model, batch: dict, passes: int, sampler: FlowSampler, g
     b, n = frames.shape[0], batch["actions"].shape[1] - 2
     noise = torch.randn((b, n, 3) + tuple(frames.shape[2:4]), generator=gen, device=device)
     pkv = model.encode_prompt(batch["prompt"].to(device, non_blocking=True))
-    for _ in range(passes):
+    for _ in range(min(passes, n)):  # after n passes every frame is free-running: more change nothing
         current = dict(batch, frames=frames)
 
         def denoise(x, t, i):  # the targets at time t, the context of the last pass
@@ -325,11 +325,13 @@ def train(cfg: DictConfig) -> dict:
     if bool(tc.compile):
         for blk in model.blocks:  # regional compilation: one compiled block reused by all layers
             blk.compile(dynamic=False)
-        # the blocks' compiled forward keeps an entry per layer index (an int argument), grad
-        # mode and sequence shape: training, the self-rollout passes (no grad) and the
-        # evaluation (no grad, no memory frames) need up to three per block. Past torch's
-        # default limit (8) the blocks ran eagerly, with FlexAttention unfused: many times slower
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
+        # the blocks' compiled forward keeps an entry per layer index (an int argument) and
+        # grad mode: training and the self-rollout passes (no grad) need two per block (the
+        # EMA copy the evaluation runs was made before compiling). Past torch's default limit
+        # (8) the blocks ran eagerly, with FlexAttention unfused: many times slower
+        dyn = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # the older name
+        setattr(dyn, limit, max(getattr(dyn, limit), 4 * len(model.blocks)))
     eval_batch = next(iter(torch.utils.data.DataLoader(
         WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch)})),
         batch_size=None)))
@@ -343,7 +345,9 @@ def train(cfg: DictConfig) -> dict:
     steps = int(tc.steps)
     focus_weight = float(tc.focus_weight)
     rollout_prob, rollout_passes = float(tc.rollout_prob), int(tc.rollout_passes)
-    pick = random.Random(int(cfg.seed) * 1000 + rank)  # which micro-batches get a self-rollout context (no device sync)
+    # which micro-batches get a self-rollout context: the same on every process (under DDP a
+    # step waits for the slowest process), drawn on the host (no device sync)
+    pick = random.Random(int(cfg.seed))
     box = world_cfgs[0].tile  # a creature's box is one tile
     t_start = time.time()
 
@@ -399,6 +403,9 @@ def train(cfg: DictConfig) -> dict:
                 rolled = None
                 if rollout_prob > 0 and pick.random() < rollout_prob:
                     rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+                    # weights cast to bf16 without gradients must not serve the forward that
+                    # trains (older torch kept them in autocast's cache)
+                    torch.clear_autocast_cache()
                 pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn, rolled)
                 loss = weighted_mse(pred, target, weights) / micro
             loss.backward()

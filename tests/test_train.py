@@ -549,3 +549,29 @@ def test_cpu_smoke_run_with_self_rollout_contexts(tmp_path):
                                  "train.data.memory_frames=2"])
     res = train(cfg)
     assert res["steps"] == 2 and math.isfinite(res["metrics"]["loss"]) and res["metrics"]["loss"] > 0
+
+
+def test_training_trains_on_the_self_rollout_it_made(tmp_path, monkeypatch):
+    """With train.rollout_prob=0.5 some micro-batches, and not others, take their context from
+    `self_rollout_frames`: the forward gets exactly the frames it made, or none."""
+    import runtime.train as tr
+
+    made, used = [], []
+    real_roll, real_forward = tr.self_rollout_frames, tr.forward_doubled
+
+    def roll(*args, **kwargs):
+        made.append(real_roll(*args, **kwargs))
+        return made[-1]
+
+    def forward(*args, **kwargs):
+        used.append(args[7] if len(args) > 7 else kwargs.get("context_frames"))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "self_rollout_frames", roll)
+    monkeypatch.setattr(tr, "forward_doubled", forward)
+    res = tr.train(compose_train(SMOKE + [f"out={tmp_path}", "train.steps=8", "train.eval_every=8", "train.ckpt_every=8",
+                                          "train.rollout_prob=0.5", "train.rollout_passes=2"]))
+    assert res["steps"] == 8 and len(used) == 8
+    rolled = [u for u in used if u is not None]
+    assert 0 < len(rolled) < 8 and len(rolled) == len(made)
+    assert all(u is m for u, m in zip(rolled, made))
