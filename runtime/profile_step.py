@@ -1,5 +1,5 @@
 """Where a frame's time goes: `python -m runtime.profile_step [--config bench|bench_wan]
-[--attentions "SPEC|SPEC"] [--frames 60] [--profile 4] [--out FILE.json] [OVERRIDES...]`.
+[--attentions "SPEC|SPEC"] [--frames 60] [--profile 4] [--interleave N] [--out FILE.json] [OVERRIDES...]`.
 
 For each attention spec (as in `bench.attentions`, separated by `|`): runs `--frames`
 frames of the bench's source (the checkpoint, or random weights for `bench_wan`), then
@@ -7,6 +7,10 @@ profiles `--profile` more with torch.profiler and prints the median latency of t
 frames, the kernels (CUDA) or operators (CPU) that took the most time per frame, and the
 host's own time per frame under the profiler (operators and runtime calls, self time)
 with the number of calls that make the host wait for the device.
+With `--interleave N` the specs' rollouts run side by side instead, one frame each in
+turn, and N rounds each profile `--profile` frames of every spec (the order rotating),
+added up per spec: on a machine whose speed drifts (a shared CPU) the specs are then
+compared under the same conditions, as `bench.lockstep=true` does for speed.
 OVERRIDES are Hydra overrides of the chosen config (e.g. `device=cpu`).
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,6 +61,67 @@ def summarize(prof, n: int, cuda: bool, top: int, unit: str) -> dict:
                     for k, t, c in rows[:top]]}
 
 
+def latency_summary(lat: list[float]) -> dict:
+    """Median and 90th percentile of the last 40 frames' latencies (ms)."""
+    tail = lat[-40:]
+    return {"median_ms": float(np.median(tail)), "p90_ms": float(np.percentile(tail, 90))}
+
+
+def merged_profile(event_lists) -> SimpleNamespace:
+    """Several profiles' `key_averages()` added up per (name, device type), in a form
+    `summarize` reads (an object with `key_averages()`)."""
+    acc: dict = {}
+    for events in event_lists:
+        for e in events:
+            a = acc.setdefault((e.key, e.device_type), SimpleNamespace(
+                key=e.key, device_type=e.device_type, device_time_total=0.0, self_cpu_time_total=0.0, count=0,
+                is_user_annotation=getattr(e, "is_user_annotation", False)))
+            a.device_time_total += e.device_time_total
+            a.self_cpu_time_total += e.self_cpu_time_total
+            a.count += e.count
+    merged = list(acc.values())
+    return SimpleNamespace(key_averages=lambda: merged)
+
+
+def profile_interleaved(model, cfg, world, device, specs: list[str], frames: int, n_prof: int, rounds: int,
+                        top: int) -> dict:
+    """Every spec's rollout, advanced one frame each in turn for `frames` frames, then
+    `rounds` rounds that profile `n_prof` frames of each spec, the order rotating from
+    round to round; per spec the profiles are added up (`rounds * n_prof` frames)."""
+    cuda = device.type == "cuda"
+    first, prompt = world_start(world, int(cfg.seed))
+    runs, lat, events = {}, {s: [] for s in specs}, {s: [] for s in specs}
+    for spec in specs:
+        runs[spec] = build_rollout(model, cfg, batch=1, attention=attention_cfg(spec))
+        runs[spec].reset(first, prompt, int(cfg.seed))
+    done = dict.fromkeys(specs, 0)
+
+    def advance(spec: str) -> float:
+        t0 = time.perf_counter()
+        runs[spec].step(torch.tensor([done[spec] % 6])).cpu()
+        done[spec] += 1
+        return (time.perf_counter() - t0) * 1e3
+
+    def in_turn(i: int) -> list[str]:
+        k = i % len(specs)
+        return specs[k:] + specs[:k]
+
+    for i in range(frames):
+        for spec in in_turn(i):
+            lat[spec].append(advance(spec))
+    for r in range(rounds):
+        for spec in in_turn(r):
+            with profile(activities=activities(cuda)) as prof:
+                for _ in range(n_prof):
+                    advance(spec)
+            events[spec].append(prof.key_averages())
+    out = {}
+    for spec in specs:
+        out[spec] = {**latency_summary(lat[spec]), "cache_tokens": runs[spec].cache.num_tokens(0),
+                     **summarize(merged_profile(events[spec]), rounds * n_prof, cuda, top, "frame")}
+    return out
+
+
 def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int, top: int) -> dict:
     rollout = build_rollout(model, cfg, batch=1, attention=attention_cfg(spec))
     first, prompt = world_start(world, int(cfg.seed))
@@ -72,9 +138,7 @@ def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int,
     with profile(activities=activities(cuda)) as prof:
         for i in range(n_prof):
             rollout.step(torch.tensor([i % 6])).cpu()
-    tail = lat[-40:]
-    out = {"median_ms": float(np.median(tail)), "p90_ms": float(np.percentile(tail, 90)),
-           "cache_tokens": rollout.cache.num_tokens(0), **summarize(prof, n_prof, cuda, top, "frame")}
+    out = {**latency_summary(lat), "cache_tokens": rollout.cache.num_tokens(0), **summarize(prof, n_prof, cuda, top, "frame")}
     if cuda:
         out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -87,17 +151,27 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=60, help="frames before profiling")
     ap.add_argument("--profile", type=int, default=4, help="frames profiled")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="run the specs side by side and profile this many rounds of --profile frames each (0: one after another)")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.interleave < 0:
+        ap.error(f"--interleave {args.interleave}: expected a number of rounds >= 0")
     cfg = compose_config(args.config, args.overrides)
     world, model, device, _ = build_source(cfg)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__, "config": args.config,
-           "overrides": args.overrides, "frames": args.frames, "profiled": args.profile, "specs": {}}
-    for spec in args.attentions.split("|"):
-        r = profile_spec(model, cfg, world, device, spec, args.frames, args.profile, args.top)
-        res["specs"][spec] = r
+           "overrides": args.overrides, "frames": args.frames, "profiled": args.profile,
+           "interleave": args.interleave, "specs": {}}
+    specs = args.attentions.split("|")
+    if args.interleave:
+        res["specs"] = profile_interleaved(model, cfg, world, device, specs, args.frames, args.profile,
+                                           args.interleave, args.top)
+    for spec in specs:
+        if not args.interleave:
+            res["specs"][spec] = profile_spec(model, cfg, world, device, spec, args.frames, args.profile, args.top)
+        r = res["specs"][spec]
         print(f"== {spec}: median {r['median_ms']:.1f} ms (p90 {r['p90_ms']:.1f}); profiled "
               f"{r['profiled_ms_per_frame']:.1f} ms per frame; host {r['host_ms_per_frame']:.1f} ms, "
               f"{r['host_waits_per_frame']:.1f} waits per frame", flush=True)

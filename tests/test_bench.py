@@ -222,6 +222,50 @@ def test_profile_step_reports_where_each_configs_frames_go(tmp_path):
     assert res["specs"]["window"]["cache_tokens"] == (6 + 2) * 64  # every frame run and profiled
 
 
+def test_profile_step_interleaved_runs_the_configs_side_by_side(tmp_path):
+    """--interleave N: both rollouts advance frame by frame in turn, and each config's
+    profile adds up N rounds of --profile frames."""
+    import sys
+
+    from runtime import profile_step
+
+    out = tmp_path / "profile.json"
+    argv = ["profile_step", "--config", "bench_wan", "--attentions", f"window|{FASTAR}", "--frames", "6",
+            "--profile", "1", "--interleave", "3", "--out", str(out), "model=tiny", "device=cpu", "engine.dtype=float32"]
+    old, sys.argv = sys.argv, argv
+    try:
+        profile_step.main()
+    finally:
+        sys.argv = old
+    res = json.loads(out.read_text())
+    assert res["interleave"] == 3 and set(res["specs"]) == {"window", FASTAR}
+    for r in res["specs"].values():
+        assert r["median_ms"] > 0 and r["profiled_ms_per_frame"] > 0 and r["top"]
+    assert res["specs"]["window"]["cache_tokens"] == (6 + 3) * 64  # 6 frames, then 3 rounds of 1
+    assert res["specs"][FASTAR]["cache_tokens"] == 4 * 64
+
+
+def test_merged_profiles_add_up_times_and_calls_per_operator():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from runtime.profile_step import merged_profile, summarize
+
+    def event(key, ms, count):
+        return SimpleNamespace(key=key, device_type=DeviceType.CPU, device_time_total=0.0,
+                               self_cpu_time_total=ms * 1e3, count=count)
+
+    first = [event("aten::addmm", 10.0, 62), event("aten::mul", 2.0, 150)]
+    second = [event("aten::addmm", 14.0, 62), event("aten::cat", 1.0, 31)]
+    res = summarize(merged_profile([first, second]), 4, False, 10, "frame")
+    top = {t["name"]: t for t in res["top"]}
+    assert top["aten::addmm"]["ms_per_frame"] == pytest.approx(24.0 / 4)
+    assert top["aten::addmm"]["calls_per_frame"] == pytest.approx(124 / 4)
+    assert top["aten::mul"]["calls_per_frame"] == pytest.approx(150 / 4) and "aten::cat" in top
+    assert res["host_ms_per_frame"] == pytest.approx(27.0 / 4)
+
+
 def test_the_gpu_summary_counts_each_kernel_once():
     """On a GPU the summary adds up the device's own events. A kernel's launcher on the
     host, an autograd node and an operator carry the same device time again (a training
