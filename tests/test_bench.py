@@ -200,20 +200,24 @@ def test_every_default_attention_of_both_bench_configs_is_a_valid_variant():
             AttentionConfig.from_dict(attention_cfg(str(spec)))
 
 
-def test_profile_step_reports_where_each_configs_frames_go(tmp_path):
+def run_profile_step(out, *args: str) -> dict:
+    """`python -m runtime.profile_step` of the tiny Wan-shaped model on the CPU, in process."""
     import sys
 
     from runtime import profile_step
 
-    out = tmp_path / "profile.json"
-    argv = ["profile_step", "--config", "bench_wan", "--attentions", f"window|{FASTAR}", "--frames", "6",
-            "--profile", "2", "--out", str(out), "model=tiny", "device=cpu", "engine.dtype=float32"]
+    argv = ["profile_step", "--config", "bench_wan", "--attentions", f"window|{FASTAR}", *args, "--out", str(out),
+            "model=tiny", "device=cpu", "engine.dtype=float32"]
     old, sys.argv = sys.argv, argv
     try:
         profile_step.main()
     finally:
         sys.argv = old
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_profile_step_reports_where_each_configs_frames_go(tmp_path):
+    res = run_profile_step(tmp_path / "profile.json", "--frames", "6", "--profile", "2")
     assert res["device"] == "cpu" and set(res["specs"]) == {"window", FASTAR}
     for r in res["specs"].values():
         assert r["median_ms"] > 0 and r["profiled_ms_per_frame"] > 0 and r["top"]
@@ -225,19 +229,7 @@ def test_profile_step_reports_where_each_configs_frames_go(tmp_path):
 def test_profile_step_interleaved_runs_the_configs_side_by_side(tmp_path):
     """--interleave N: both rollouts advance frame by frame in turn, and each config's
     profile adds up N rounds of --profile frames."""
-    import sys
-
-    from runtime import profile_step
-
-    out = tmp_path / "profile.json"
-    argv = ["profile_step", "--config", "bench_wan", "--attentions", f"window|{FASTAR}", "--frames", "6",
-            "--profile", "1", "--interleave", "3", "--out", str(out), "model=tiny", "device=cpu", "engine.dtype=float32"]
-    old, sys.argv = sys.argv, argv
-    try:
-        profile_step.main()
-    finally:
-        sys.argv = old
-    res = json.loads(out.read_text())
+    res = run_profile_step(tmp_path / "profile.json", "--frames", "6", "--profile", "1", "--interleave", "3")
     assert res["interleave"] == 3 and set(res["specs"]) == {"window", FASTAR}
     for r in res["specs"].values():
         assert r["median_ms"] > 0 and r["profiled_ms_per_frame"] > 0 and r["top"]
