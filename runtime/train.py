@@ -135,6 +135,19 @@ def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, cont
     return model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt, outputs=targets.shape[1]), targets
 
 
+def sample_targets(model, batch: dict, noise: torch.Tensor, sampler: FlowSampler, device, self_attn, pkv) -> torch.Tensor:
+    """Every target of the window sampled at once from the batch's clean context: one
+    sampler run from `noise` (B, F-1, 3, S, S); x0 estimates in [-1, 1] (pkv: the encoded prompt)."""
+    b, n = noise.shape[:2]
+
+    def denoise(x, t, i):  # the sequence with the current noisy targets
+        t_tgt = torch.full((b, n), t, device=device)
+        noisy, prev, tt, actions, fi, _ = build_inputs(batch, None, t_tgt, None, device, noisy_targets=x)
+        return model(noisy, prev, tt, actions, fi, self_attn, dense_cross_attn, pkv, outputs=n)
+
+    return sampler.sample(denoise, noise)
+
+
 @torch.no_grad()
 def self_rollout_frames(model, batch: dict, passes: int, sampler: FlowSampler, gen, device, self_attn) -> torch.Tensor:
     """The window's frames (uint8, like batch["frames"]) with x_1 .. x_{F-1} replaced by
@@ -151,14 +164,8 @@ def self_rollout_frames(model, batch: dict, passes: int, sampler: FlowSampler, g
     noise = torch.randn((b, n, 3) + tuple(frames.shape[2:4]), generator=gen, device=device)
     pkv = model.encode_prompt(batch["prompt"].to(device, non_blocking=True))
     for _ in range(min(passes, n)):  # after n passes every frame is free-running: more change nothing
-        current = dict(batch, frames=frames)
-
-        def denoise(x, t, i):  # the targets at time t, the context of the last pass
-            t_tgt = torch.full((b, n), t, device=device)
-            noisy, prev, tt, actions, fi, _ = build_inputs(current, None, t_tgt, None, device, noisy_targets=x)
-            return model(noisy, prev, tt, actions, fi, self_attn, dense_cross_attn, pkv, outputs=n)
-
-        frames = torch.cat([frames[:, :-n], to_uint8(sampler.sample(denoise, noise))], dim=1)
+        x0 = sample_targets(model, dict(batch, frames=frames), noise, sampler, device, self_attn, pkv)
+        frames = torch.cat([frames[:, :-n], to_uint8(x0)], dim=1)
     return frames
 
 
@@ -172,14 +179,8 @@ def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> flo
     gen = torch.Generator(device=device).manual_seed(1234)
     noise = torch.randn((b, n, 3) + tuple(batch["frames"].shape[2:4]), generator=gen, device=device)
     pkv = model.encode_prompt(batch["prompt"].to(device))
-
-    def denoise(x, t, i):  # the sequence with the current noisy targets
-        t_tgt = torch.full((b, n), t, device=device)
-        noisy, prev, tt, actions, fi, _ = build_inputs(window, None, t_tgt, None, device, noisy_targets=x)
-        return model(noisy, prev, tt, actions, fi, MaskedSelfAttention(mask), dense_cross_attn, pkv, outputs=n)
-
-    x0 = sampler.sample(denoise, noise)
-    x0 = ((x0.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    x0 = sample_targets(model, window, noise, sampler, device, MaskedSelfAttention(mask), pkv)
+    x0 = to_unit(to_uint8(x0))  # rounded as generation shows frames
     return float(psnr(x0, to_unit(batch["frames"][:, -n:].to(device))).mean())
 
 
@@ -323,12 +324,13 @@ def train(cfg: DictConfig) -> dict:
     else:
         raise ValueError(f"train.attention={tc.attention!r}; expected 'flex' (GPU) or 'sdpa'")
     if bool(tc.compile):
-        for blk in model.blocks:  # regional compilation: one compiled block reused by all layers
+        for blk in model.blocks:  # regional compilation: each block's forward, one code shared by all
             blk.compile(dynamic=False)
-        # the blocks' compiled forward keeps an entry per layer index (an int argument) and
-        # grad mode: training and the self-rollout passes (no grad) need two per block (the
-        # EMA copy the evaluation runs was made before compiling). Past torch's default limit
-        # (8) the blocks ran eagerly, with FlexAttention unfused: many times slower
+        # that code keeps a compiled entry per layer index (an int argument) and grad mode:
+        # training and the self-rollout passes (no grad) need two per block (the EMA copy the
+        # evaluation runs was made before compiling), the limit below leaves room to spare.
+        # Past torch's default limit (8) the blocks ran eagerly, with FlexAttention unfused:
+        # many times slower
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # the older name
         setattr(dyn, limit, max(getattr(dyn, limit), 4 * len(model.blocks)))
