@@ -234,8 +234,6 @@ def test_creature_step_weights_name_the_place_a_patch_shows():
 
 def test_unseen_fraction_counts_what_the_first_frame_never_showed():
     """Two steps right by 2 pixels show 2, then 4 new columns of 16; standing still, none."""
-    import numpy as np
-
     from runtime.evaluate import unseen_fraction
 
     pos = np.zeros((2, 3, 2), dtype=np.int64)
@@ -250,7 +248,6 @@ def test_unseen_fraction_counts_what_the_first_frame_never_showed():
 def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     """Without creatures nothing is unknown: the oracle is exact. With them, it is exact
     until the first move tick (frame 2) and not after; pointing the creatures moves them."""
-    import numpy as np
     from dataclasses import replace
 
     from controllers.random_agent import explore_actions

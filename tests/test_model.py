@@ -158,6 +158,7 @@ def test_a_grown_model_plays_the_same_frames(grow):
     with pytest.raises(ValueError, match=refusal):
         again()
 
+
 def test_motion_offsets_cover_a_scroll_plus_a_one_pixel_step():
     offsets = ModelConfig(motion_radius=3).motion_offsets
     assert len(offsets) == len(set(offsets)) == 32 and (0, 0) not in offsets

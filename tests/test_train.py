@@ -482,7 +482,6 @@ def rollout_setup(k: int, r: int, f: int = 6):
     engine starts one (the reset frame repeated before x_0, x_0's action idle) and its prompt."""
     import conftest
 
-    from runtime.engine import Rollout
     from runtime.sampler import FlowSampler, SamplerConfig
 
     cfg = ModelConfig(width=64, depth=2, heads=2, mlp_ratio=2.0, rope_frame_dims=8, prev_frames=k, motion_radius=r)
@@ -494,7 +493,7 @@ def rollout_setup(k: int, r: int, f: int = 6):
     window = {"frames": torch.cat([frames[:, :1]] * k + [frames], dim=1),
               "actions": torch.cat([idle, idle, actions[:, 1:]], dim=1),
               "prompt": torch.randn(1, cfg.prompt_tokens, cfg.prompt_dim, generator=g)}
-    return model, window, FlowSampler(SamplerConfig(steps=2)), Rollout
+    return model, window, FlowSampler(SamplerConfig(steps=2))
 
 
 @pytest.mark.parametrize("k,r", [(1, 0), (2, 1)])
@@ -503,9 +502,10 @@ def test_a_self_rollout_of_every_pass_is_the_engines_free_running_rollout(k, r):
     engine generates from x_0 with a KV cache (the same noise per frame); with P passes the
     first P frames already are those frames and the later ones are not yet."""
     from runtime.cache import CacheSpec, DenseCache
+    from runtime.engine import Rollout
     from runtime.train import self_rollout_frames
 
-    model, window, sampler, Rollout = rollout_setup(k, r)
+    model, window, sampler = rollout_setup(k, r)
     n = window["actions"].shape[1] - 2
     attn = MaskedSelfAttention(teacher_forcing_mask(n + 1, model.cfg.tokens_per_frame))
     rolled = self_rollout_frames(model, window, n, sampler, torch.Generator().manual_seed(5), "cpu", attn)
@@ -529,7 +529,7 @@ def test_a_self_rollout_of_every_pass_is_the_engines_free_running_rollout(k, r):
 def test_build_inputs_takes_the_context_from_a_self_rollout_and_the_targets_from_the_truth():
     from runtime.train import build_inputs
 
-    _, window, _, _ = rollout_setup(1, 0)
+    _, window, _ = rollout_setup(1, 0)
     rolled = 255 - window["frames"]
     t = torch.full((1, window["actions"].shape[1] - 2), 0.5)
     noisy = torch.randn(1, t.shape[1], 3, 64, 64)
