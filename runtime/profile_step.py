@@ -165,13 +165,11 @@ def main() -> None:
            "overrides": args.overrides, "frames": args.frames, "profiled": args.profile,
            "interleave": args.interleave, "specs": {}}
     specs = args.attentions.split("|")
-    if args.interleave:
-        res["specs"] = profile_interleaved(model, cfg, world, device, specs, args.frames, args.profile,
-                                           args.interleave, args.top)
-    for spec in specs:
-        if not args.interleave:
-            res["specs"][spec] = profile_spec(model, cfg, world, device, spec, args.frames, args.profile, args.top)
-        r = res["specs"][spec]
+    together = (profile_interleaved(model, cfg, world, device, specs, args.frames, args.profile, args.interleave, args.top)
+                if args.interleave else None)
+    for spec in specs:  # one after another, each printed as soon as it is measured
+        r = together[spec] if together else profile_spec(model, cfg, world, device, spec, args.frames, args.profile, args.top)
+        res["specs"][spec] = r
         print(f"== {spec}: median {r['median_ms']:.1f} ms (p90 {r['p90_ms']:.1f}); profiled "
               f"{r['profiled_ms_per_frame']:.1f} ms per frame; host {r['host_ms_per_frame']:.1f} ms, "
               f"{r['host_waits_per_frame']:.1f} waits per frame", flush=True)
