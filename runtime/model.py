@@ -310,6 +310,19 @@ def widen_prev_frames(state: dict[str, torch.Tensor], cfg: "ModelConfig") -> dic
     return {**state, "embed.weight": torch.cat([w, w.new_zeros(w.shape[0], want - w.shape[1])], dim=1)}
 
 
+def take_blocks(state: dict[str, torch.Tensor], blocks: list[int], depth: int) -> dict[str, torch.Tensor]:
+    """Weights of a model of `depth` blocks made into weights of a model with the blocks
+    `blocks` of it, in that order (a shallower model started from a deeper one's blocks);
+    every weight outside the blocks is kept as it is."""
+    if not blocks or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < depth for i in blocks):
+        raise ValueError(f"blocks {blocks!r}: expected a non-empty list of block indices in [0, {depth})")
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    for j, i in enumerate(blocks):
+        prefix = f"blocks.{i}."
+        out.update({f"blocks.{j}." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return out
+
+
 def add_motion_head(state: dict[str, torch.Tensor], cfg: "ModelConfig") -> dict[str, torch.Tensor]:
     """Weights of a model without motion weights made into weights of `cfg` (motion_radius
     > 0): the motion head starts at zero, so the model computes exactly what it did."""

@@ -37,7 +37,7 @@ from runtime.checkpoint import save_checkpoint
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_uint8, to_unit
 from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
-from runtime.model import ModelConfig, WorldModel, add_motion_head, widen_prev_frames
+from runtime.model import ModelConfig, WorldModel, add_motion_head, take_blocks, widen_prev_frames
 from runtime.sampler import FlowSampler, SamplerConfig
 from worlds.overworld import load_config
 
@@ -243,6 +243,8 @@ def check_train_settings(tc: DictConfig) -> None:
         raise ValueError(f"train.rollout_passes={tc.rollout_passes!r}; expected an integer >= 1")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
+    if tc.get("init_blocks") is not None and not tc.get("init"):
+        raise ValueError(f"train.init_blocks={tc.init_blocks!r} needs train.init: the checkpoint whose blocks to start from")
 
 
 def profile_start(device):
@@ -293,12 +295,19 @@ def train(cfg: DictConfig) -> dict:
 
         init, _ = load_checkpoint(str(tc.init))
         state = init.state_dict()
+        blocks = tc.get("init_blocks")
+        if blocks is not None:  # a shallower model from some of the init's blocks
+            blocks = list(blocks)
+            if len(blocks) != mcfg.depth:
+                raise ValueError(f"train.init_blocks={blocks!r} names {len(blocks)} blocks; expected model.depth={mcfg.depth} of them")
+            state = take_blocks(state, blocks, init.cfg.depth)
         if init.cfg != mcfg:  # accepted only as the same model given more previous frames or motion weights
-            grown = replace(init.cfg, prev_frames=mcfg.prev_frames, motion_radius=mcfg.motion_radius)
+            grown = replace(init.cfg, prev_frames=mcfg.prev_frames, motion_radius=mcfg.motion_radius,
+                            depth=mcfg.depth if blocks is not None else init.cfg.depth)
             if (grown != mcfg or init.cfg.prev_frames > mcfg.prev_frames
                     or init.cfg.motion_radius not in (0, mcfg.motion_radius)):
                 raise ValueError(f"train.init={tc.init!r} has model config {init.cfg}, expected {mcfg} "
-                                 "(or the same with fewer prev_frames, or motion_radius 0)")
+                                 "(or the same with fewer prev_frames, or motion_radius 0, or another depth with train.init_blocks)")
             state = widen_prev_frames(state, mcfg)
             if init.cfg.motion_radius != mcfg.motion_radius:
                 state = add_motion_head(state, mcfg)

@@ -118,6 +118,47 @@ def test_init_from_a_model_without_motion_weights_adds_the_head(tmp_path):
         train(bad)
 
 
+def test_init_blocks_start_a_shallower_model_from_chosen_blocks(tmp_path):
+    """train.init_blocks starts a model of fewer blocks from the init's blocks in the given
+    order; everything outside the blocks comes from the init too. Without train.init, with
+    the wrong number of blocks or with an index out of range the run is refused."""
+    from dataclasses import replace
+
+    from runtime.checkpoint import save_checkpoint
+    from runtime.model import WorldModel, take_blocks
+    from runtime.train import train
+
+    deep_cfg = replace(tiny_config(), depth=3)
+    deep = WorldModel(deep_cfg)
+    shallow = WorldModel(replace(deep_cfg, depth=2))
+    state = take_blocks(deep.state_dict(), [2, 0], 3)
+    shallow.load_state_dict(state)  # strict: exactly the shallow model's keys
+    for name, p in shallow.blocks[0].state_dict().items():
+        assert torch.equal(p, deep.blocks[2].state_dict()[name])
+    for name, p in shallow.blocks[1].state_dict().items():
+        assert torch.equal(p, deep.blocks[0].state_dict()[name])
+    assert torch.equal(shallow.embed.weight, deep.embed.weight)
+
+    init = tmp_path / "deep.safetensors"
+    save_checkpoint(init, deep, {"world_family": "overworld"})
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.init={init}", "model.depth=2", "train.init_blocks=[2,0]",
+                                 f"model.motion_radius={deep_cfg.motion_radius}", f"model.prev_frames={deep_cfg.prev_frames}"])
+    assert train(cfg)["steps"] == 2
+    model, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert model.cfg.depth == 2
+    moved = (model.blocks[0].qkv.weight.float() - deep.blocks[2].qkv.weight).abs().max()
+    assert moved < 0.02 < (model.blocks[0].qkv.weight.float() - deep.blocks[0].qkv.weight).abs().max()
+    same = [f"train.init={init}", f"model.motion_radius={deep_cfg.motion_radius}", f"model.prev_frames={deep_cfg.prev_frames}"]
+    with pytest.raises(ValueError, match=r"train.init_blocks=\[0\] names 1 blocks; expected model.depth=2"):
+        train(compose_train(SMOKE + [f"out={tmp_path / 'r2'}", "model.depth=2", "train.init_blocks=[0]"] + same))
+    with pytest.raises(ValueError, match=r"blocks \[0, 3\]: expected a non-empty list of block indices in \[0, 3\)"):
+        train(compose_train(SMOKE + [f"out={tmp_path / 'r3'}", "model.depth=2", "train.init_blocks=[0,3]"] + same))
+    with pytest.raises(ValueError, match="or another depth with train.init_blocks"):
+        train(compose_train(SMOKE + [f"out={tmp_path / 'r4'}", "model.depth=2"] + same))
+    with pytest.raises(ValueError, match=r"train.init_blocks=\[0, 1\] needs train.init"):
+        train(compose_train(SMOKE + [f"out={tmp_path / 'r5'}", "model.depth=2", "train.init_blocks=[0,1]"]))
+
+
 def test_profile_steps_write_what_a_step_spends(tmp_path, capsys):
     """train.profile_steps=N profiles N steps (here the whole 2-step run) and writes a
     per-step summary to out/profile.json; 0 (the default) writes nothing."""
