@@ -15,7 +15,7 @@ PRESETS = [(g, f.stem) for g in GROUPS for f in sorted((REPO / "conf" / g).glob(
 
 
 def test_groups_are_the_documented_ones():
-    for group in ("world", "engine", "model", "attention", "sampler", "controller", "window"):
+    for group in ("world", "engine", "model", "attention", "sampler", "controller", "window", "preset"):
         assert group in GROUPS
 
 
@@ -85,3 +85,29 @@ def test_cli_reports_a_misspelled_key(tmp_path: Path):
     result = run_play(["window=headless", "controller=scripted", "max_frams=3"], cwd=tmp_path)
     assert result.returncode != 0
     assert "max_frams" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["overworld_small", "overworld_fast"])
+def test_shipped_checkpoints_are_their_model_configs(name):
+    """Each shipped file holds the network its model config describes (`model=NAME`)."""
+    from runtime.checkpoint import load_checkpoint
+    from runtime.model import ModelConfig
+
+    model, _ = load_checkpoint(REPO / "worlds" / "overworld" / "checkpoints" / f"{name}.safetensors")
+    want = ModelConfig.from_dict(OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True))
+    assert model.cfg == want
+
+
+def test_the_fast_preset_plays_the_four_block_model_with_a_32_frame_budget(tmp_path: Path):
+    import json
+
+    from runtime.checkpoint import file_sha256
+
+    result = run_play(["preset=fast", "window=headless", "controller=scripted", "controller.script=R*3", "max_frames=3",
+                       "device=cpu", f"record.path={tmp_path / 'rec'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
+    fast = REPO / "worlds" / "overworld" / "checkpoints" / "overworld_fast.safetensors"
+    assert meta["checkpoint_sha256"] == file_sha256(fast)
+    assert meta["config"]["attention"]["name"] == "fastar" and meta["config"]["attention"]["budget_frames"] == 32
+    assert compose([])["engine"]["checkpoint"].endswith("overworld_small.safetensors")  # not the default
