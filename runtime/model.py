@@ -314,8 +314,9 @@ def take_blocks(state: dict[str, torch.Tensor], blocks: list[int], depth: int) -
     """Weights of a model of `depth` blocks made into weights of a model with the blocks
     `blocks` of it, in that order (a shallower model started from a deeper one's blocks);
     every weight outside the blocks is kept as it is."""
-    if not blocks or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < depth for i in blocks):
-        raise ValueError(f"blocks {blocks!r}: expected a non-empty list of block indices in [0, {depth})")
+    if (not blocks or len(set(blocks)) != len(blocks)
+            or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < depth for i in blocks)):
+        raise ValueError(f"blocks {blocks!r}: expected distinct block indices in [0, {depth}), at least one")
     out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
     for j, i in enumerate(blocks):
         prefix = f"blocks.{i}."

@@ -30,7 +30,7 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
 from runtime.checkpoint import save_checkpoint
@@ -243,8 +243,11 @@ def check_train_settings(tc: DictConfig) -> None:
         raise ValueError(f"train.rollout_passes={tc.rollout_passes!r}; expected an integer >= 1")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
-    if tc.get("init_blocks") is not None and not tc.get("init"):
-        raise ValueError(f"train.init_blocks={tc.init_blocks!r} needs train.init: the checkpoint whose blocks to start from")
+    if tc.get("init_blocks") is not None:
+        if not tc.get("init"):
+            raise ValueError(f"train.init_blocks={tc.init_blocks!r} needs train.init: the checkpoint whose blocks to start from")
+        if not isinstance(tc.init_blocks, (list, ListConfig)):
+            raise ValueError(f"train.init_blocks={tc.init_blocks!r}; expected a list of block indices, e.g. [0,3,5,7]")
 
 
 def profile_start(device):
@@ -300,7 +303,10 @@ def train(cfg: DictConfig) -> dict:
             blocks = list(blocks)
             if len(blocks) != mcfg.depth:
                 raise ValueError(f"train.init_blocks={blocks!r} names {len(blocks)} blocks; expected model.depth={mcfg.depth} of them")
-            state = take_blocks(state, blocks, init.cfg.depth)
+            try:
+                state = take_blocks(state, blocks, init.cfg.depth)
+            except ValueError as err:
+                raise ValueError(f"train.init_blocks={blocks!r} for train.init={tc.init!r} ({init.cfg.depth} blocks): {err}") from None
         if init.cfg != mcfg:  # accepted only as the same model given more previous frames or motion weights
             grown = replace(init.cfg, prev_frames=mcfg.prev_frames, motion_radius=mcfg.motion_radius,
                             depth=mcfg.depth if blocks is not None else init.cfg.depth)

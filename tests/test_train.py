@@ -151,8 +151,11 @@ def test_init_blocks_start_a_shallower_model_from_chosen_blocks(tmp_path):
     same = [f"train.init={init}", f"model.motion_radius={deep_cfg.motion_radius}", f"model.prev_frames={deep_cfg.prev_frames}"]
     with pytest.raises(ValueError, match=r"train.init_blocks=\[0\] names 1 blocks; expected model.depth=2"):
         train(compose_train(SMOKE + [f"out={tmp_path / 'r2'}", "model.depth=2", "train.init_blocks=[0]"] + same))
-    with pytest.raises(ValueError, match=r"blocks \[0, 3\]: expected a non-empty list of block indices in \[0, 3\)"):
-        train(compose_train(SMOKE + [f"out={tmp_path / 'r3'}", "model.depth=2", "train.init_blocks=[0,3]"] + same))
+    for blocks in ("[0,3]", "[1,1]", "[-1,0]"):
+        with pytest.raises(ValueError, match=r"train.init_blocks=.* \(3 blocks\): .*expected distinct block indices in \[0, 3\)"):
+            train(compose_train(SMOKE + [f"out={tmp_path / 'r3'}", "model.depth=2", f"train.init_blocks={blocks}"] + same))
+    with pytest.raises(ValueError, match=r"train.init_blocks=0; expected a list of block indices"):
+        train(compose_train(SMOKE + [f"out={tmp_path / 'r6'}", "model.depth=2", "train.init_blocks=0"] + same))
     with pytest.raises(ValueError, match="or another depth with train.init_blocks"):
         train(compose_train(SMOKE + [f"out={tmp_path / 'r4'}", "model.depth=2"] + same))
     with pytest.raises(ValueError, match=r"train.init_blocks=\[0, 1\] needs train.init"):
