@@ -150,14 +150,15 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     rng = np.random.default_rng(int(ev.action_seed))
     horizons = [int(h) for h in ev.horizons]
     longest = max(horizons)
-    actions = explore_actions(rng, n, longest)
+    nxt = int(ev.next_frames)
+    # one walk per sequence, long enough for the longest horizon and for the next-frame scores
+    actions = explore_actions(rng, n, max(longest, nxt))
     truth, pos, atlases = simulate(world_cfg, seeds, actions)
     prompt = prompts_of(atlases)
     rollout = build_rollout(model, cfg, batch=n)
     res: dict = {"sequences": n, "seeds": [seeds[0], seeds[-1]], "world": world_cfg.name}
 
     t0 = time.time()
-    nxt = int(ev.next_frames)
     gen = rollout_frames(rollout, truth[:, 0], prompt, actions[:, :nxt], int(cfg.seed), teacher=truth)
     next_frames = psnr_u8(gen, truth[:, 1 : nxt + 1])  # (B, nxt)
     res["next_psnr"] = float(next_frames.mean())
@@ -165,6 +166,8 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     res["next_ssim"] = float(ssim_u8(gen, truth[:, 1 : nxt + 1]).mean())
     res["copy_last_next_psnr"] = float(psnr_u8(truth[:, :nxt], truth[:, 1 : nxt + 1]).mean())
 
+    # free-running over the longest horizon (the walk may be longer for the next-frame scores)
+    actions, truth, pos = actions[:, :longest], truth[:, : longest + 1], pos[:, : longest + 1]
     gen = rollout_frames(rollout, truth[:, 0], prompt, actions, int(cfg.seed))
     per_seq_frame = psnr_u8(gen, truth[:, 1:])  # (B, T)
     per_frame = per_seq_frame.mean(0)  # (T,)

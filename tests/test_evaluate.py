@@ -148,6 +148,17 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     assert res["revisit_vs_truth_psnr"] == pytest.approx(res["sim_revisit_psnr"], abs=1e-5)
 
 
+def test_next_frames_may_reach_past_the_longest_horizon(tmp_path):
+    """eval.next_frames longer than every horizon: the walk is simulated that long, the
+    free-running scores still stop at the longest horizon."""
+    ckpt = tiny_checkpoint(tmp_path / "copy.safetensors", randomise=False)
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", "device=cpu", "engine.dtype=float32", "eval.sequences=2",
+                            "eval.horizons=[3]", "eval.next_frames=5", "eval.revisit_steps=2"]))
+    assert len(res["rollout_psnr_curve"]) == 3
+    assert res["next_psnr"] == pytest.approx(res["copy_last_next_psnr"], abs=1e-5)  # the copy model, as above
+    assert res["rollout_psnr_3"] == pytest.approx(res["copy_last_psnr_3"], abs=1e-5)
+
+
 def test_run_is_reproducible(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True, seed=1)
     cfg = compose_eval([f"engine.checkpoint={ckpt}", "device=cpu", "engine.dtype=float32", "eval.sequences=1",
