@@ -132,9 +132,25 @@ def main(argv: list[str]) -> dict[str, float]:
           f"{os.environ['SDL_VIDEODRIVER']}, engine {cfg.engine.kind} (chunk {engine.chunk_size}), "
           f"{seconds:g} s after {warmup:g} s warm-up"
           + (f", then the engine alone {args.alone:g} s" if args.alone > 0 else ""))
+    print(f"setup: {setup_line(cfg, engine)}")
     for key, value in result.items():
         print(f"  {key:18s} {value:10.3f}" if isinstance(value, float) else f"  {key:18s} {value:10d}")
     return result
+
+
+def setup_line(cfg, engine) -> str:
+    """What was measured, for a report that travels without its command: the commit, and for
+    the neural engine its checkpoint (with the start of its sha256) and attention config."""
+    from runtime.bench import commit_id
+
+    parts = [f"commit {commit_id()}"]
+    if cfg.engine.kind == "neural":
+        info = getattr(engine, "info", {})
+        parts.append(f"checkpoint {cfg.engine.checkpoint} (sha256 {str(info.get('checkpoint_sha256', ''))[:12]})")
+        att = cfg.attention
+        size = {"window": f"window_frames {att.get('window_frames')}", "tempcache": f"budget_frames {att.get('budget_frames')}"}
+        parts.append(f"attention {att.name}" + (f" ({size[att.policy]})" if att.get("policy") in size else ""))
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -72,11 +72,12 @@ def test_pacing_bench_arguments():
         parse_args(["seconds=0"])
 
 
-def test_pacing_bench_reports_new_frames_and_the_engine_rate():
+def test_pacing_bench_reports_new_frames_and_the_engine_rate(capsys):
     pytest.importorskip("pygame")
     from runtime.pacing_bench import main
 
     result = main(["seconds=0.5", "warmup=0.1", "alone=0.1", "engine=simulator", "window.fps=60"])
+    assert "\nsetup: commit " in capsys.readouterr().out  # the report says what it measured
     for key in ("engine_fps_alone", "presented_fps", "new_fps", "engine_fps_in_play", "step_p50_ms",
                 "p99_over_p50", "stalls", "frames"):
         assert key in result
