@@ -121,7 +121,8 @@ def test_init_from_a_model_without_motion_weights_adds_the_head(tmp_path):
 def test_init_blocks_start_a_shallower_model_from_chosen_blocks(tmp_path):
     """train.init_blocks starts a model of fewer blocks from the init's blocks in the given
     order; everything outside the blocks comes from the init too. Without train.init, with
-    the wrong number of blocks or with an index out of range the run is refused."""
+    the wrong number of blocks, a repeated or out-of-range index, or a value that is not a
+    list the run is refused."""
     from dataclasses import replace
 
     from runtime.checkpoint import save_checkpoint
