@@ -30,7 +30,8 @@ On world seeds and action scripts never used in training (training seeds start a
     *_per_seed, *_sem
                   next-frame PSNR and free-running PSNR (at each horizon and its mean
                   up to it) for each seed, in seed order, and the standard error of their
-                  mean over seeds: how much the averages would move on other seeds
+                  mean over seeds: how much the averages would move on other seeds (null
+                  for one sequence)
     revisit_*     walk `revisit_steps` steps away and the same number back: PSNR between
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
@@ -137,9 +138,10 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
 
 def per_seed(name: str, scores: torch.Tensor) -> dict:
     """`name`_per_seed: one score per sequence (seed order); `name`_sem: the standard error
-    of their mean (sample standard deviation / sqrt(n); 0 for one sequence)."""
+    of their mean (sample standard deviation / sqrt(n); None, JSON null, for one sequence:
+    one score shows no spread, and 0 would claim an exact mean)."""
     n = scores.numel()
-    sem = float(scores.double().std() / n**0.5) if n > 1 else 0.0
+    sem = float(scores.double().std() / n**0.5) if n > 1 else None
     return {f"{name}_per_seed": [round(float(v), 3) for v in scores], f"{name}_sem": sem}
 
 

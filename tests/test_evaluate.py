@@ -109,6 +109,15 @@ def test_ssim_drops_for_different_frames_and_is_symmetric():
 # ----------------------------------------------------------------------------- evaluate a checkpoint
 
 
+def test_per_seed_scores_and_the_standard_error_of_their_mean():
+    from runtime.evaluate import per_seed
+
+    res = per_seed("x", torch.tensor([30.0, 32.0, 37.0]))
+    assert res["x_per_seed"] == [30.0, 32.0, 37.0]
+    assert res["x_sem"] == pytest.approx(np.std([30.0, 32.0, 37.0], ddof=1) / np.sqrt(3))
+    assert per_seed("x", torch.tensor([31.5])) == {"x_per_seed": [31.5], "x_sem": None}  # one score: no spread
+
+
 def test_run_on_a_tiny_random_checkpoint(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
     res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL]))
