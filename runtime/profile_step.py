@@ -61,6 +61,13 @@ def summarize(prof, n: int, cuda: bool, top: int, unit: str) -> dict:
                     for k, t, c in rows[:top]]}
 
 
+def timed_step(rollout, action: int) -> float:
+    """One frame of `rollout` with `action`, to the host; its latency in ms."""
+    t0 = time.perf_counter()
+    rollout.step(torch.tensor([action])).cpu()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def latency_summary(lat: list[float]) -> dict:
     """Median and 90th percentile of the last 40 frames' latencies (ms)."""
     tail = lat[-40:]
@@ -97,10 +104,8 @@ def profile_interleaved(model, cfg, world, device, specs: list[str], frames: int
     done = dict.fromkeys(specs, 0)
 
     def advance(spec: str) -> float:
-        t0 = time.perf_counter()
-        runs[spec].step(torch.tensor([done[spec] % 6])).cpu()
         done[spec] += 1
-        return (time.perf_counter() - t0) * 1e3
+        return timed_step(runs[spec], (done[spec] - 1) % 6)
 
     def in_turn(i: int) -> list[str]:
         k = i % len(specs)
@@ -130,11 +135,7 @@ def profile_spec(model, cfg, world, device, spec: str, frames: int, n_prof: int,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     rollout.reset(first, prompt, int(cfg.seed))
-    lat = []
-    for i in range(frames):
-        t0 = time.perf_counter()
-        rollout.step(torch.tensor([i % 6])).cpu()
-        lat.append((time.perf_counter() - t0) * 1e3)
+    lat = [timed_step(rollout, i % 6) for i in range(frames)]
     with profile(activities=activities(cuda)) as prof:
         for i in range(n_prof):
             rollout.step(torch.tensor([i % 6])).cpu()
