@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from controllers import build_controller
 from runtime.configs import strict_dataclass
 from runtime.engine import build_engine
-from runtime.loop import GracefulInterrupt, run_headless
+from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
 from worlds import build_world
 from worlds.actions import ACTIONS
@@ -98,7 +98,10 @@ def build(cfg: DictConfig) -> Session:
     limit = frame_limit(cfg, controller)
 
     world = build_world(cfg.world)
-    engine = build_engine(cfg, world)
+    if window_cfg is None:
+        engine = build_engine(cfg, world)
+    else:  # the window's producer thread runs it: keep torch's threads its own
+        engine = build_off_main_thread(lambda: build_engine(cfg, world))
     seed = int(getattr(controller, "seed", cfg.seed))  # a replay brings its recorded seed
     recording = Recording(cfg.record.fps, lambda: run_meta(cfg, engine, seed), root=cfg.record.dir)
     window = None

@@ -10,6 +10,8 @@ Generation and presentation are decoupled (DESIGN.md section 3, step 4):
 - Reset is an *epoch*: the presenter bumps it, the producer resets the engine and
   controller before its next chunk, and frames of older epochs are dropped.
 `run_headless` is the same loop with no thread, no queue and no pacing.
+`build_off_main_thread` builds the engine that a `Producer` will run on a thread that
+then exits, so that torch's CPU thread pool is the producer's alone.
 `GracefulInterrupt` turns the first Ctrl-C into a stop request, so a run always ends
 between frames (a recording is never cut mid-frame); a second Ctrl-C aborts.
 """
@@ -20,7 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -132,6 +134,38 @@ class Producer:
                     index += 1
         except BaseException as err:  # handed to the presenter, which re-raises it
             self.error = err
+
+
+T = TypeVar("T")
+
+
+def build_off_main_thread(build: Callable[[], T]) -> T:
+    """`build()` on a short-lived thread; returns its result or raises its exception.
+
+    For an engine that a `Producer` thread will run. Torch runs a CPU op in parallel on an
+    OpenMP team that belongs to the calling thread, and GNU OpenMP (the Linux wheels) keeps
+    that team for as long as the thread lives. An engine built on the main thread (loading
+    weights runs parallel copies) leaves the main thread a team of idle workers; once the
+    producer has its own, there are more OpenMP threads than cores, and GNU OpenMP then lets
+    idle workers sleep after a few spins instead of spinning, so each of the many small ops
+    of a step waits for its worker to wake. On the 2-core development CPU that made a step
+    of the fast preset 25-35% slower in play than the same step on the main thread
+    (BENCHMARKS.md, "Optimization log"). A thread that exits takes its team with it.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = build()
+        except BaseException as err:  # re-raised on the calling thread, as it was raised
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="build", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class FixedClock:

@@ -68,6 +68,7 @@ def main(argv: list[str]) -> dict[str, float]:
     from controllers import build_controller
     from runtime.configs import compose_config, strict_dataclass
     from runtime.engine import build_engine
+    from runtime.loop import build_off_main_thread
     from runtime.window import Window, WindowConfig
     from worlds import build_world
 
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> dict[str, float]:
     if cfg.window.kind != "pygame":
         raise ValueError(f"the pacing benchmark needs window=pygame, got window.kind={cfg.window.kind!r}")
     window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")
-    engine = build_engine(cfg, build_world(cfg.world))
+    engine = build_off_main_thread(lambda: build_engine(cfg, build_world(cfg.world)))  # as play.py does
     controller = build_controller(cfg)
 
     times: list[float] = []  # when each tick was presented

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.loop import FixedClock
+from runtime.loop import FixedClock, build_off_main_thread
 
 
 class FakeTime:
@@ -84,3 +84,19 @@ def test_pacing_bench_reports_new_frames_and_the_engine_rate(capsys):
     # every presented tick either showed a new frame or re-showed the last one (a stall)
     assert 0 < result["new_fps"] <= result["presented_fps"] * 1.0001
     assert result["engine_fps_in_play"] > 0 and result["engine_fps_alone"] > 0
+
+
+def test_build_off_main_thread_returns_the_result_built_on_another_thread():
+    import threading
+
+    built_on = build_off_main_thread(threading.current_thread)
+    assert built_on is not threading.main_thread()
+    assert not built_on.is_alive()  # the thread, and with it its thread pool, is gone
+
+
+def test_build_off_main_thread_raises_the_builders_error_unchanged():
+    def bad() -> None:
+        raise ValueError("engine.checkpoint 'x.safetensors' does not exist")
+
+    with pytest.raises(ValueError, match="engine.checkpoint 'x.safetensors' does not exist"):
+        build_off_main_thread(bad)

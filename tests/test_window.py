@@ -248,3 +248,27 @@ def test_a_frame_is_scaled_once_however_many_ticks_show_it(tmp_path, monkeypatch
         assert window.screen.get_at((0, 0))[:3] == tuple(window.current.frame[0, 0])
     finally:
         window.close()
+
+
+@pytest.mark.parametrize("window, off_main", [("pygame", True), ("headless", False)])
+def test_play_builds_the_engine_on_the_thread_pool_it_will_run_on(monkeypatch, window, off_main):
+    """With a window, the producer thread runs the engine: play builds it on a thread that
+    exits, so the main thread never owns a torch thread pool (runtime.loop.build_off_main_thread).
+    Headless play runs it on the main thread, and builds it there."""
+    import threading
+
+    import play
+
+    threads = []
+    real_build = play.build_engine
+
+    def build_engine(cfg, world):
+        threads.append(threading.current_thread())
+        return real_build(cfg, world)
+
+    monkeypatch.setattr(play, "build_engine", build_engine)
+    session = play.build(compose(["engine=simulator", f"window={window}", "controller=scripted"]))
+    if session.window is not None:
+        session.window.close()
+    assert len(threads) == 1
+    assert (threads[0] is not threading.main_thread()) == off_main
