@@ -100,3 +100,21 @@ def test_build_off_main_thread_raises_the_builders_error_unchanged():
 
     with pytest.raises(ValueError, match="engine.checkpoint 'x.safetensors' does not exist"):
         build_off_main_thread(bad)
+
+
+def test_thread_bench_arguments():
+    from runtime.thread_bench import parse_args
+
+    assert parse_args(["rounds=2", "warmup=0", "preset=fast"]) == ({"rounds": 2, "steps": 60, "warmup": 0}, ["preset=fast"])
+    for bad in ["rounds=0", "steps=x", "warmup=-1"]:
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            parse_args([bad])
+
+
+@pytest.mark.parametrize("mode", ["main", "off_main"])
+def test_thread_bench_times_steps_on_a_producer_thread(mode):
+    from runtime.thread_bench import child
+
+    assert child(mode, steps=3, warmup=1, overrides=["engine=simulator"]) > 0
+    with pytest.raises(ValueError, match="'sideways'"):
+        child("sideways", steps=1, warmup=0, overrides=["engine=simulator"])
