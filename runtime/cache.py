@@ -147,7 +147,21 @@ class KVCache:
         return False
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        """Bytes of every tensor the cache holds (each storage once: the per-layer lists
+        are views of shared buffers): keys and values, and whatever else a policy keeps,
+        such as TempCache's match keys, counts and stamps."""
+        storages: dict[int, int] = {}
+        pending = list(vars(self).values())
+        while pending:
+            item = pending.pop()
+            if isinstance(item, torch.Tensor):
+                storage = item.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            elif isinstance(item, (list, tuple)):
+                pending.extend(item)
+            elif isinstance(item, dict):
+                pending.extend(item.values())
+        return sum(storages.values())
 
     def _ensure(self, layer: int, m: int) -> None:
         need = self.length[layer] + m

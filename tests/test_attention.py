@@ -604,3 +604,27 @@ def test_many_tokens_of_one_frame_joining_one_group_leave_the_mean_of_all_member
     assert torch.equal(temp.count[0][:, :, group], torch.full((1, H, 1), 1.0 + 2 * N))
     assert torch.allclose(temp.k[0][:, :, group], torch.cat(members_k, 2).mean(2, keepdim=True), atol=1e-5)
     assert torch.allclose(temp.v[0][:, :, group], torch.cat(members_v, 2).mean(2, keepdim=True), atol=1e-5)
+
+
+def test_cache_memory_counts_every_tensor_a_policy_holds_once():
+    """memory_bytes (the HUD's and the evaluation's cache memory): keys and values for
+    dense and window; TempCache adds its match keys and bookkeeping. Views are not
+    counted twice."""
+    s = spec(layers=2)
+    kv_bytes_per_slot = 2 * s.num_layers * s.batch * s.heads * s.head_dim * 4  # float32 keys + values
+    window = WindowCache(s, sink_frames=1, window_frames=3)
+    kv = sum(t.numel() * t.element_size() for t in window.k + window.v)
+    assert kv == kv_bytes_per_slot * window.k[0].shape[2]
+    slots = sum(t.numel() * 8 for t in window.slot_frame) + 2 * s.num_layers * 8  # each slot's frame, two step counters
+    assert window.memory_bytes() == kv + slots
+    temp = TempCache(s, budget_frames=4, sink_frames=1, threshold=0.99, match="local", match_frames=1)
+    kv = sum(t.numel() * t.element_size() for t in temp.k + temp.v)
+    assert kv == kv_bytes_per_slot * temp.k[0].shape[2]
+    mkey = temp._mkey.numel() * temp._mkey.element_size()  # float32 unit match keys on the CPU
+    books = sum(t.numel() * t.element_size() for t in (temp._count, temp._logc, temp._stamp, temp._pos))
+    assert mkey == s.num_layers * s.heads * (4 * N + 1) * D * 4
+    assert temp.memory_bytes() >= kv + mkey + books
+    extra = temp.memory_bytes() - (kv + mkey + books)
+    small = sum(t.numel() * t.element_size() for t in (temp._pre, temp._gen, temp._trail, temp._merged_acc))
+    small += sum(t.numel() * 8 for t in temp.slot_frame) + s.num_layers * 8  # as the window's (one step counter)
+    assert extra == small
