@@ -350,9 +350,12 @@ def test_every_attention_preset_plays_and_reports(name):
 
     cfg = compose(["engine=neural", f"attention={name}", "engine.dtype=float32"])
     engine = build_engine(cfg, build_world(cfg.world))
-    engine.reset(0)
-    for a in (4, 4, 2):
-        frames = engine.step([a] * engine.chunk_size)
+    for seed in (1, 0):  # a reset replaces the cache's buffers; the memory shown follows
+        engine.reset(seed)
+        assert engine.stats.memory_mb == engine.rollout.cache.memory_bytes() / 2**20
+        for a in (4, 4, 2):
+            frames = engine.step([a] * engine.chunk_size)
+            assert engine.stats.memory_mb == engine.rollout.cache.memory_bytes() / 2**20
     assert frames.dtype.name == "uint8" and frames.shape[1:] == engine.frame_shape
     line = engine.stats.extra["hud"]
     assert line.startswith(name)
@@ -363,6 +366,25 @@ def test_every_attention_preset_plays_and_reports(name):
     values = HudValues(30.0, 30.0, 1.0, 3, engine.stats.cache_tokens, engine.stats.memory_mb, 0, 0, False, None,
                        attention=line)
     assert line in hud_lines(values)
+
+
+def test_engine_memory_follows_a_growing_dense_cache():
+    """The engine counts its cache's memory only when the cache's length changes: a dense
+    cache that grows past its first allocation is seen at its new size."""
+    from conftest import compose
+
+    from runtime.engine import build_engine
+    from worlds import build_world
+
+    cfg = compose(["engine=neural", "attention=dense", "attention.initial_frames=2", "engine.dtype=float32"])
+    engine = build_engine(cfg, build_world(cfg.world))
+    engine.reset(0)
+    seen = {engine.stats.memory_mb}
+    for _ in range(4):
+        engine.step([4] * engine.chunk_size)
+        assert engine.stats.memory_mb == engine.rollout.cache.memory_bytes() / 2**20
+        seen.add(engine.stats.memory_mb)
+    assert len(seen) > 1  # it grew
 
 
 @pytest.mark.parametrize("policy", ["dense", "window"])
