@@ -148,9 +148,10 @@ def build_off_main_thread(build: Callable[[], T]) -> T:
     weights runs parallel copies) leaves the main thread a team of idle workers; once the
     producer has its own, there are more OpenMP threads than cores, and GNU OpenMP then lets
     idle workers sleep after a few spins instead of spinning, so each of the many small ops
-    of a step waits for its worker to wake. On the 2-core development CPU that made a step
-    of the fast preset 25-35% slower in play than the same step on the main thread
-    (BENCHMARKS.md, "Optimization log"). A thread that exits takes its team with it.
+    of a step waits for its worker to wake. On the 2-core development CPU a step on the
+    producer thread took 1.12x (`preset=fast`) and 1.14x (the default) as long with the
+    engine built on the main thread (`python -m runtime.thread_bench`; BENCHMARKS.md,
+    "Optimization log"). A thread that exits takes its team with it.
     """
     box: dict[str, Any] = {}
 
