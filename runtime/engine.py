@@ -321,7 +321,7 @@ class NeuralEngine:
         tokens = cache.num_tokens(0)
         if tokens != self._memory_at:
             # a cache's buffers change only with its length (and at reset): counting them
-            # (0.1 ms on the 2-core CPU) only then keeps that out of most frames
+            # only then keeps the walk over the cache's tensors out of most frames
             self._memory_at, self._memory_mb = tokens, cache.memory_bytes() / 2**20
         self.stats.cache_tokens, self.stats.memory_mb = tokens, self._memory_mb
         if self.rollout.attention is not None:
