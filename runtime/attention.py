@@ -57,12 +57,57 @@ NO_CUDNN = [  # every SDPA backend but cuDNN
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# On the CPU, attention in bf16 (or fp16) as two matmuls around a softmax is about twice
+# as fast as PyTorch's fused CPU kernel at the shapes play has (64 queries over 256-4200
+# keys, 4 heads of 64: `python -m runtime.cpu_attention_bench`), and gives the same frames
+# to within rounding (docs/model_card.md, "Speed"). `engine.cpu_attention` picks it
+# (`matmul`, the default) or the fused kernel (`sdpa`); `load_model` applies the choice.
+CPU_ATTENTION_KERNELS = ("matmul", "sdpa")
+_cpu_attention = "matmul"
+
+
+def set_cpu_attention(name: str) -> None:
+    """Choose how dense attention runs on the CPU in bf16 / fp16 (process-wide)."""
+    global _cpu_attention
+    if name not in CPU_ATTENTION_KERNELS:
+        raise ValueError(f"engine.cpu_attention={name!r}; expected one of {list(CPU_ATTENTION_KERNELS)}")
+    _cpu_attention = name
+
+
+def uses_matmul_attention(q: torch.Tensor) -> bool:
+    return _cpu_attention == "matmul" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                     prefix: tuple[int, int] | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + bias) v as two matmuls per head (the scores in the input
+    dtype; the softmax reduces in float32 inside). prefix=(m, n): the first m queries see
+    only the first n keys (the merged pass's clean frame; see `CachedSelfAttention`).
+    Head by head, the keys and values are read where they lie: a batched matmul would
+    first copy a cache's strided prefix."""
+    b, h = q.shape[:2]
+    scaled = q * q.shape[-1] ** -0.5
+    bias = None if bias is None else bias.expand(b, h, *bias.shape[2:])
+    out = torch.empty_like(q)
+    for i in range(b):
+        for j in range(h):
+            scores = torch.mm(scaled[i, j], k[i, j].t())
+            if bias is not None:
+                scores += bias[i, j]
+            if prefix is not None:
+                scores[: prefix[0], prefix[1]:] = float("-inf")
+            torch.mm(torch.softmax(scores, -1), v[i, j], out=out[i, j])
+    return out
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
          static: bool = True) -> torch.Tensor:
     """Dense attention, the reference. bias: broadcastable to (B, H, Lq, Lk) or None.
     static=False: the key length is new on (nearly) every call; see above."""
     if bias is not None:
         bias = bias.to(q.dtype)
+    if uses_matmul_attention(q):
+        return matmul_attention(q, k, v, bias)
     if not static:
         floor = CUDNN_MIN_PAIRS_FOR_NEW_SHAPES
     else:
@@ -74,6 +119,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor |
 
 
 def dense_cross_attn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if uses_matmul_attention(q):
+        return matmul_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -137,6 +184,8 @@ def staged_attention(q, keys, values, bias, commit: int, static: bool = True) ->
     if not 0 < commit < m:
         return sdpa(q, keys, values, bias, static)
     seen = keys.shape[2] - (m - commit)
+    if uses_matmul_attention(q):  # one pass per head, the noisy keys hidden from the clean queries
+        return matmul_attention(q, keys, values, None if bias is None else bias.to(q.dtype), prefix=(commit, seen))
     clean = sdpa(q[:, :, :commit], keys[:, :, :seen], values[:, :, :seen], None if bias is None else bias[..., :seen],
                  static)
     noisy = sdpa(q[:, :, commit:], keys, values, bias, static)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from runtime.attention import set_cpu_attention
 from runtime.cache import CacheSpec
 from runtime.checkpoint import file_sha256, load_checkpoint
 from runtime.engine import NeuralEngine, Rollout
@@ -89,6 +90,7 @@ def load_model(cfg, world_cfg) -> LoadedModel:
     dtype = resolve_dtype(str(ecfg.dtype))
     if ecfg.get("threads") is not None and device.type == "cpu":
         torch.set_num_threads(int(ecfg.threads))
+    set_cpu_attention(str(ecfg.get("cpu_attention", "matmul")))
     path = resolve_path(str(ecfg.checkpoint))
     model, info = load_checkpoint(path, device=device, dtype=dtype)
     world_cfg = OverworldConfig.coerce(world_cfg)
