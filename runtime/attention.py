@@ -57,11 +57,11 @@ NO_CUDNN = [  # every SDPA backend but cuDNN
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# On the CPU, attention in bf16 (or fp16) as two matmuls around a softmax is about twice
-# as fast as PyTorch's fused CPU kernel at the shapes play has (64 queries over 256-4200
-# keys, 4 heads of 64: `python -m runtime.cpu_attention_bench`), and gives the same frames
-# to within rounding (docs/model_card.md, "Speed"). `engine.cpu_attention` picks it
-# (`matmul`, the default) or the fused kernel (`sdpa`); `load_model` applies the choice.
+# On the CPU, attention in bf16 (or fp16) as two matmuls around a softmax, head by head,
+# is much faster than PyTorch's fused CPU kernel at the shapes play has (64-128 queries
+# over 256-4200 keys, heads of 64) and gives the same frames to within rounding
+# (BENCHMARKS.md, "Optimization log"; tests/test_cpu_attention.py). `engine.cpu_attention`
+# picks it (`matmul`, the default) or the fused kernel (`sdpa`); `load_model` applies it.
 CPU_ATTENTION_KERNELS = ("matmul", "sdpa")
 _cpu_attention = "matmul"
 
