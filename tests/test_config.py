@@ -111,3 +111,14 @@ def test_the_fast_preset_plays_the_four_block_model_with_a_32_frame_budget(tmp_p
     assert meta["checkpoint_sha256"] == file_sha256(fast)
     assert meta["config"]["attention"]["name"] == "fastar" and meta["config"]["attention"]["budget_frames"] == 32
     assert compose([])["engine"]["checkpoint"].endswith("overworld_small.safetensors")  # not the default
+
+
+def test_play_defaults_to_the_eight_block_model_with_a_32_frame_budget():
+    # the play preset sets the budget; evaluation and benchmarks keep the group's 64 frames,
+    # and a budget given on the command line wins over the preset
+    cfg = compose([])
+    assert cfg.engine.checkpoint.endswith("overworld_small.safetensors") and cfg.attention.name == "fastar"
+    assert cfg.attention.budget_frames == 32
+    assert compose(["attention.budget_frames=64"]).attention.budget_frames == 64
+    for tool in ("evaluate", "bench"):
+        assert compose(["attention=fastar"], config_name=tool).attention.budget_frames == 64
