@@ -75,7 +75,9 @@ def set_cpu_attention(name: str) -> None:
 
 
 def uses_matmul_attention(q: torch.Tensor) -> bool:
-    return _cpu_attention == "matmul" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    """The matmul kernel serves inference (it writes in place); training keeps SDPA."""
+    return (_cpu_attention == "matmul" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled())
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime.attention as attention
-from runtime.attention import matmul_attention, set_cpu_attention, staged_attention, uses_matmul_attention
+from runtime.attention import dense_cross_attn, matmul_attention, set_cpu_attention, staged_attention, uses_matmul_attention
 from conftest import compose
 from runtime.cache import CacheSpec, DenseCache
 from runtime.engine import Rollout, to_unit
@@ -62,8 +62,9 @@ def test_staged_attention_in_half_precision_takes_the_chosen_kernel(dtype, monke
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: fused.append(1) or real(*a, **kw))
     set_cpu_attention("matmul")
-    assert uses_matmul_attention(q) and not uses_matmul_attention(q.float())
-    by_matmul = staged_attention(q, k, v, bias, commit=2)
+    with torch.no_grad():
+        assert uses_matmul_attention(q) and not uses_matmul_attention(q.float())
+        by_matmul = staged_attention(q, k, v, bias, commit=2)
     assert not fused  # the fused kernel was not called
     set_cpu_attention("sdpa")
     by_sdpa = staged_attention(q, k, v, bias, commit=2)
@@ -102,6 +103,15 @@ def test_a_bf16_model_predicts_the_same_frames_with_either_kernel():
     err_matmul = (preds["matmul"] - exact).abs().mean()
     err_sdpa = (preds["sdpa"] - exact).abs().mean()
     assert err_matmul < 1.5 * err_sdpa + 1e-3, (err_matmul, err_sdpa)
+
+
+def test_training_in_bf16_on_the_cpu_keeps_the_fused_kernel_and_its_gradients():
+    set_cpu_attention("matmul")
+    q, k, v, _ = qkv(dtype=torch.bfloat16)
+    q.requires_grad_(True)
+    assert not uses_matmul_attention(q)  # gradients are on: the in-place kernel is not used
+    dense_cross_attn(0, q, k, v).float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_an_unknown_kernel_fails_with_its_name():
