@@ -62,6 +62,9 @@ NO_CUDNN = [  # every SDPA backend but cuDNN
 # over 256-4200 keys, heads of 64) and gives the same frames to within rounding
 # (BENCHMARKS.md, "Optimization log"; tests/test_cpu_attention.py). `engine.cpu_attention`
 # picks it (`matmul`, the default) or the fused kernel (`sdpa`); `load_model` applies it.
+# Only calls whose shapes repeat take it: the matmul library keeps state for every new
+# shape (about 1.3 MB each at these sizes), so a cache whose length changes every frame
+# (dense, or a budget still filling) would grow the process without bound.
 CPU_ATTENTION_KERNELS = ("matmul", "sdpa")
 _cpu_attention = "matmul"
 
@@ -108,7 +111,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor |
     static=False: the key length is new on (nearly) every call; see above."""
     if bias is not None:
         bias = bias.to(q.dtype)
-    if uses_matmul_attention(q):
+    if static and uses_matmul_attention(q):
         return matmul_attention(q, k, v, bias)
     if not static:
         floor = CUDNN_MIN_PAIRS_FOR_NEW_SHAPES
@@ -186,7 +189,7 @@ def staged_attention(q, keys, values, bias, commit: int, static: bool = True) ->
     if not 0 < commit < m:
         return sdpa(q, keys, values, bias, static)
     seen = keys.shape[2] - (m - commit)
-    if uses_matmul_attention(q):  # one pass per head, the noisy keys hidden from the clean queries
+    if static and uses_matmul_attention(q):  # one pass per head, the noisy keys hidden from the clean queries
         return matmul_attention(q, keys, values, None if bias is None else bias.to(q.dtype), prefix=(commit, seen))
     clean = sdpa(q[:, :, :commit], keys[:, :, :seen], values[:, :, :seen], None if bias is None else bias[..., :seen],
                  static)

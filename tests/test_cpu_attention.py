@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import runtime.attention as attention
 from runtime.attention import dense_cross_attn, matmul_attention, set_cpu_attention, staged_attention, uses_matmul_attention
 from conftest import compose
-from runtime.cache import CacheSpec, DenseCache
+from runtime.cache import CacheSpec, WindowCache
 from runtime.engine import Rollout, to_unit
 from runtime.sampler import FlowSampler, SamplerConfig
 from test_model import TINY, random_clip, random_model
@@ -75,10 +75,25 @@ def test_staged_attention_in_half_precision_takes_the_chosen_kernel(dtype, monke
     assert (by_sdpa.float() - exact).abs().max() < tol
 
 
+def test_a_cache_whose_length_changes_keeps_the_fused_kernel(monkeypatch):
+    # new shapes every frame would make the matmul library keep state for each of them
+    q, k, v, g = qkv(m=6, dtype=torch.bfloat16)
+    fused = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    set_cpu_attention("matmul")
+    with torch.no_grad():
+        staged_attention(q, k, v, None, commit=2, static=False)
+        assert len(fused) == 2
+        staged_attention(q, k, v, None, commit=2, static=True)
+        assert len(fused) == 2
+
+
 def predictions(model, dtype, frames, actions, prompt, noisy):
-    """Next-frame predictions from true context with a dense cache (as `cached_predictions`), in `dtype`."""
+    """Next-frame predictions from true context (as `cached_predictions`), in `dtype`, with
+    a window of 2 frames and a sink: full from the fourth frame, when its shapes repeat."""
     spec = CacheSpec(TINY.depth, 1, TINY.heads, TINY.head_dim, TINY.tokens_per_frame, torch.device("cpu"), dtype)
-    r = Rollout(model.to(dtype), FlowSampler(SamplerConfig(steps=1)), DenseCache(spec, initial_frames=2))
+    r = Rollout(model.to(dtype), FlowSampler(SamplerConfig(steps=1)), WindowCache(spec, sink_frames=1, window_frames=2))
     r.reset(frames[:, 0], prompt.to(dtype), seed=0)
     x = to_unit(frames).to(dtype)
     outs = []
@@ -90,15 +105,20 @@ def predictions(model, dtype, frames, actions, prompt, noisy):
     return torch.cat(outs, dim=1)
 
 
-def test_a_bf16_model_predicts_the_same_frames_with_either_kernel():
+def test_a_bf16_model_predicts_the_same_frames_with_either_kernel(monkeypatch):
     model = random_model(3)
-    frames, actions, prompt = random_clip(6)
-    noisy = torch.randn(1, 5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    frames, actions, prompt = random_clip(8)
+    noisy = torch.randn(1, 7, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     exact = predictions(model, torch.float32, frames, actions, prompt, noisy)
+    merged_passes = []
+    real = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention",
+                        lambda *a, **kw: merged_passes.append(kw.get("prefix")) or real(*a, **kw))
     preds = {}
     for kernel in ("matmul", "sdpa"):
         set_cpu_attention(kernel)
         preds[kernel] = predictions(model, torch.bfloat16, frames, actions, prompt, noisy)
+    assert any(p is not None for p in merged_passes)  # self-attention ran as matmuls once the window was full
     assert not torch.equal(preds["matmul"], preds["sdpa"])  # really two kernels
     err_matmul = (preds["matmul"] - exact).abs().mean()
     err_sdpa = (preds["sdpa"] - exact).abs().mean()
