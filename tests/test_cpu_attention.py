@@ -1,5 +1,5 @@
-"""The CPU's attention kernel for bf16 / fp16 (`engine.cpu_attention`): two matmuls and a
-softmax per head, in place of PyTorch's fused CPU kernel."""
+"""The CPU's attention kernel for bf16 / fp16 inference (`engine.cpu_attention`): two
+matmuls and a softmax per head in place of PyTorch's fused CPU kernel, where shapes repeat."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import runtime.attention as attention
-from runtime.attention import dense_cross_attn, matmul_attention, set_cpu_attention, staged_attention, uses_matmul_attention
 from conftest import compose
+from runtime.attention import dense_cross_attn, matmul_attention, set_cpu_attention, staged_attention, uses_matmul_attention
 from runtime.cache import CacheSpec, WindowCache
 from runtime.engine import Rollout, to_unit
 from runtime.sampler import FlowSampler, SamplerConfig
