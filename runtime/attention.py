@@ -77,6 +77,11 @@ def set_cpu_attention(name: str) -> None:
     _cpu_attention = name
 
 
+def cpu_attention_kernel() -> str:
+    """The kernel chosen by `set_cpu_attention` (recorded by the benchmarks)."""
+    return _cpu_attention
+
+
 def uses_matmul_attention(q: torch.Tensor) -> bool:
     """The matmul kernel serves inference (it writes in place); training keeps SDPA."""
     return (_cpu_attention == "matmul" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)

@@ -18,8 +18,9 @@ its shapes: cost only, no pictures. "Frame conversion" is then the latent's conv
 to uint8 on the host (there is no VAE decoder).
 
 Writes DIR/bench.json (`device`, `configs`: per config a list of {frame, latency_ms, fps,
-cache_tokens, peak_mem_mb}, plus `total_s`, `stopped_at`, `summary`) and DIR/fps.png,
-DIR/memory.png (one line per config).
+cache_tokens, peak_mem_mb}, plus `total_s`, `stopped_at`, `summary`; also the dtype,
+`compile`, `cuda_graph`, `cpu_attention` (the CPU's attention kernel, on a CPU) and the
+commit) and DIR/fps.png, DIR/memory.png (one line per config).
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
+from runtime.attention import cpu_attention_kernel
 from runtime.evaluate import attention_cfg
-from runtime.factory import build_rollout, engine_flag, load_model, resolve_device, resolve_dtype
+from runtime.factory import apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype
 from runtime.model import ModelConfig, WorldModel
 from worlds import build_world
 
@@ -110,6 +112,7 @@ def build_source(cfg):
     if source == "random":
         mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.engine.dtype))
+        apply_cpu_settings(cfg.engine, device)
         torch.manual_seed(int(cfg.seed))
         model = WorldModel(mcfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
         return RandomLatents(mcfg), model, device, dtype
@@ -311,6 +314,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
     result = {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "commit": commit_id(), "compile": engine_flag(cfg, "compile"),
               "cuda_graph": device.type == "cuda" and engine_flag(cfg, "cuda_graph"),
+              "cpu_attention": cpu_attention_kernel() if device.type == "cpu" else None,
               "frames": int(b.frames), "lockstep": bool(b.get("lockstep", False)),
               "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}

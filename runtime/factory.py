@@ -82,15 +82,20 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def apply_cpu_settings(ecfg, device: torch.device) -> None:
+    """The engine config's process-wide CPU choices: torch's threads and the attention kernel."""
+    if ecfg.get("threads") is not None and device.type == "cpu":
+        torch.set_num_threads(int(ecfg.threads))
+    set_cpu_attention(str(ecfg.get("cpu_attention", "matmul")))
+
+
 def load_model(cfg, world_cfg) -> LoadedModel:
     """The checkpoint of `cfg.engine` on `cfg.device`, checked against the world it will
     play (prompt layout, frame size, world family). Used by play, evaluation and bench."""
     ecfg = cfg.engine
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(ecfg.dtype))
-    if ecfg.get("threads") is not None and device.type == "cpu":
-        torch.set_num_threads(int(ecfg.threads))
-    set_cpu_attention(str(ecfg.get("cpu_attention", "matmul")))
+    apply_cpu_settings(ecfg, device)
     path = resolve_path(str(ecfg.checkpoint))
     model, info = load_checkpoint(path, device=device, dtype=dtype)
     world_cfg = OverworldConfig.coerce(world_cfg)

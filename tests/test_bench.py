@@ -292,3 +292,15 @@ def test_the_gpu_summary_counts_each_kernel_once():
                                                "Memcpy HtoD (Pageable -> Device)"]
     assert res["top"][0]["calls_per_step"] == 4.0
     assert res["host_ms_per_step"] == pytest.approx(5 * 100.0 / 2 / 1e3)  # the five host events
+
+
+def test_the_bench_records_the_cpu_attention_kernel_it_ran(tmp_path):
+    from runtime.attention import cpu_attention_kernel, set_cpu_attention
+
+    before = cpu_attention_kernel()
+    try:
+        for kernel in ("sdpa", "matmul"):
+            res = run(tiny_random(["bench.frames=3", "bench.attentions=[window]", f"engine.cpu_attention={kernel}"]), tmp_path)
+            assert res["cpu_attention"] == kernel == cpu_attention_kernel()
+    finally:
+        set_cpu_attention(before)
