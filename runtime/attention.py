@@ -57,7 +57,7 @@ NO_CUDNN = [  # every SDPA backend but cuDNN
     SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# On the CPU, attention in bf16 (or fp16) as two matmuls around a softmax, head by head,
+# On the CPU, attention in bf16 as two matmuls around a softmax, head by head,
 # is much faster than PyTorch's fused CPU kernel at the shapes play has (64-128 queries
 # over 256-4200 keys, heads of 64) and gives the same frames to within rounding
 # (BENCHMARKS.md, "Optimization log"; tests/test_cpu_attention.py). `engine.cpu_attention`
@@ -70,7 +70,7 @@ _cpu_attention = "matmul"
 
 
 def set_cpu_attention(name: str) -> None:
-    """Choose how dense attention runs on the CPU in bf16 / fp16 (process-wide)."""
+    """Choose how dense attention runs on the CPU in bf16 (process-wide)."""
     global _cpu_attention
     if name not in CPU_ATTENTION_KERNELS:
         raise ValueError(f"engine.cpu_attention={name!r}; expected one of {list(CPU_ATTENTION_KERNELS)}")
@@ -84,7 +84,7 @@ def cpu_attention_kernel() -> str:
 
 def uses_matmul_attention(q: torch.Tensor) -> bool:
     """The matmul kernel serves inference (it writes in place); training keeps SDPA."""
-    return (_cpu_attention == "matmul" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    return (_cpu_attention == "matmul" and q.device.type == "cpu" and q.dtype == torch.bfloat16
             and not torch.is_grad_enabled())
 
 
