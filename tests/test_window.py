@@ -272,3 +272,55 @@ def test_play_builds_the_engine_on_the_thread_pool_it_will_run_on(monkeypatch, w
         session.window.close()
     assert len(threads) == 1
     assert (threads[0] is not threading.main_thread()) == off_main
+
+
+def hud_values(**kw):
+    from runtime.hud import HudValues
+
+    base = dict(presented_fps=30.0, target_fps=30, latency_ms=20.0, frame_index=1, cache_tokens=None,
+                memory_mb=None, stalls=0, queued=2, paused=False, recording=None)
+    return HudValues(**{**base, **kw})
+
+
+def test_the_hud_redraws_its_numbers_at_most_every_refresh_and_state_at_once():
+    from runtime.hud import Hud
+
+    hud = Hud(refresh_s=0.25)
+    screen = pygame.Surface((512, 512))
+    hud.draw(screen, hud_values(frame_index=1), now=0.0)
+    assert hud.renders == 1
+    for i, t in enumerate((0.1, 0.2, 0.24)):  # numbers change every tick: kept until 0.25 s passed
+        hud.draw(screen, hud_values(frame_index=2 + i), now=t)
+    assert hud.renders == 1
+    hud.draw(screen, hud_values(frame_index=9), now=0.26)
+    assert hud.renders == 2
+    hud.draw(screen, hud_values(frame_index=9, paused=True), now=0.27)  # a state change shows at once
+    assert hud.renders == 3
+    hud.draw(screen, hud_values(frame_index=9, paused=True), now=5.0)  # nothing changed: nothing rendered
+    assert hud.renders == 3
+    first = pygame.Surface((512, 512))
+    hud.draw(first, hud_values(frame_index=10, paused=True, message="saved"), now=5.01)
+    assert hud.renders == 4
+    # the kept box is what every tick shows: the next tick, with nothing rendered, draws the same pixels
+    second = pygame.Surface((512, 512))
+    hud.draw(second, hud_values(frame_index=11, paused=True, message="saved"), now=5.02)
+    assert hud.renders == 4 and pygame.image.tobytes(second, "RGB") == pygame.image.tobytes(first, "RGB")
+    assert pygame.image.tobytes(first, "RGB") != pygame.image.tobytes(pygame.Surface((512, 512)), "RGB")
+
+
+def test_the_help_overlay_is_composed_once_for_the_same_lines():
+    from runtime.hud import Hud
+
+    hud = Hud()
+    screen = pygame.Surface((512, 512))
+    for _ in range(3):
+        hud.draw_help(screen, ["keys", "P  pause"])
+    assert hud.renders == 1
+    hud.draw_help(screen, ["keys", "R  reset"])
+    assert hud.renders == 2
+
+
+@pytest.mark.parametrize("bad", [-1, "fast", True])
+def test_a_bad_hud_refresh_fails_with_its_value(bad):
+    with pytest.raises(ValueError, match=r"window.hud_refresh_s must be a number of seconds >= 0, got"):
+        WindowConfig(hud_refresh_s=bad)
