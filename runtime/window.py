@@ -50,7 +50,6 @@ class WindowConfig:
     scale: int = 8  # integer nearest-neighbour upscale (64x64 -> 512x512)
     queue_size: int = 3  # frames between producer and presenter (at least one chunk)
     hud: bool = True
-    hud_refresh_s: float = 0.25  # the HUD's numbers redrawn at most this often (state lines at once)
     title: str = "neural game engine"
     keys: dict[str, list[str]] = field(default_factory=_default_keys)
 
@@ -59,8 +58,6 @@ class WindowConfig:
             raise ValueError(f"window.scale must be an integer >= 1, got {self.scale!r}")
         if not self.fps or self.fps <= 0:
             raise ValueError(f"window.fps must be > 0, got {self.fps!r}")
-        if isinstance(self.hud_refresh_s, bool) or not isinstance(self.hud_refresh_s, (int, float)) or not self.hud_refresh_s >= 0:
-            raise ValueError(f"window.hud_refresh_s must be a number of seconds >= 0, got {self.hud_refresh_s!r}")
 
 
 class Window:
@@ -97,7 +94,7 @@ class Window:
                 "to draw off-screen on purpose")
         self.screen = pygame.display.set_mode(self.size)
         pygame.display.set_caption(cfg.title)
-        self.hud = Hud(refresh_s=cfg.hud_refresh_s)
+        self.hud = Hud()
         self.meter = FpsMeter()
 
         self.current: FrameItem | None = None
