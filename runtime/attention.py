@@ -63,10 +63,12 @@ NO_CUDNN = [  # every SDPA backend but cuDNN
 # (BENCHMARKS.md, "Optimization log"; tests/test_cpu_attention.py). `engine.cpu_attention`
 # picks it (`matmul`, the default) or the fused kernel (`sdpa`); `load_model` applies it.
 # Only calls whose shapes repeat take it: the matmul library keeps state for every new
-# shape (about 1.3 MB each at these sizes), so a cache whose length changes every frame
-# (dense, or a budget still filling) would grow the process without bound.
+# shape, so a cache whose length changes every frame (dense, or a budget still filling)
+# would grow the process with every frame (dense over 400 frames: 1198.5 MB with the
+# kernel on every call, 684.3 MB without; docs/results/dense_memory_cpu/).
 CPU_ATTENTION_KERNELS = ("matmul", "sdpa")
-_cpu_attention = "matmul"
+DEFAULT_CPU_ATTENTION = "matmul"
+_cpu_attention = DEFAULT_CPU_ATTENTION
 
 
 def set_cpu_attention(name: str) -> None:

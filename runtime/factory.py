@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from runtime.attention import set_cpu_attention
+from runtime.attention import DEFAULT_CPU_ATTENTION, set_cpu_attention
 from runtime.cache import CacheSpec
 from runtime.checkpoint import file_sha256, load_checkpoint
 from runtime.engine import NeuralEngine, Rollout
@@ -86,7 +86,7 @@ def apply_cpu_settings(ecfg, device: torch.device) -> None:
     """The engine config's process-wide CPU choices: torch's threads and the attention kernel."""
     if ecfg.get("threads") is not None and device.type == "cpu":
         torch.set_num_threads(int(ecfg.threads))
-    set_cpu_attention(str(ecfg.get("cpu_attention", "matmul")))
+    set_cpu_attention(str(ecfg.get("cpu_attention", DEFAULT_CPU_ATTENTION)))
 
 
 def load_model(cfg, world_cfg) -> LoadedModel:

@@ -47,7 +47,7 @@ def test_a_prefix_hides_the_last_keys_from_the_first_queries():
     assert torch.allclose(got, torch.cat([first, rest], 2), atol=1e-5)
 
 
-def test_keys_read_in_place_from_a_strided_cache_prefix():
+def test_keys_from_a_strided_cache_prefix_give_the_contiguous_result():
     q, k, v, _ = qkv(n=64)
     got = matmul_attention(q, k[:, :, :40], v[:, :, :40])  # views into larger buffers, as a cache stages them
     assert torch.allclose(got, matmul_attention(q, k[:, :, :40].contiguous(), v[:, :, :40].contiguous()), atol=0)
