@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from runtime.ann import pooled_block_scores
 from runtime.attention import sdpa, staged_attention
 from runtime.cache import CacheSpec
+from runtime import sparse_kernel
 from runtime.flex_sparse import FlexBlockSparse, compiled_signatures
+from runtime.sparse_kernel import annsa_attention
 from runtime.tempcache import TempCache
 
 REFERENCE_NON_ATTENTION_MS = 0.54  # per layer per chunk pass on an H100 (REFERENCE figures)
@@ -98,20 +100,31 @@ class Selection:
     def keep(self, density: float) -> int:
         return max(1, min(self.nsel, math.ceil(density * self.nsel)))
 
+    def keep_computed(self, computed: float) -> int:
+        """Kept blocks so that `computed` of the [cache | chunk] keys are visited."""
+        kv = self.cached + self.q_len
+        return max(1, min(self.nsel, round((computed * kv - (kv - self.nsel * self.block)) / self.block)))
+
     def __call__(self, q, k, bias, density: float):
+        return self.kernel.plan(self.indices(q, k, bias, self.keep(density)), self.q_len, self.commit, self.cached,
+                                self.cached + self.q_len, k.shape[2])
+
+    def indices(self, q, k, bias, keep: int):
+        """(B, H, nQB, keep) indices of the kept cache blocks."""
         b, h, m, d = q.shape
         n = self.nsel * self.block
-        keep = self.keep(density)
         logc = None if bias is None else bias[:, :, :n].reshape(b * h, n).float()
         s = pooled_block_scores(q.reshape(b * h, m, d), k[:, :, :n].reshape(b * h, n, d), self.block, self.block,
                                 key_logcount=logc)
         s = s.masked_fill(self.forced, float("inf"))
-        sel = s.topk(keep, dim=-1).indices.view(b, h, -1, keep)
-        return self.kernel.plan(sel, m, self.commit, self.cached, self.cached + m, k.shape[2])
+        return s.topk(keep, dim=-1, sorted=False).indices.view(b, h, -1, keep)
 
     def computed(self, density: float) -> float:
+        return self.computed_of(self.keep(density))
+
+    def computed_of(self, keep: int) -> float:
         kv = self.cached + self.q_len
-        return (self.keep(density) * self.block + kv - self.nsel * self.block) / kv
+        return (keep * self.block + kv - self.nsel * self.block) / kv
 
 
 def bench_flex(out: dict, args, device, dt, kernel: FlexBlockSparse, lengths) -> None:
@@ -200,6 +213,94 @@ def bench_tma(out: dict, args, device, dt, lc) -> None:
     except Exception as err:  # an optional kernel option: record why it did not run
         out["tma"] = {"cached": lc, "error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(f"USE_TMA failed: {out['tma']['error']}", flush=True)
+
+
+def graph_of(fn, device):
+    """`fn` captured in a CUDA graph (after an eager call, which allocates and compiles):
+    returns the graph's replay, the device's time without the host's launch cost."""
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _tile_sweep(args, device, dt, lc) -> tuple[dict, list]:
+    """Time each `--triton-tiles` choice at the first length and 25% of the cache blocks;
+    returns the fastest and every row (each checked against the first choice)."""
+    h, d, m = args.heads, args.head_dim, args.queries
+    q = torch.randn(1, h, m, d, device=device, dtype=dt)
+    k, v = (torch.randn(1, h, lc + m, d, device=device, dtype=dt) for _ in range(2))
+    sel = Selection(None, h, m, lc, 0, args.block, args.frame_tokens, device)
+    idx = sel.indices(q, k, None, sel.keep(0.25))
+    rows, first = [], None
+    for tiles in args.triton_tiles:
+        try:
+            o = annsa_attention(q, k, v, None, idx, lc, 0, sel_block=args.block, **tiles)
+            ms = timed(lambda: annsa_attention(q, k, v, None, idx, lc, 0, sel_block=args.block, **tiles), device,
+                       args.warmup, args.repeats)["ms"]
+        except Exception as err:  # a tile choice that does not fit the device (shared memory)
+            rows.append({"tiles": tiles, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            print(f"   tiles {tiles}: failed ({rows[-1]['error'][:80]})", flush=True)
+            continue
+        first = o if first is None else first
+        rows.append({"tiles": tiles, "ms": ms, "max_abs_diff": (o.float() - first.float()).abs().max().item()})
+        print(f"   tiles {tiles}: {ms:.3f} ms", flush=True)
+    ok = [r for r in rows if "ms" in r]
+    if not ok:
+        raise RuntimeError(f"no --triton-tiles choice ran: {rows}")
+    return min(ok, key=lambda r: r["ms"])["tiles"], rows
+
+
+def bench_triton(out: dict, args, device, dt, lengths) -> None:
+    """AnnSA's Triton kernel (runtime/sparse_kernel.py): the kernel alone, the selection
+    (pooled block scores, forced blocks, top-k) plus the kernel eagerly, and both replayed
+    from one CUDA graph, against dense SDPA eagerly and from a graph. Rows for each
+    `--densities` (kept fraction of the cache blocks) and each `--computed` (fraction of the
+    [cache | chunk] keys each query visits, the chunk included)."""
+    h, d, m, n = args.heads, args.head_dim, args.queries, args.frame_tokens
+    probe = torch.empty(1, device=device)
+    if not sparse_kernel.available(probe):
+        out["triton"] = {"skipped": "Triton cannot run on this device (no CUDA; TRITON_INTERPRET unset)"}
+        print(f"triton: skipped ({out['triton']['skipped']})", flush=True)
+        return
+    cuda = device.type == "cuda"
+    tiles, sweep = (_tile_sweep(args, device, dt, lengths[0]) if len(args.triton_tiles) > 1
+                    else (args.triton_tiles[0], []))
+    res = {"tiles": tiles, "sweep": sweep, "dense_ms": {}, "dense_graph_ms": {}, "rows": []}
+    print(f"triton tiles {tiles}", flush=True)
+    for lc in lengths:
+        q = torch.randn(1, h, m, d, device=device, dtype=dt)
+        k, v = (torch.randn(1, h, lc + m, d, device=device, dtype=dt) for _ in range(2))
+        dense = timed(lambda: sdpa(q, k, v), device, args.warmup, args.repeats)["ms"]
+        dense_g = timed(graph_of(lambda: sdpa(q, k, v), device), device, args.warmup, args.repeats)["ms"] if cuda \
+            else dense
+        res["dense_ms"][str(lc)], res["dense_graph_ms"][str(lc)] = dense, dense_g
+        print(f"cached {lc:7d}  dense SDPA {dense:8.3f} ms, from a graph {dense_g:8.3f} ms", flush=True)
+        sel = Selection(None, h, m, lc, 0, args.block, n, device)
+        targets = [("cache_blocks", x, sel.keep(x)) for x in args.densities]
+        targets += [("computed", x, sel.keep_computed(x)) for x in args.computed]
+        for kind, x, keep in targets:
+            def attend(idx):
+                return annsa_attention(q, k, v, None, idx, lc, 0, sel_block=args.block, **tiles)
+
+            idx = sel.indices(q, k, None, keep)
+            kern = timed(lambda: attend(idx), device, args.warmup, args.repeats)["ms"]
+            select = timed(lambda: sel.indices(q, k, None, keep), device, args.warmup, args.repeats)["ms"]
+            total = timed(lambda: attend(sel.indices(q, k, None, keep)), device, args.warmup, args.repeats)["ms"]
+            total_g = timed(graph_of(lambda: attend(sel.indices(q, k, None, keep)), device), device, args.warmup,
+                            args.repeats)["ms"] if cuda else total
+            row = {"cached": lc, "target": kind, "value": x, "kept_blocks": keep, "cache_blocks": sel.nsel,
+                   "density_cache_blocks": keep / sel.nsel, "computed": sel.computed_of(keep), "kernel_ms": kern,
+                   "selection_ms": select, "with_selection_ms": total, "graph_with_selection_ms": total_g,
+                   "kernel_ratio": kern / dense, "total_ratio": total / dense, "graph_total_ratio": total_g / dense_g}
+            res["rows"].append(row)
+            print(f"   {kind} {x:4.2f}: {keep:4d}/{sel.nsel} blocks, computed {row['computed']:.3f}  kernel "
+                  f"{kern:7.3f} ms x{row['kernel_ratio']:.2f}  +selection {total:7.3f} ms x{row['total_ratio']:.2f}"
+                  f"  graph {total_g:7.3f} ms x{row['graph_total_ratio']:.2f}  (selection {select:.3f})", flush=True)
+        del q, k, v
+    out["triton"] = res
 
 
 class Layer(torch.nn.Module):
@@ -323,6 +424,11 @@ def parse_args(argv=None):
     ap.add_argument("--queries", type=int, default=4680, help="queries of the chunk (3 frames)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32760, 65520, 131040], help="cached keys")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.4, 0.6])
+    ap.add_argument("--computed", type=float, nargs="+", default=[0.25],
+                    help="triton rows: fractions of the [cache | chunk] keys each query visits")
+    ap.add_argument("--triton-tiles", type=json.loads, nargs="+", default=[dict(sparse_kernel.DEFAULT_TILES)],
+                    help="tile choices of the triton kernel (JSON objects of block_m, block_n, num_warps, "
+                         "num_stages); more than one: timed at the first length and 25%%, the fastest used")
     ap.add_argument("--block", type=int, default=128, help="flex block size (queries and keys)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--budget-frames", type=int, default=21)
@@ -336,7 +442,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                     help="compile flex (auto: on CUDA only; uncompiled flex on CUDA is refused)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["flex", "merged", "bias", "tma", "tempcache"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["flex", "triton", "merged", "bias", "tma", "tempcache"])
     args = ap.parse_args(argv)
     if args.small:
         defaults = ap.parse_args(["--out", "x"])
@@ -368,6 +474,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         if "flex" not in args.skip:
             bench_flex(out, args, device, dt, kernel, args.lengths)
+        if "triton" not in args.skip:
+            bench_triton(out, args, device, dt, args.lengths)
         if "merged" not in args.skip:
             bench_merged(out, args, device, dt, kernel, args.lengths[0])
         if "bias" not in args.skip:

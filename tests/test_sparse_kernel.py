@@ -1,0 +1,159 @@
+"""AnnSA's Triton kernel (runtime/sparse_kernel.py) against dense attention with the same mask.
+
+On a machine without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1,
+set before Triton is imported, so in a child process), in float32. The GPU run of the same
+checks, plus bfloat16 at a larger shape against the flex kernel, is
+`pytest -m gpu tests/test_sparse_kernel.py` on a CUDA machine.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.sparse_kernel import annsa_attention, reference_mask
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _inputs(g, b, h, m, d, cached, buf, dtype, device, bias=False):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q = rnd(b, h, m, d)
+    # keys and values in one buffer with the heads apart (as a cache's per-layer buffer)
+    kv = rnd(b, h, 2, buf, d)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    lc = None
+    if bias:
+        lc = (torch.rand(b, h, buf, generator=g) * 2).log1p()
+        lc[torch.rand(b, h, buf, generator=g) < 0.1] = float("-inf")  # empty slots
+        lc[..., cached:] = 0.0  # the chunk's own tokens count once
+        lc = lc.to(device=device, dtype=dtype)
+    return q, k, v, lc
+
+
+def _selection(g, b, h, m, cached, blk, kept, device):
+    nsel, nqb = cached // blk, -(-m // blk)
+    return torch.stack([torch.randperm(nsel, generator=g)[:kept] for _ in range(b * h * nqb)]).view(
+        b, h, nqb, kept).to(device)
+
+
+def _reference(q, k, v, bias, sel, cached, commit, blk):
+    m = q.shape[2]
+    kv = cached + m
+    mask = reference_mask(m, sel, cached, commit, blk)
+    add = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        add = add + bias[:, :, None, :kv].float()
+    return F.scaled_dot_product_attention(q.float(), k[:, :, :kv].float(), v[:, :, :kv].float(), attn_mask=add)
+
+
+# (b, h, m, d, cached, buf, commit, kept, sel_block, tiles, bias)
+CASES = [
+    (1, 2, 64, 32, 128, 200, 0, 2, 32, dict(block_m=32, block_n=16), False),   # plain chunk
+    (1, 2, 80, 32, 133, 240, 40, 3, 32, dict(block_m=32, block_n=16), True),   # merged pass, ragged tail, bias
+    (2, 1, 64, 32, 128, 192, 32, 4, 32, dict(block_m=16, block_n=32), True),   # tiles smaller than the block
+    (1, 1, 96, 16, 74, 200, 50, 1, 32, dict(block_m=32, block_n=32), True),    # clean tile that straddles
+    (1, 2, 64, 32, 160, 224, 0, 5, 32, dict(block_m=32, block_n=32), True),    # every cache block kept
+]
+
+
+def _checks(device: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    for b, h, m, d, cached, buf, commit, kept, blk, tiles, bias_on in CASES:
+        q, k, v, bias = _inputs(g, b, h, m, d, cached, buf, torch.float32, device, bias_on)
+        sel = _selection(g, b, h, m, cached, blk, kept, device)
+        out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, **tiles)
+        ref = _reference(q, k, v, bias, sel, cached, commit, blk)
+        err = (out - ref).abs().max().item()
+        assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, err)
+        if kept == cached // blk:  # sparse at full density == dense attention over [cache | chunk]
+            kv = cached + m
+            hide = torch.zeros(m, kv, dtype=torch.bool, device=device)
+            if 0 < commit < m:
+                hide[:commit, cached + commit:] = True
+            add = bias[:, :, None, :kv].float().masked_fill(hide, float("-inf"))
+            dense = F.scaled_dot_product_attention(q, k[:, :, :kv], v[:, :, :kv], attn_mask=add)
+            assert (out - dense).abs().max().item() < 1e-4
+    # a different selection gives a different answer (the kernel reads `sel`)
+    q, k, v, _ = _inputs(g, 1, 1, 32, 32, 128, 160, torch.float32, device)
+    one = torch.tensor([[[[0]]]], device=device)
+    two = torch.tensor([[[[3]]]], device=device)
+    a = annsa_attention(q, k, v, None, one, 128, 0, sel_block=32, block_m=32, block_n=16)
+    c = annsa_attention(q, k, v, None, two, 128, 0, sel_block=32, block_m=32, block_n=16)
+    assert (a - c).abs().max().item() > 1e-3
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernel_matches_masked_dense_attention_under_the_interpreter():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    res = subprocess.run([sys.executable, __file__, "cpu"], env=env, cwd=repo, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "kernel matches" in res.stdout
+
+
+def test_reference_mask_states_the_computed_set():
+    sel = torch.tensor([[[[1], [0]]]])  # two query blocks of 2, cache of 3 blocks of 2 (+1 ragged)
+    mask = reference_mask(4, sel, 7, 2, 2)
+    assert mask.shape == (1, 1, 4, 11)
+    first = [0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0]  # block 1, ragged tail, clean frame; not the noisy frame
+    last = [1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    assert mask[0, 0, 0].int().tolist() == first and mask[0, 0, 1].int().tolist() == first
+    assert mask[0, 0, 2].int().tolist() == last and mask[0, 0, 3].int().tolist() == last
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(block_m=48), "block_m=48 must be a power of two"),
+    (dict(block_n=128), "must be a multiple of block_m=32 and block_n=128"),
+    (dict(sel_shape=(1, 1, 3, 1)), r"sel \(1, 1, 3, 1\) must be \(B, H, 1, kept\)"),
+    (dict(cached=200), "fewer than cached \\+ q_len = 264"),
+])
+def test_bad_arguments_fail_clearly(change, message):
+    q = torch.zeros(1, 1, 64, 32)
+    k = v = torch.zeros(1, 1, 200, 32)
+    sel = torch.zeros(change.pop("sel_shape", (1, 1, 1, 1)), dtype=torch.long)
+    cached = change.pop("cached", 128)
+    tiles = dict(sel_block=64, block_m=32, block_n=32)
+    tiles.update(change)
+    with pytest.raises(ValueError, match=message):
+        annsa_attention(q, k, v, None, sel, cached, 0, **tiles)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_kernel_matches_on_the_gpu():
+    _checks("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_bf16_at_the_wan_shape_agrees_with_flex():
+    """bf16, 12 heads x 128, 3120 queries (the merged pass) over a 21-frame cache with a
+    log-count bias: as close to the float32 reference as the flex kernel is."""
+    from runtime.flex_sparse import FlexBlockSparse
+    g = torch.Generator().manual_seed(1)
+    b, h, m, d, cached, blk, commit = 1, 12, 3120, 128, 21 * 1560, 128, 1560
+    buf = cached + m + 200
+    q, k, v, bias = _inputs(g, b, h, m, d, cached, buf, torch.bfloat16, "cuda", bias=True)
+    sel = _selection(g, b, h, m, cached, blk, 64, "cuda")
+    ref = _reference(q, k, v, bias, sel, cached, commit, blk)
+    out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk)
+    flex = FlexBlockSparse(blk, blk)
+    fo = flex(q, k.contiguous(), v.contiguous(), bias.contiguous(),
+              flex.plan(sel, m, commit, cached, cached + m, buf))
+    err, flex_err = (out.float() - ref).abs().max().item(), (fo.float() - ref).abs().max().item()
+    assert err <= max(2 * flex_err, 1e-2), (err, flex_err)
+
+
+if __name__ == "__main__":
+    _checks(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print("kernel matches")
