@@ -22,7 +22,10 @@ The kernel is a FlashAttention-style forward: one program per (query tile, batch
 the chunk's keys first (at least one of them is visible to every query, so the running
 maximum is finite from the first tile on), then the kept cache blocks in tiles of
 `block_n` keys, with an online softmax in float32 (exp2, the log2(e) factor folded into
-the scale and the bias). Keys, values and the bias are read in place through their strides
+the scale and the bias). With `splits` > 1 a query tile's list of key tiles is cut into that
+many programs, each writing a float32 partial result and its log-sum-exp, which a second
+kernel combines: at the Wan shape one program per query tile leaves the last of about four
+waves a third full on an H100's 132 multiprocessors (`auto_splits` picks the count). Keys, values and the bias are read in place through their strides
 (the cache's buffers; only the last dimension must be contiguous).
 
 Triton is optional, as for TempCache's kernels (runtime/merge_kernel.py): `available`
@@ -53,11 +56,18 @@ def available(t: Tensor) -> bool:
 if triton is not None:
     @triton.jit
     def _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end, hide_q, hide_from,
-              HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One tile of BLOCK_N keys from key n0: the online-softmax update of (acc, m_i, l_i)."""
+              HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+              TMA: tl.constexpr, KD, VD):
+        """One tile of BLOCK_N keys from key n0: the online-softmax update of (acc, m_i, l_i).
+        With TMA the keys and values come through tensor descriptors KD, VD (rows past the
+        valid keys read as zeros; their scores are masked below)."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
             valid = offs_n < kv_end
+        if TMA:
+            kt = KD.load([n0, 0]).T
+            vt = VD.load([n0, 0])
+        elif MASKED:
             kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=valid[None, :], other=0.0)
             vt = tl.load(V + offs_n[:, None] * svn + offs_d[None, :], mask=valid[:, None], other=0.0)
         else:
@@ -89,13 +99,14 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _annsa_fwd(Q, K, V, Bias, Sel, Out,
+    def _annsa_fwd(Q, K, V, Bias, Sel, Out, Part, Lse,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq, sob, soh, som,
-                   H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale,
-                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr):
+                   H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,29 +116,97 @@ if triton is not None:
         K += b * skb + h * skh
         V += b * svb + h * svh
         Bias += b * sbb + h * sbh
+        KD = K
+        VD = V
+        if TMA:
+            KD = tl.make_tensor_descriptor(K, shape=[kv_len, D], strides=[skn, 1], block_shape=[BLOCK_N, D])
+            VD = tl.make_tensor_descriptor(V, shape=[kv_len, D], strides=[svn, 1], block_shape=[BLOCK_N, D])
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        # the chunk (and the cache's ragged tail): a tile whose queries are all clean stops
-        # where the noisy frame begins
+        # the tiles of this query tile, in order: the chunk's (with the cache's ragged tail;
+        # a tile whose queries are all clean stops where the noisy frame begins), then the
+        # kept cache blocks' in tiles of BLOCK_N keys. Split `pid_s` takes tiles
+        # [pid_s * per_split, (pid_s + 1) * per_split) of that list.
         last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1
         kv_end = kv_len
         if last_q < hide_q:
             kv_end = tl.minimum(kv_len, hide_from)
-        for n0 in range(chunk_start, kv_end, BLOCK_N):
-            acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end,
-                                  hide_q, hide_from, HAS_BIAS, True, IEEE, BLOCK_N)
-        # the kept cache blocks of this query block, in tiles of BLOCK_N keys
+        n_chunk = tl.cdiv(kv_end - chunk_start, BLOCK_N)
         SUB: tl.constexpr = SEL_BLOCK // BLOCK_N
+        lo = pid_s * per_split
+        hi = tl.minimum(lo + per_split, n_chunk + kept * SUB)
+        for t in range(lo, tl.minimum(hi, n_chunk)):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
+                                  sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, True, IEEE, BLOCK_N, TMA, KD, VD)
         sel = Sel + b * ssb + h * ssh + ((pid_m * BLOCK_M) // SEL_BLOCK) * ssq
-        for t in range(0, kept * SUB):
+        for t in range(tl.maximum(lo, n_chunk) - n_chunk, hi - n_chunk):
             blk = tl.load(sel + t // SUB)
             n0 = blk * SEL_BLOCK + (t % SUB) * BLOCK_N
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end,
-                                  hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N)
+                                  hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if SPLIT:  # a partial result and its log2-sum-exp2, combined by _annsa_combine
+            row = (pid_s * tl.num_programs(1) + pid_bh) * M + offs_m
+            tl.store(Part + row[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
+            tl.store(Lse + row, m_i + tl.math.log2(l_i), mask=row_ok)
+        else:
+            tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _annsa_combine(Part, Lse, Out, sob, soh, som, H, M, BH, S: tl.constexpr, D: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+        """out = sum_s 2^(lse_s - lse) part_s over the splits (a split that saw no key has
+        lse = -inf and weight 0)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < M
+        top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(S):
+            top = tl.maximum(top, tl.load(Lse + (s * BH + pid_bh) * M + offs_m, mask=row_ok, other=float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        wsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s in tl.static_range(S):
+            row = (s * BH + pid_bh) * M + offs_m
+            w = tl.math.exp2(tl.load(Lse + row, mask=row_ok, other=float("-inf")) - top)
+            acc += w[:, None] * tl.load(Part + row[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            wsum += w
+        out = acc / tl.where(wsum == 0.0, 1.0, wsum)[:, None]
+        b = pid_bh // H
+        h = pid_bh % H
         tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None])
+
+
+def _descriptor_scratch() -> None:
+    """Tensor descriptors made inside a kernel need global scratch memory from Triton's
+    allocator: torch allocations on the kernel's device (inside a CUDA graph capture they
+    come from the graph's pool)."""
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+    triton.set_allocator(alloc)
+
+
+def auto_splits(programs: int, tiles: int, device: torch.device, max_splits: int = 4) -> int:
+    """Key splits per query tile so that the programs fill the GPU's multiprocessors in
+    whole waves (one program per multiprocessor at the default tiles): the split count with
+    the best wave efficiency, each extra split charged 3% for its partial results, and at
+    least 8 key tiles per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def score(s):
+        waves = programs * s / sms
+        return waves / math.ceil(waves) - 0.03 * (s - 1)
+
+    options = [s for s in range(1, max_splits + 1) if s == 1 or tiles / s >= 8]
+    return max(options, key=score)
 
 
 def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> None:
@@ -142,11 +221,15 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
                     sel_block: int = 128, block_m: int = 128, block_n: int = 64, num_warps: int = 8,
-                    num_stages: int = 3, scale: float | None = None) -> Tensor:
+                    num_stages: int = 3, splits: int | None = None, tma: bool = False,
+                    scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
     only the first cached + q_len slots are read); bias None or (B, H, L) (any float dtype,
     read in place); sel (B, H, ceil(q_len / sel_block), kept) integer indices of the kept
-    cache blocks, each below cached // sel_block. Returns (B, H, q_len, D) in q's dtype."""
+    cache blocks, each below cached // sel_block. `splits` cuts each query tile's key tiles
+    into that many programs whose partial results are then combined (None: `auto_splits`).
+    `tma`: keys and values through tensor descriptors (Hopper's TMA unit; needs the rows'
+    strides in 16-byte multiples). Returns (B, H, q_len, D) in q's dtype."""
     b, h, m, d = q.shape
     kv_len = cached + m
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[3] != d or v.shape[3] != d:
@@ -171,12 +254,25 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
         bias_t, bstr = bias, bias.stride()
     hide_q, hide_from = (commit, cached + commit) if 0 < commit < m else (0, kv_len)
     scale = d ** -0.5 if scale is None else scale
-    grid = (math.ceil(m / block_m), b * h)
-    _annsa_fwd[grid](q, k, v, bias_t, sel, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
+    n_tiles = math.ceil((kv_len - (cached // sel_block) * sel_block) / block_n) + sel.shape[3] * (sel_block // block_n)
+    grid_m = math.ceil(m / block_m)
+    splits = auto_splits(grid_m * b * h, n_tiles, q.device) if splits is None else splits
+    if splits < 1:
+        raise ValueError(f"AnnSA triton kernel: splits={splits} must be >= 1")
+    if tma:
+        _descriptor_scratch()
+    part = lse = out
+    if splits > 1:
+        part = torch.empty(splits, b * h, m, d, device=q.device, dtype=torch.float32)
+        lse = torch.empty(splits, b * h, m, device=q.device, dtype=torch.float32)
+    _annsa_fwd[(grid_m, b * h, splits)](q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
                      *sel.stride()[:3], *out.stride()[:3], h, m, sel.shape[3], (cached // sel_block) * sel_block,
-                     kv_len, hide_q, hide_from, scale * LOG2E, HAS_BIAS=bias is not None,
-                     IEEE=q.dtype == torch.float32, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SEL_BLOCK=sel_block,
-                     num_warps=num_warps, num_stages=num_stages)
+                     kv_len, hide_q, hide_from, scale * LOG2E, math.ceil(n_tiles / splits),
+                     HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32, SPLIT=splits > 1, D=d, BLOCK_M=block_m,
+                     BLOCK_N=block_n, SEL_BLOCK=sel_block, TMA=bool(tma), num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=splits, D=d,
+                                                   BLOCK_M=64, num_warps=4)
     return out
 
 

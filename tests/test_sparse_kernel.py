@@ -69,10 +69,13 @@ def _checks(device: str) -> None:
     for b, h, m, d, cached, buf, commit, kept, blk, tiles, bias_on in CASES:
         q, k, v, bias = _inputs(g, b, h, m, d, cached, buf, torch.float32, device, bias_on)
         sel = _selection(g, b, h, m, cached, blk, kept, device)
-        out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, **tiles)
         ref = _reference(q, k, v, bias, sel, cached, commit, blk)
-        err = (out - ref).abs().max().item()
-        assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, err)
+        # the key tiles in one program, or split and combined; keys through pointers or
+        # tensor descriptors
+        for splits, tma in ((1, False), (2, False), (3, False), (1, True), (2, True)):
+            out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, splits=splits, tma=tma, **tiles)
+            err = (out - ref).abs().max().item()
+            assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, splits, tma, err)
         if kept == cached // blk:  # sparse at full density == dense attention over [cache | chunk]
             kv = cached + m
             hide = torch.zeros(m, kv, dtype=torch.bool, device=device)
@@ -116,6 +119,7 @@ def test_reference_mask_states_the_computed_set():
     (dict(block_n=128), "must be a multiple of block_m=32 and block_n=128"),
     (dict(sel_shape=(1, 1, 3, 1)), r"sel \(1, 1, 3, 1\) must be \(B, H, 1, kept\)"),
     (dict(cached=200), "fewer than cached \\+ q_len = 264"),
+    (dict(splits=0), "splits=0 must be >= 1"),
 ])
 def test_bad_arguments_fail_clearly(change, message):
     q = torch.zeros(1, 1, 64, 32)
