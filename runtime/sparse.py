@@ -21,9 +21,9 @@ Sparsity is skipped (dense) for the first floor(dense_fraction * steps) denoisin
 whenever the kept fraction would exceed `max_density`, and while fewer than `min_blocks`
 blocks are cached (below that the selection costs more than it saves; docs/attention.md).
 
-Two kernels (`kernel`; auto = flex on CUDA, gather elsewhere) and two block scorers
-(`select`; auto = pooled with flex, ann with gather), so the CPU keeps the gather path
-and the ANN scores:
+Three kernels (`kernel`; auto = triton on CUDA, gather elsewhere) and two block scorers
+(`select`; auto = pooled with triton and flex, ann with gather), so the CPU keeps the
+gather path and the ANN scores:
 
     gather  copy the kept blocks of every query block next to the chunk and run SDPA
             (blocks of `block` tokens; needs cached and chunk lengths divisible by it)
@@ -37,13 +37,17 @@ and the ANN scores:
             when it doubles); uncompiled flex on CUDA and more than `flex_max_compiles`
             signatures are errors, never a silent slow path. `flex_options` are
             flex_attention kernel_options (e.g. {USE_TMA: true}).
+    triton  the same set of keys as flex in one Triton kernel (runtime/sparse_kernel.py)
+            that reads the selected block indices itself: no block mask to build, no
+            compile per shape, the log-count bias read in place; tiles from
+            `triton_tiles`. Faster than flex at the Wan shape (BENCHMARKS.md).
     ann     the ANN backend's `block_scores` (scores every query-key pair, then pools)
     pooled  mean-pooled query blocks against mean-pooled key blocks plus the block's log
             count (runtime/ann.py, pooled_block_scores): the exact mean logit of each
             block pair at 1/(block^2) of the cost, what makes selection cheap on a GPU
 
-Both kernels are exact when every block is kept, and keep the same blocks for the same
-scores (tests/test_attention.py, tests/test_flex_sparse.py).
+Every kernel is exact when every block is kept, and they keep the same blocks for the same
+scores (tests/test_attention.py, tests/test_flex_sparse.py, tests/test_sparse_kernel.py).
 
 Statistics per module and layer: density (fraction of query-key pairs computed), and
 with `stats_recall: true` recall (fraction of the dense softmax mass on kept keys).
@@ -60,11 +64,14 @@ from runtime.ann import build_ann, mass_recall, pooled_block_scores
 from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache, take_rows
 from runtime.configs import strict_dataclass
+from runtime import sparse_kernel
 from runtime.flex_sparse import FlexBlockSparse, plan_dense_mask
+from runtime.sparse_kernel import annsa_attention, reference_mask
 from runtime.tempcache import FILLS, MATCH_DTYPES, HistoryProbe, TempCache
 
 POLICIES = ("dense", "window", "tempcache")
-KERNELS = ("auto", "flex", "gather")
+KERNELS = ("auto", "flex", "gather", "triton")
+TRITON_TILE_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "splits", "tma")
 SELECTS = ("auto", "ann", "pooled")
 
 
@@ -102,13 +109,16 @@ class AttentionConfig:
                                     # costs more); with fill=budget the span is the whole budget from the start
     annca_min_tokens: int = 0       # AnnCA: with fewer (distinct) prompt tokens, run dense
     stats_recall: bool = False      # measure attention recall (costs a dense pass)
-    kernel: str = "auto"            # AnnSA kernel: flex (block-sparse FlexAttention) | gather | auto (flex on CUDA)
+    kernel: str = "auto"            # AnnSA kernel: triton (runtime/sparse_kernel.py) | flex (block-sparse
+                                    # FlexAttention) | gather | auto (triton on CUDA, gather elsewhere)
     select: str = "auto"            # AnnSA block scores: pooled (mean-pooled blocks) | ann (the ANN's
                                     # block_scores) | auto (pooled with flex, ann with gather)
     flex_block: int = 128           # AnnSA flex: query and key block size (a multiple of the kernel's tiles)
     flex_compile: bool = True       # AnnSA flex: torch.compile the kernel (required on CUDA)
     flex_options: dict = field(default_factory=dict)  # AnnSA flex: flex_attention kernel_options
     flex_max_compiles: int = 16     # AnnSA flex: more distinct kernel signatures than this is an error
+    triton_tiles: dict = field(default_factory=dict)  # AnnSA triton: tile choices (block_m, block_n, num_warps,
+                                                      # num_stages, splits, tma); missing keys: the kernel's defaults
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -125,6 +135,9 @@ class AttentionConfig:
             raise ValueError(f"attention.kernel={self.kernel!r}; expected one of {list(KERNELS)}")
         if self.select not in SELECTS:
             raise ValueError(f"attention.select={self.select!r}; expected one of {list(SELECTS)}")
+        bad = sorted(set(self.triton_tiles) - set(TRITON_TILE_KEYS))
+        if bad:
+            raise ValueError(f"attention.triton_tiles has unknown keys {bad}; expected some of {list(TRITON_TILE_KEYS)}")
         if self.flex_block < 1:
             raise ValueError(f"attention.flex_block={self.flex_block} must be >= 1")
         if self.flex_max_compiles < 1:
@@ -197,7 +210,7 @@ class AnnSelfAttention:
         lk = keys.shape[2]
         lc = lk - m  # cached tokens
         c = self.commit
-        flex = self.rt.sa_kernel(q.device) == "flex"
+        flex = self.rt.sa_kernel(q.device) in ("flex", "triton")  # block-sparse straight over the buffer
         blk = cfg.flex_block if flex else cfg.block
         nkb = lc // blk  # selectable cache blocks (flex: a ragged tail travels with the chunk)
         keep_n = min(nkb, math.ceil(cfg.density * nkb))
@@ -250,6 +263,16 @@ class AnnSelfAttention:
         lk = lc + m
         sel = self.select(layer, q, keys, bias, nkb, keep_n, blk, rt.sa_select("flex"))
         kbuf, vbuf = self._buffers(layer, keys, values)
+        if rt.sa_kernel(q.device) == "triton":
+            out = annsa_attention(q, kbuf, vbuf, None if bias is None else bias[:, :, 0], sel.view(b, h, -1, keep_n),
+                                  lc, self.commit, sel_block=blk, **self.rt.triton_tiles)
+            recall = None
+            if cfg.stats_recall:
+                kept = reference_mask(m, sel.view(b, h, -1, keep_n), lc, self.commit, blk)
+                hide = self._hide(m, lk, q.device)
+                recall = mass_recall(q, keys, merge_mask(bias, hide, torch.float32) if hide is not None else bias, kept)
+            self.rt.sa_stats.add(layer, (keep_n * blk + lk - nkb * blk) / lk, recall)
+            return out
         buf = kbuf.shape[2]
         bias_buf = None
         if bias is not None:  # (B, H, buf) in the query dtype, like the dense path's SDPA bias
@@ -364,6 +387,7 @@ class AttentionRuntime:
         self.ann_backend = build_ann(cfg.ann, **cfg.ann_options) if (cfg.annsa or cfg.annca) else None
         self.cache: KVCache | None = None
         self._flex: FlexBlockSparse | None = None
+        self.triton_tiles = {**sparse_kernel.DEFAULT_TILES, **cfg.triton_tiles}
         self.reset()
 
     def build_cache(self, spec: CacheSpec) -> KVCache:
@@ -383,14 +407,19 @@ class AttentionRuntime:
         return cache
 
     def sa_kernel(self, device) -> str:
-        """The AnnSA kernel on this device: `kernel`, with auto = flex on CUDA, else gather."""
+        """The AnnSA kernel on this device: `kernel`, with auto = triton on CUDA (flex where
+        Triton is missing), else gather."""
         k = self.cfg.kernel
-        return k if k != "auto" else ("flex" if torch.device(device).type == "cuda" else "gather")
+        if k != "auto":
+            return k
+        if torch.device(device).type != "cuda":
+            return "gather"
+        return "triton" if sparse_kernel.triton is not None else "flex"
 
     def sa_select(self, kernel: str) -> str:
-        """The AnnSA block scorer: `select`, with auto = pooled for flex, ann for gather."""
+        """The AnnSA block scorer: `select`, with auto = pooled for flex and triton, ann for gather."""
         s = self.cfg.select
-        return s if s != "auto" else ("pooled" if kernel == "flex" else "ann")
+        return s if s != "auto" else ("ann" if kernel == "gather" else "pooled")
 
     def flex_kernel(self) -> FlexBlockSparse:
         if self._flex is None:

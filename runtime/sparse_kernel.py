@@ -19,8 +19,8 @@ BlockMask: the block lists are `sel` itself, read inside the kernel, so the sele
 the only work around the kernel.
 
 The kernel is a FlashAttention-style forward: one program per (query tile, batch x head),
-the chunk's keys first (at least one of them is visible to every query, so the running
-maximum is finite from the first tile on), then the kept cache blocks in tiles of
+the chunk's keys first (those that need no mask, then the ragged or partly hidden ones),
+then the kept cache blocks in tiles of
 `block_n` keys, with an online softmax in float32 (exp2, the log2(e) factor folded into
 the scale and the bias). With `splits` > 1 a query tile's list of key tiles is cut into that
 many programs, each writing a float32 partial result and its log-sum-exp, which a second
@@ -45,7 +45,7 @@ if triton is not None:
     import triton.language as tl
 
 LOG2E = 1.4426950408889634
-DEFAULT_TILES = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+DEFAULT_TILES = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}  # fastest on an H100 (BENCHMARKS.md)
 
 
 def available(t: Tensor) -> bool:
@@ -77,19 +77,23 @@ if triton is not None:
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = s * qk_scale
         if HAS_BIAS:
             if MASKED:
                 b = tl.load(Bias + offs_n * sbn, mask=valid, other=0.0)
             else:
                 b = tl.load(Bias + offs_n * sbn)
-            s = s + b.to(tl.float32)[None, :] * 1.4426950408889634
+            s = s * qk_scale + b.to(tl.float32)[None, :] * 1.4426950408889634
         if MASKED:
             see = valid[None, :] & ((offs_m[:, None] >= hide_q) | (offs_n[None, :] < hide_from))
             s = tl.where(see, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
+        if HAS_BIAS:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        else:  # the scale applied inside the exponent: one fused multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
@@ -136,7 +140,16 @@ if triton is not None:
         SUB: tl.constexpr = SEL_BLOCK // BLOCK_N
         lo = pid_s * per_split
         hi = tl.minimum(lo + per_split, n_chunk + kept * SUB)
-        for t in range(lo, tl.minimum(hi, n_chunk)):
+        # chunk tiles that need no mask come first: all but the ragged last one, and in a tile
+        # of clean and noisy queries those before the noisy frame
+        safe_end = kv_end
+        if (pid_m * BLOCK_M < hide_q) & (last_q >= hide_q):
+            safe_end = tl.minimum(kv_end, hide_from)
+        n_safe = (safe_end - chunk_start) // BLOCK_N
+        for t in range(lo, tl.minimum(hi, n_safe)):
+            acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
+                                  sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
+        for t in range(tl.maximum(lo, n_safe), tl.minimum(hi, n_chunk)):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
                                   sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, True, IEEE, BLOCK_N, TMA, KD, VD)
         sel = Sel + b * ssb + h * ssh + ((pid_m * BLOCK_M) // SEL_BLOCK) * ssq

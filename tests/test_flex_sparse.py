@@ -5,6 +5,7 @@ uncompiled here (it then applies only the mask_mod, element by element); the blo
 tests check that the compiled kernel, which reads the block lists, sees the same pairs."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -140,9 +141,12 @@ def test_uncompiled_flex_is_refused_on_cuda():
 def test_kernel_and_selection_defaults_keep_the_cpu_gather_path():
     rt = AttentionRuntime(AttentionConfig(annsa=True))
     assert rt.sa_kernel("cpu") == "gather" and rt.sa_select("gather") == "ann"
-    assert rt.sa_kernel("cuda") == "flex" and rt.sa_select("flex") == "pooled"
+    gpu = "triton" if importlib.util.find_spec("triton") is not None else "flex"
+    assert rt.sa_kernel("cuda") == gpu and rt.sa_select(gpu) == "pooled" and rt.sa_select("flex") == "pooled"
     with pytest.raises(ValueError, match="kernel"):
-        AttentionConfig(kernel="triton")
+        AttentionConfig(kernel="cutlass")
+    with pytest.raises(ValueError, match=r"triton_tiles has unknown keys \['block_k'\]"):
+        AttentionConfig(triton_tiles={"block_k": 64})
     with pytest.raises(ValueError, match="select"):
         AttentionConfig(select="lsh")
 

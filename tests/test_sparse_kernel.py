@@ -1,4 +1,5 @@
-"""AnnSA's Triton kernel (runtime/sparse_kernel.py) against dense attention with the same mask.
+"""AnnSA's Triton kernel (runtime/sparse_kernel.py) against dense attention with the same mask,
+and through the engine's AnnSelfAttention against dense (full density) and flex (below it).
 
 On a machine without a GPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1,
 set before Triton is imported, so in a child process), in float32. The GPU run of the same
@@ -93,6 +94,36 @@ def _checks(device: str) -> None:
     assert (a - c).abs().max().item() > 1e-3
 
 
+def _engine_checks() -> None:
+    """Through AnnSelfAttention (the engine's path, caches of tests/test_flex_sparse.py):
+    at full density the triton kernel equals dense attention, below it the flex kernel
+    (the same selection, density and recall)."""
+    from test_flex_sparse import N, chunk, filled
+
+    from runtime.attention import CachedSelfAttention
+    from runtime.sparse import AnnSelfAttention, AttentionConfig, AttentionRuntime
+    tri = dict(kernel="triton", flex_block=2 * N, triton_tiles=dict(block_m=16, block_n=16))
+    for policy in ("dense", "tempcache"):
+        for merged in (False, True):
+            (rt, _), (cache, dense), g = filled(policy, 6, seed=1, **tri)
+            (q, k, v), commit = chunk(g, merged)
+            out = AnnSelfAttention(rt, cache, commit, sparse=True)(0, q, k, v, k)
+            assert rt.sa_stats.summary()["density"] == 1.0
+            assert torch.allclose(out, CachedSelfAttention(dense, commit)(0, q, k, v, k), atol=1e-5), (policy, merged)
+            kw = dict(density=0.3, max_density=0.9, recent_frames=1, select="pooled", stats_recall=True)
+            (rt_t, _), (cache_t, dense_t), g = filled(policy, 10, seed=2, **tri, **kw)
+            (_, _), (cache_f, _), _ = filled(policy, 10, seed=2, **tri, **kw)
+            rt_f = AttentionRuntime(AttentionConfig(**{**rt_t.cfg.__dict__, "kernel": "flex"}))
+            (q, k, v), commit = chunk(g, merged)
+            out_t = AnnSelfAttention(rt_t, cache_t, commit, sparse=True)(0, q, k, v, k)
+            out_f = AnnSelfAttention(rt_f, cache_f, commit, sparse=True)(0, q, k, v, k)
+            st, sf = rt_t.sa_stats.summary(), rt_f.sa_stats.summary()
+            assert st["density"] == pytest.approx(sf["density"]) and st["density"] < 0.7, (st, sf)
+            assert st["recall"] == pytest.approx(sf["recall"], abs=1e-5) and st["recall"] < 1
+            assert torch.allclose(out_t, out_f, atol=1e-5), (policy, merged)
+            assert not torch.allclose(out_t, CachedSelfAttention(dense_t, commit)(0, q, k, v, k), atol=1e-3)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_matches_masked_dense_attention_under_the_interpreter():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,4 +191,5 @@ def test_bf16_at_the_wan_shape_agrees_with_flex():
 
 if __name__ == "__main__":
     _checks(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    _engine_checks()
     print("kernel matches")
