@@ -233,7 +233,7 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 
 
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
-                    sel_block: int = 128, block_m: int = 128, block_n: int = 64, num_warps: int = 8,
+                    sel_block: int = 128, block_m: int = 128, block_n: int = 128, num_warps: int = 8,
                     num_stages: int = 3, splits: int | None = None, tma: bool = False,
                     scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
