@@ -96,10 +96,11 @@ if triton is not None:
             p = tl.math.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]  # rescaled, then accumulated into by the product itself
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            acc = tl.dot(p.to(vt.dtype), vt, acc)
         return acc, m_new, l_i
 
     @triton.jit
