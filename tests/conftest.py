@@ -25,6 +25,18 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     return compose_config(config_name, overrides)
 
 
+def run_interpreted(script: str, *args: str) -> str:
+    """Run a test file as a script with Triton's interpreter on (TRITON_INTERPRET=1 must be
+    set before Triton is imported, hence a child process): its kernels run on the CPU.
+    Fails with the child's output if it fails; returns its stdout."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    res = subprocess.run([sys.executable, script, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors: one thread is fastest and avoids stalls when the cores are shared."""

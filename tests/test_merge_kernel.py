@@ -8,13 +8,12 @@ on a CUDA machine.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import run_interpreted
 from runtime import merge_kernel
 from runtime.cache import CacheSpec
 from runtime.tempcache import TempCache, _put, _sorted_means, eviction_priority_reference
@@ -140,13 +139,7 @@ def _checks(device: str) -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernels_match_pytorch_under_the_interpreter():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    res = subprocess.run([sys.executable, __file__, "cpu"], env=env, cwd=repo, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "kernels match" in res.stdout
+    assert "kernels match" in run_interpreted(__file__, "cpu")
 
 
 @pytest.mark.gpu

@@ -9,14 +9,13 @@ checks, plus bfloat16 at a larger shape against the flex kernel, is
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_interpreted
 from runtime.sparse_kernel import annsa_attention, reference_mask
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -126,13 +125,7 @@ def _engine_checks() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_matches_masked_dense_attention_under_the_interpreter():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    res = subprocess.run([sys.executable, __file__, "cpu"], env=env, cwd=repo, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "kernel matches" in res.stdout
+    assert "kernel matches" in run_interpreted(__file__, "cpu")
 
 
 def test_reference_mask_states_the_computed_set():
