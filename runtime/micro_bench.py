@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from runtime import sparse_kernel
 from runtime.ann import pooled_block_scores
 from runtime.attention import sdpa, staged_attention
 from runtime.cache import CacheSpec
-from runtime import sparse_kernel
 from runtime.flex_sparse import FlexBlockSparse, compiled_signatures
 from runtime.sparse_kernel import annsa_attention
 from runtime.tempcache import TempCache

@@ -60,11 +60,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from runtime import sparse_kernel
 from runtime.ann import build_ann, mass_recall, pooled_block_scores
 from runtime.attention import CachedSelfAttention, merge_mask, sdpa, staged_attention
 from runtime.cache import CacheSpec, DenseCache, KVCache, WindowCache, take_rows
 from runtime.configs import strict_dataclass
-from runtime import sparse_kernel
 from runtime.flex_sparse import FlexBlockSparse, plan_dense_mask
 from runtime.sparse_kernel import annsa_attention, reference_mask
 from runtime.tempcache import FILLS, MATCH_DTYPES, HistoryProbe, TempCache
@@ -112,8 +112,9 @@ class AttentionConfig:
     kernel: str = "auto"            # AnnSA kernel: triton (runtime/sparse_kernel.py) | flex (block-sparse
                                     # FlexAttention) | gather | auto (triton on CUDA, gather elsewhere)
     select: str = "auto"            # AnnSA block scores: pooled (mean-pooled blocks) | ann (the ANN's
-                                    # block_scores) | auto (pooled with flex, ann with gather)
-    flex_block: int = 128           # AnnSA flex: query and key block size (a multiple of the kernel's tiles)
+                                    # block_scores) | auto (pooled with triton and flex, ann with gather)
+    flex_block: int = 128           # AnnSA flex and triton: query and key block size of the selection (a multiple
+                                    # of the kernel's tiles)
     flex_compile: bool = True       # AnnSA flex: torch.compile the kernel (required on CUDA)
     flex_options: dict = field(default_factory=dict)  # AnnSA flex: flex_attention kernel_options
     flex_max_compiles: int = 16     # AnnSA flex: more distinct kernel signatures than this is an error
