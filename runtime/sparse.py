@@ -138,7 +138,8 @@ class AttentionConfig:
             raise ValueError(f"attention.select={self.select!r}; expected one of {list(SELECTS)}")
         bad = sorted(set(self.triton_tiles) - set(TRITON_TILE_KEYS))
         if bad:
-            raise ValueError(f"attention.triton_tiles has unknown keys {bad}; expected some of {list(TRITON_TILE_KEYS)}")
+            raise ValueError(f"attention.triton_tiles has unknown keys {bad}; "
+                             f"expected some of {list(TRITON_TILE_KEYS)}")
         if self.flex_block < 1:
             raise ValueError(f"attention.flex_block={self.flex_block} must be >= 1")
         if self.flex_max_compiles < 1:

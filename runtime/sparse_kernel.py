@@ -20,13 +20,14 @@ the only work around the kernel.
 
 The kernel is a FlashAttention-style forward: one program per (query tile, batch x head),
 the chunk's keys first (those that need no mask, then the ragged or partly hidden ones),
-then the kept cache blocks in tiles of
-`block_n` keys, with an online softmax in float32 (exp2, the log2(e) factor folded into
-the scale and the bias). With `splits` > 1 a query tile's list of key tiles is cut into that
-many programs, each writing a float32 partial result and its log-sum-exp, which a second
-kernel combines: at the Wan shape one program per query tile leaves the last of about four
-waves a third full on an H100's 132 multiprocessors (`auto_splits` picks the count). Keys, values and the bias are read in place through their strides
-(the cache's buffers; only the last dimension must be contiguous).
+then the kept cache blocks, in tiles of `block_n` keys, with an online softmax in float32
+(exp2, the log2(e) factor folded into the scale and the bias). With `splits` > 1 a query
+tile's list of key tiles is cut into that many programs, each writing a float32 partial
+result and its log-sum-exp, which a second kernel combines: at the Wan shape one program
+per query tile leaves the last of about four waves a third full on an H100's 132
+multiprocessors (`auto_splits` picks the count). Keys, values and the bias are read in
+place through their strides (the cache's buffers; only the last dimension must be
+contiguous).
 
 Triton is optional, as for TempCache's kernels (runtime/merge_kernel.py): `available`
 says whether the kernel can run on a tensor; under `TRITON_INTERPRET=1` it runs on the CPU,
@@ -45,7 +46,8 @@ if triton is not None:
     import triton.language as tl
 
 LOG2E = 1.4426950408889634
-DEFAULT_TILES = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}  # fastest on an H100 (BENCHMARKS.md)
+# 128 x 128 tiles, 8 warps, 3 stages: among the fastest choices timed on an H100 (BENCHMARKS.md)
+DEFAULT_TILES = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
 
 
 def available(t: Tensor) -> bool:
@@ -268,7 +270,8 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
         bias_t, bstr = bias, bias.stride()
     hide_q, hide_from = (commit, cached + commit) if 0 < commit < m else (0, kv_len)
     scale = d ** -0.5 if scale is None else scale
-    n_tiles = math.ceil((kv_len - (cached // sel_block) * sel_block) / block_n) + sel.shape[3] * (sel_block // block_n)
+    chunk_start = (cached // sel_block) * sel_block
+    n_tiles = math.ceil((kv_len - chunk_start) / block_n) + sel.shape[3] * (sel_block // block_n)
     grid_m = math.ceil(m / block_m)
     splits = auto_splits(grid_m * b * h, n_tiles, q.device) if splits is None else splits
     if splits < 1:
@@ -279,11 +282,12 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     if splits > 1:
         part = torch.empty(splits, b * h, m, d, device=q.device, dtype=torch.float32)
         lse = torch.empty(splits, b * h, m, device=q.device, dtype=torch.float32)
-    _annsa_fwd[(grid_m, b * h, splits)](q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
-                     *sel.stride()[:3], *out.stride()[:3], h, m, sel.shape[3], (cached // sel_block) * sel_block,
-                     kv_len, hide_q, hide_from, scale * LOG2E, math.ceil(n_tiles / splits),
-                     HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32, SPLIT=splits > 1, D=d, BLOCK_M=block_m,
-                     BLOCK_N=block_n, SEL_BLOCK=sel_block, TMA=bool(tma), num_warps=num_warps, num_stages=num_stages)
+    _annsa_fwd[(grid_m, b * h, splits)](
+        q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
+        *sel.stride()[:3], *out.stride()[:3], h, m, sel.shape[3], chunk_start, kv_len, hide_q,
+        hide_from, scale * LOG2E, math.ceil(n_tiles / splits), HAS_BIAS=bias is not None,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SEL_BLOCK=sel_block,
+        TMA=bool(tma), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=splits, D=d,
                                                    BLOCK_M=64, num_warps=4)
