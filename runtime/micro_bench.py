@@ -13,11 +13,16 @@ each call between CUDA events; the first call, which compiles, is timed separate
             a ratio to dense at the same length. `density` is the kept fraction of the
             cache blocks; `computed` the fraction of [cache | chunk] keys each query
             block visits (the chunk is always visited)
+  triton    AnnSA's Triton kernel (runtime/sparse_kernel.py): kernel alone, with the
+            selection eagerly, and with the selection replayed from one CUDA graph, against
+            dense SDPA eagerly and from a graph; rows by kept fraction of the cache blocks
+            (`--densities`) and by fraction of [cache | chunk] keys visited (`--computed`).
+            More than one `--triton-tiles` choice: each timed first, the fastest used
   merged    the 2-frame merged pass: dense (two SDPA calls, as staged_attention does) and
-            flex at 25% with the clean queries masked off the noisy frame
+            flex (and the triton kernel) at 25% with the clean queries masked off the noisy frame
   bias      the per-key log-count bias: SDPA with an additive (1, H, 1, L) bias in the
-            query dtype; flex with a score_mod bias at full and 25% density; and the
-            same without bias
+            query dtype; flex with a score_mod bias at full and 25% density; the triton
+            kernel reading float32 log counts in place; and the same without bias
   tma       flex at 25% with kernel_options USE_TMA (skipped with a note if it fails)
   tempcache TempCache.commit of one frame for all layers (30) at a full budget
             (21 frames, merge_target 0.4 so that random keys merge, match_frames 2),
@@ -169,6 +174,19 @@ def bench_merged(out: dict, args, device, dt, kernel, lc) -> None:
     print(f"merged pass ({m} queries, {c} committed) over {lc}: dense {dense['ms']:.3f} ms, flex 25% "
           f"{kern['ms']:.3f} ms x{out['merged']['kernel_ratio']:.2f}, +selection {total['ms']:.3f} ms "
           f"x{out['merged']['total_ratio']:.2f}", flush=True)
+    if sparse_kernel.available(q):
+        tiles = triton_tiles(out, args)
+        keep = sel.keep(0.25)
+        idx = sel.indices(q, k, None, keep)
+        tri = timed(lambda: annsa_attention(q, k, v, None, idx, lc, c, sel_block=args.block, **tiles), device,
+                    args.warmup, args.repeats)["ms"]
+        out["merged"].update({"triton_ms": tri, "triton_ratio": tri / dense["ms"], "triton_tiles": tiles})
+        print(f"   triton 25% {tri:.3f} ms x{tri / dense['ms']:.2f}", flush=True)
+
+
+def triton_tiles(out: dict, args) -> dict:
+    """The triton kernel's tiles: the triton section's choice, else the first `--triton-tiles`."""
+    return out.get("triton", {}).get("tiles", args.triton_tiles[0])
 
 
 def bench_bias(out: dict, args, device, dt, kernel, lc) -> None:
@@ -190,12 +208,21 @@ def bench_bias(out: dict, args, device, dt, kernel, lc) -> None:
         res[f"flex_{tag}_ms"] = timed(lambda: kernel(q, k, v, None, plan), device, args.warmup, args.repeats)["ms"]
         res[f"flex_{tag}_bias_ms"] = timed(lambda: kernel(q, k, v, bias_q, plan), device, args.warmup,
                                            args.repeats)["ms"]
+        if sparse_kernel.available(q):  # the log counts read in place, in float32 as TempCache keeps them
+            tiles = triton_tiles(out, args)
+            idx = sel.indices(q, k, logc, sel.keep(dens))
+            for bias, name in ((None, f"triton_{tag}_ms"), (logc, f"triton_{tag}_bias_ms")):
+                res[name] = timed(lambda: annsa_attention(q, k, v, bias, idx, lc, 0, sel_block=args.block, **tiles),
+                                  device, args.warmup, args.repeats)["ms"]
     for key in [k_ for k_ in res if k_.endswith("_ms") and k_ != "sdpa_ms"]:
         res[key.replace("_ms", "_ratio")] = res[key] / res["sdpa_ms"]
     out["bias"] = res
     print(f"bias over {lc}: SDPA {res['sdpa_ms']:.3f} / with bias {res['sdpa_bias_ms']:.3f} ms; flex full "
           f"{res['flex_full_ms']:.3f} / {res['flex_full_bias_ms']:.3f} ms; flex 25% {res['flex_25_ms']:.3f} / "
-          f"{res['flex_25_bias_ms']:.3f} ms (no bias / score_mod bias)", flush=True)
+          f"{res['flex_25_bias_ms']:.3f} ms (no bias / score_mod bias)"
+          + (f"; triton full {res['triton_full_ms']:.3f} / {res['triton_full_bias_ms']:.3f} ms, 25% "
+             f"{res['triton_25_ms']:.3f} / {res['triton_25_bias_ms']:.3f} ms" if "triton_25_ms" in res else ""),
+          flush=True)
 
 
 def bench_tma(out: dict, args, device, dt, lc) -> None:
