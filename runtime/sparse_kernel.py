@@ -59,7 +59,7 @@ if triton is not None:
     @triton.jit
     def _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end, hide_q, hide_from,
               HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-              TMA: tl.constexpr, KD, VD, LAZY: tl.constexpr):
+              TMA: tl.constexpr, KD, VD):
         """One tile of BLOCK_N keys from key n0: the online-softmax update of (acc, m_i, l_i).
         With TMA the keys and values come through tensor descriptors KD, VD (rows past the
         valid keys read as zeros; their scores are masked below)."""
@@ -90,22 +90,15 @@ if triton is not None:
             s = tl.where(see, s, float("-inf"))
         if HAS_BIAS:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-        else:  # the scale applied inside the exponent below: one fused multiply-add per score
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        if LAZY:  # keep a row's running maximum until a score exceeds it by 2^8 (p stays below 256)
-            m_new = tl.where(m_new > m_i + 8.0, m_new, m_i)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if HAS_BIAS:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
-        else:
+        else:  # the scale applied inside the exponent: one fused multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if LAZY:  # the output is rescaled only when some row's maximum moved
-            if tl.max((m_new != m_i).to(tl.int32), 0) > 0:
-                acc = acc * alpha[:, None]
-        else:
-            acc = acc * alpha[:, None]  # rescaled, then accumulated into by the product itself
+        acc = acc * alpha[:, None]  # rescaled, then accumulated into by the product itself
         if IEEE:
             acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
         else:
@@ -117,8 +110,7 @@ if triton is not None:
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq, sob, soh, som,
                    H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr,
-                   LAZY: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -159,16 +151,16 @@ if triton is not None:
         n_safe = (safe_end - chunk_start) // BLOCK_N
         for t in range(lo, tl.minimum(hi, n_safe)):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
-                                  sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD, LAZY)
+                                  sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
         for t in range(tl.maximum(lo, n_safe), tl.minimum(hi, n_chunk)):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
-                                  sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, True, IEEE, BLOCK_N, TMA, KD, VD, LAZY)
+                                  sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, True, IEEE, BLOCK_N, TMA, KD, VD)
         sel = Sel + b * ssb + h * ssh + ((pid_m * BLOCK_M) // SEL_BLOCK) * ssq
         for t in range(tl.maximum(lo, n_chunk) - n_chunk, hi - n_chunk):
             blk = tl.load(sel + t // SUB)
             n0 = blk * SEL_BLOCK + (t % SUB) * BLOCK_N
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end,
-                                  hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD, LAZY)
+                                  hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if SPLIT:  # a partial result and its log2-sum-exp2, combined by _annsa_combine
             row = (pid_s * tl.num_programs(1) + pid_bh) * M + offs_m
@@ -245,7 +237,7 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
                     sel_block: int = 128, block_m: int = 128, block_n: int = 128, num_warps: int = 8,
-                    num_stages: int = 3, splits: int | None = None, tma: bool = False, lazy: bool = False,
+                    num_stages: int = 3, splits: int | None = None, tma: bool = False,
                     scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
     only the first cached + q_len slots are read); bias None or (B, H, L) (any float dtype,
@@ -253,9 +245,7 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     cache blocks, each below cached // sel_block. `splits` cuts each query tile's key tiles
     into that many programs whose partial results are then combined (None: `auto_splits`).
     `tma`: keys and values through tensor descriptors (Hopper's TMA unit; needs the rows'
-    strides in 16-byte multiples). `lazy`: a row's running maximum moves only when a score
-    exceeds it by 8 (log2 units), and the output is rescaled only in tiles where one moved
-    (the same result up to rounding; fewer multiplies). Returns (B, H, q_len, D) in q's dtype."""
+    strides in 16-byte multiples). Returns (B, H, q_len, D) in q's dtype."""
     b, h, m, d = q.shape
     kv_len = cached + m
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[3] != d or v.shape[3] != d:
@@ -297,7 +287,7 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
         *sel.stride()[:3], *out.stride()[:3], h, m, sel.shape[3], chunk_start, kv_len, hide_q,
         hide_from, scale * LOG2E, math.ceil(n_tiles / splits), HAS_BIAS=bias is not None,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SEL_BLOCK=sel_block,
-        TMA=bool(tma), LAZY=bool(lazy), num_warps=num_warps, num_stages=num_stages)
+        TMA=bool(tma), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=splits, D=d,
                                                    BLOCK_M=64, num_warps=4)
