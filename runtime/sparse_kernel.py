@@ -108,12 +108,18 @@ if triton is not None:
     @triton.jit
     def _annsa_fwd(Q, K, V, Bias, Sel, Out, Part, Lse,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq, sob, soh, som,
-                   H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
+                   H, M, BH, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        pid_s = tl.program_id(2)
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr,
+                   HEADS_OUTER: tl.constexpr):
+        if HEADS_OUTER:  # splits, then query tiles, then heads: programs running together share a head's keys
+            pid_s = tl.program_id(0)
+            pid_m = tl.program_id(1)
+            pid_bh = tl.program_id(2)
+        else:
+            pid_m = tl.program_id(0)
+            pid_bh = tl.program_id(1)
+            pid_s = tl.program_id(2)
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,7 +169,7 @@ if triton is not None:
                                   hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if SPLIT:  # a partial result and its log2-sum-exp2, combined by _annsa_combine
-            row = (pid_s * tl.num_programs(1) + pid_bh) * M + offs_m
+            row = (pid_s * BH + pid_bh) * M + offs_m
             tl.store(Part + row[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
             tl.store(Lse + row, m_i + tl.math.log2(l_i), mask=row_ok)
         else:
@@ -237,7 +243,7 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
                     sel_block: int = 128, block_m: int = 128, block_n: int = 128, num_warps: int = 8,
-                    num_stages: int = 3, splits: int | None = None, tma: bool = False,
+                    num_stages: int = 3, splits: int | None = None, tma: bool = False, heads_outer: bool = False,
                     scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
     only the first cached + q_len slots are read); bias None or (B, H, L) (any float dtype,
@@ -245,7 +251,9 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     cache blocks, each below cached // sel_block. `splits` cuts each query tile's key tiles
     into that many programs whose partial results are then combined (None: `auto_splits`).
     `tma`: keys and values through tensor descriptors (Hopper's TMA unit; needs the rows'
-    strides in 16-byte multiples). Returns (B, H, q_len, D) in q's dtype."""
+    strides in 16-byte multiples). `heads_outer`: programs launched splits first, then query
+    tiles, then heads, so that those running at once read the same head's keys (fewer heads'
+    caches in L2 at a time). Returns (B, H, q_len, D) in q's dtype."""
     b, h, m, d = q.shape
     kv_len = cached + m
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[3] != d or v.shape[3] != d:
@@ -282,12 +290,13 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     if splits > 1:
         part = torch.empty(splits, b * h, m, d, device=q.device, dtype=torch.float32)
         lse = torch.empty(splits, b * h, m, device=q.device, dtype=torch.float32)
-    _annsa_fwd[(grid_m, b * h, splits)](
+    grid = (splits, grid_m, b * h) if heads_outer else (grid_m, b * h, splits)
+    _annsa_fwd[grid](
         q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
-        *sel.stride()[:3], *out.stride()[:3], h, m, sel.shape[3], chunk_start, kv_len, hide_q,
+        *sel.stride()[:3], *out.stride()[:3], h, m, b * h, sel.shape[3], chunk_start, kv_len, hide_q,
         hide_from, scale * LOG2E, math.ceil(n_tiles / splits), HAS_BIAS=bias is not None,
         IEEE=q.dtype == torch.float32, SPLIT=splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SEL_BLOCK=sel_block,
-        TMA=bool(tma), num_warps=num_warps, num_stages=num_stages)
+        TMA=bool(tma), HEADS_OUTER=bool(heads_outer), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=splits, D=d,
                                                    BLOCK_M=64, num_warps=4)

@@ -72,10 +72,12 @@ def _checks(device: str) -> None:
         ref = _reference(q, k, v, bias, sel, cached, commit, blk)
         # the key tiles in one program, or split and combined; keys through pointers or
         # tensor descriptors
-        for splits, tma in ((1, False), (2, False), (3, False), (1, True), (2, True)):
-            out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, splits=splits, tma=tma, **tiles)
+        for splits, tma, outer in ((1, False, False), (2, False, False), (3, False, False), (1, True, False),
+                                   (2, True, False), (1, False, True), (3, False, True)):
+            out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, splits=splits, tma=tma,
+                                  heads_outer=outer, **tiles)
             err = (out - ref).abs().max().item()
-            assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, splits, tma, err)
+            assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, splits, tma, outer, err)
         if kept == cached // blk:  # sparse at full density == dense attention over [cache | chunk]
             kv = cached + m
             hide = torch.zeros(m, kv, dtype=torch.bool, device=device)
