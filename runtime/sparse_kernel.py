@@ -46,8 +46,9 @@ if triton is not None:
     import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# 128 x 128 tiles, 8 warps, 3 stages: among the fastest choices timed on an H100 (BENCHMARKS.md)
-DEFAULT_TILES = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+# 128 x 128 tiles, 8 warps, 3 stages, heads outermost: among the fastest choices timed on an
+# H100 (BENCHMARKS.md)
+DEFAULT_TILES = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "heads_outer": True}
 
 
 def available(t: Tensor) -> bool:
@@ -243,7 +244,7 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
                     sel_block: int = 128, block_m: int = 128, block_n: int = 128, num_warps: int = 8,
-                    num_stages: int = 3, splits: int | None = None, tma: bool = False, heads_outer: bool = False,
+                    num_stages: int = 3, splits: int | None = None, tma: bool = False, heads_outer: bool = True,
                     scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
     only the first cached + q_len slots are read); bias None or (B, H, L) (any float dtype,

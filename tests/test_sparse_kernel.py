@@ -146,6 +146,15 @@ def test_reference_mask_states_the_computed_set():
     assert mask[0, 0, 2].int().tolist() == last and mask[0, 0, 3].int().tolist() == last
 
 
+def test_the_functions_defaults_are_the_default_tiles():
+    """The engine passes DEFAULT_TILES; a bare call must run the same kernel."""
+    import inspect
+
+    from runtime.sparse_kernel import DEFAULT_TILES
+    params = inspect.signature(annsa_attention).parameters
+    assert {k: params[k].default for k in DEFAULT_TILES} == DEFAULT_TILES
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(block_m=48), "block_m=48 must be a power of two"),
     (dict(block_n=128), "must be a multiple of block_m=32 and block_n=128"),
