@@ -36,6 +36,7 @@ which the tests use to check it against dense attention with the same mask.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -44,6 +45,9 @@ from runtime.merge_kernel import INTERPRETED, triton
 
 if triton is not None:
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+else:  # pragma: no cover - depends on the installation
+    OutOfResources = RuntimeError
 
 LOG2E = 1.4426950408889634
 # 128 x 128 tiles, 8 warps, 3 stages, heads outermost: among the fastest choices timed on an
@@ -215,6 +219,19 @@ def _descriptor_scratch() -> None:
     triton.set_allocator(alloc)
 
 
+_FITTED: dict = {}  # (device, dtype, head dim, asked tiles) -> (block_n, num_stages) that fit the GPU
+
+
+def _smaller_tiles(block_n: int, num_stages: int) -> tuple[int, int] | None:
+    """The next tile choice to try when shared memory runs out: one pipeline stage fewer
+    (down to 2), then half the keys per tile (down to 32) at 3 stages; None when none is left."""
+    if num_stages > 2:
+        return block_n, num_stages - 1
+    if block_n > 32:
+        return block_n // 2, 3
+    return None
+
+
 def auto_splits(programs: int, tiles: int, device: torch.device, max_splits: int = 4) -> int:
     """Key splits per query tile so that the programs fill the GPU's multiprocessors in
     whole waves (one program per multiprocessor at the default tiles): the split count with
@@ -280,24 +297,39 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     hide_q, hide_from = (commit, cached + commit) if 0 < commit < m else (0, kv_len)
     scale = d ** -0.5 if scale is None else scale
     chunk_start = (cached // sel_block) * sel_block
-    n_tiles = math.ceil((kv_len - chunk_start) / block_n) + sel.shape[3] * (sel_block // block_n)
-    grid_m = math.ceil(m / block_m)
-    splits = auto_splits(grid_m * b * h, n_tiles, q.device) if splits is None else splits
-    if splits < 1:
-        raise ValueError(f"AnnSA triton kernel: splits={splits} must be >= 1")
     if tma:
         _descriptor_scratch()
-    part = lse = out
-    if splits > 1:
-        part = torch.empty(splits, b * h, m, d, device=q.device, dtype=torch.float32)
-        lse = torch.empty(splits, b * h, m, device=q.device, dtype=torch.float32)
-    grid = (splits, grid_m, b * h) if heads_outer else (grid_m, b * h, splits)
-    _annsa_fwd[grid](
-        q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
-        *sel.stride()[:3], *out.stride()[:3], h, m, b * h, sel.shape[3], chunk_start, kv_len, hide_q,
-        hide_from, scale * LOG2E, math.ceil(n_tiles / splits), HAS_BIAS=bias is not None,
-        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n, SEL_BLOCK=sel_block,
-        TMA=bool(tma), HEADS_OUTER=bool(heads_outer), num_warps=num_warps, num_stages=num_stages)
+    key = (str(q.device), q.dtype, d, block_m, block_n, num_warps, num_stages)
+    block_n, num_stages = _FITTED.get(key, (block_n, num_stages))
+    while True:
+        n_tiles = math.ceil((kv_len - chunk_start) / block_n) + sel.shape[3] * (sel_block // block_n)
+        grid_m = math.ceil(m / block_m)
+        n_splits = auto_splits(grid_m * b * h, n_tiles, q.device) if splits is None else splits
+        if n_splits < 1:
+            raise ValueError(f"AnnSA triton kernel: splits={n_splits} must be >= 1")
+        part = lse = out
+        if n_splits > 1:
+            part = torch.empty(n_splits, b * h, m, d, device=q.device, dtype=torch.float32)
+            lse = torch.empty(n_splits, b * h, m, device=q.device, dtype=torch.float32)
+        grid = (n_splits, grid_m, b * h) if heads_outer else (grid_m, b * h, n_splits)
+        try:
+            _annsa_fwd[grid](
+                q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
+                *sel.stride()[:3], *out.stride()[:3], h, m, b * h, sel.shape[3], chunk_start, kv_len, hide_q,
+                hide_from, scale * LOG2E, math.ceil(n_tiles / n_splits), HAS_BIAS=bias is not None,
+                IEEE=q.dtype == torch.float32, SPLIT=n_splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                SEL_BLOCK=sel_block, TMA=bool(tma), HEADS_OUTER=bool(heads_outer), num_warps=num_warps,
+                num_stages=num_stages)
+            break
+        except OutOfResources as err:  # a GPU with less shared memory than an H100: smaller tiles
+            smaller = _smaller_tiles(block_n, num_stages)
+            if smaller is None:
+                raise
+            warnings.warn(f"AnnSA triton kernel: block_n={block_n}, num_stages={num_stages} do not fit this GPU "
+                          f"({err}); using block_n={smaller[0]}, num_stages={smaller[1]}", RuntimeWarning,
+                          stacklevel=2)
+            block_n, num_stages = _FITTED[key] = smaller
+    splits = n_splits
     if splits > 1:
         _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=splits, D=d,
                                                    BLOCK_M=64, num_warps=4)

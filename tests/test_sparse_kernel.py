@@ -155,6 +155,35 @@ def test_the_functions_defaults_are_the_default_tiles():
     assert {k: params[k].default for k in DEFAULT_TILES} == DEFAULT_TILES
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_tiles_that_do_not_fit_the_gpu_shrink_with_a_warning(monkeypatch):
+    """A GPU with less shared memory than an H100 (the default tiles need about 224 KB):
+    one stage fewer, then half the keys per tile, remembered for the next call."""
+    from triton.runtime.errors import OutOfResources
+
+    from runtime import sparse_kernel
+    calls = []
+
+    class SmallGpu:  # stands in for the compiled kernel: only small tiles fit
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, num_stages, **kw):
+                calls.append((BLOCK_N, num_stages))
+                if BLOCK_N > 64 or num_stages > 2:
+                    raise OutOfResources(229376, 166912, "shared memory")
+            return launch
+
+    monkeypatch.setattr(sparse_kernel, "_annsa_fwd", SmallGpu())
+    monkeypatch.setattr(sparse_kernel, "_FITTED", {})
+    q, k, v = torch.zeros(1, 1, 128, 32), torch.zeros(1, 1, 400, 32), torch.zeros(1, 1, 400, 32)
+    sel = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="do not fit this GPU"):
+        annsa_attention(q, k, v, None, sel, 256, 0, splits=1)
+    assert calls == [(128, 3), (128, 2), (64, 3), (64, 2)]
+    calls.clear()
+    annsa_attention(q, k, v, None, sel, 256, 0, splits=1)
+    assert calls == [(64, 2)]
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(block_m=48), "block_m=48 must be a power of two"),
     (dict(block_n=128), "must be a multiple of block_m=32 and block_n=128"),
