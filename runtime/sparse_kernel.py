@@ -296,6 +296,8 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
         bias_t, bstr = bias, bias.stride()
     hide_q, hide_from = (commit, cached + commit) if 0 < commit < m else (0, kv_len)
     scale = d ** -0.5 if scale is None else scale
+    if splits is not None and splits < 1:
+        raise ValueError(f"AnnSA triton kernel: splits={splits} must be >= 1")
     chunk_start = (cached // sel_block) * sel_block
     if tma:
         _descriptor_scratch()
@@ -305,8 +307,6 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
         n_tiles = math.ceil((kv_len - chunk_start) / block_n) + sel.shape[3] * (sel_block // block_n)
         grid_m = math.ceil(m / block_m)
         n_splits = auto_splits(grid_m * b * h, n_tiles, q.device) if splits is None else splits
-        if n_splits < 1:
-            raise ValueError(f"AnnSA triton kernel: splits={n_splits} must be >= 1")
         part = lse = out
         if n_splits > 1:
             part = torch.empty(n_splits, b * h, m, d, device=q.device, dtype=torch.float32)
@@ -329,9 +329,8 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
                           f"({err}); using block_n={smaller[0]}, num_stages={smaller[1]}", RuntimeWarning,
                           stacklevel=2)
             block_n, num_stages = _FITTED[key] = smaller
-    splits = n_splits
-    if splits > 1:
-        _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=splits, D=d,
+    if n_splits > 1:
+        _annsa_combine[(math.ceil(m / 64), b * h)](part, lse, out, *out.stride()[:3], h, m, b * h, S=n_splits, D=d,
                                                    BLOCK_M=64, num_warps=4)
     return out
 
