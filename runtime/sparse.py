@@ -259,36 +259,36 @@ class AnnSelfAttention:
         return scores.topk(keep_n, dim=-1).indices
 
     def _flex(self, layer, q, keys, values, bias, lc, nkb, keep_n):
+        """The block-sparse kernels over the cache (`triton` or `flex`) for one selection."""
         cfg, rt = self.rt.cfg, self.rt
         b, h, m, d = q.shape
         blk = cfg.flex_block
         lk = lc + m
-        sel = self.select(layer, q, keys, bias, nkb, keep_n, blk, rt.sa_select("flex"))
-        kbuf, vbuf = self._buffers(layer, keys, values)
-        if rt.sa_kernel(q.device) == "triton":
-            out = annsa_attention(q, kbuf, vbuf, None if bias is None else bias[:, :, 0], sel.view(b, h, -1, keep_n),
-                                  lc, self.commit, sel_block=blk, **self.rt.triton_tiles)
-            recall = None
-            if cfg.stats_recall:
-                kept = reference_mask(m, sel.view(b, h, -1, keep_n), lc, self.commit, blk)
-                hide = self._hide(m, lk, q.device)
-                recall = mass_recall(q, keys, merge_mask(bias, hide, torch.float32) if hide is not None else bias, kept)
-            self.rt.sa_stats.add(layer, (keep_n * blk + lk - nkb * blk) / lk, recall)
-            return out
-        buf = kbuf.shape[2]
-        bias_buf = None
-        if bias is not None:  # (B, H, buf) in the query dtype, like the dense path's SDPA bias
-            bias_buf = torch.full((b, h, buf), float("-inf"), dtype=q.dtype, device=q.device)
-            bias_buf[:, :, :lk] = bias[:, :, 0]
-        kernel = rt.flex_kernel()
-        plan = kernel.plan(sel.view(b, h, -1, keep_n), m, self.commit, lc, lk, buf)
-        out = kernel(q, kbuf, vbuf, bias_buf, plan)
+        sel = self.select(layer, q, keys, bias, nkb, keep_n, blk, rt.sa_select("flex")).view(b, h, -1, keep_n)
+        if rt.sa_kernel(q.device) == "triton":  # reads the staged views and the selection in place
+            out = annsa_attention(q, keys, values, None if bias is None else bias[:, :, 0], sel, lc, self.commit,
+                                  sel_block=blk, **rt.triton_tiles)
+
+            def kept():
+                return reference_mask(m, sel, lc, self.commit, blk)
+        else:
+            kbuf, vbuf = self._buffers(layer, keys, values)
+            buf = kbuf.shape[2]
+            bias_buf = None
+            if bias is not None:  # (B, H, buf) in the query dtype, like the dense path's SDPA bias
+                bias_buf = torch.full((b, h, buf), float("-inf"), dtype=q.dtype, device=q.device)
+                bias_buf[:, :, :lk] = bias[:, :, 0]
+            kernel = rt.flex_kernel()
+            plan = kernel.plan(sel, m, self.commit, lc, lk, buf)
+            out = kernel(q, kbuf, vbuf, bias_buf, plan)
+
+            def kept():
+                return plan_dense_mask(plan, blk, blk)
         recall = None
         if cfg.stats_recall:
-            kept = plan_dense_mask(plan, blk, blk)
             hide = self._hide(m, lk, q.device)
             full_bias = merge_mask(bias, hide, torch.float32) if hide is not None else bias
-            recall = mass_recall(q, keys, full_bias, kept)
+            recall = mass_recall(q, keys, full_bias, kept())
         self.rt.sa_stats.add(layer, (keep_n * blk + lk - nkb * blk) / lk, recall)
         return out
 

@@ -35,6 +35,7 @@ which the tests use to check it against dense attention with the same mask.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -232,6 +233,11 @@ def _smaller_tiles(block_n: int, num_stages: int) -> tuple[int, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def auto_splits(programs: int, tiles: int, device: torch.device, max_splits: int = 4) -> int:
     """Key splits per query tile so that the programs fill the GPU's multiprocessors in
     whole waves (one program per multiprocessor at the default tiles): the split count with
@@ -239,7 +245,7 @@ def auto_splits(programs: int, tiles: int, device: torch.device, max_splits: int
     least 8 key tiles per split."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
     def score(s):
         waves = programs * s / sms
@@ -291,7 +297,7 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     if bias is None:
         bias_t, bstr = q, (0, 0, 0)  # never read
     else:
-        if bias.shape != (b, h, k.shape[2]) and (bias.shape[:2] != (b, h) or bias.shape[2] < kv_len):
+        if bias.shape[:2] != (b, h) or bias.shape[2] < kv_len:
             raise ValueError(f"bias {tuple(bias.shape)} must be (B, H, >= {kv_len})")
         bias_t, bstr = bias, bias.stride()
     hide_q, hide_from = (commit, cached + commit) if 0 < commit < m else (0, kv_len)
