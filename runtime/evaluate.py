@@ -36,6 +36,17 @@ On world seeds and action scripts never used in training (training seeds start a
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
                   move, so it is finite)
+    walk_*        straight walks into places the first frame never showed (each
+                  sequence holds one direction for `walk_frames` frames), the part of
+                  play that needs the model to make up new ground:
+                  `walk_stall_fraction` is the share of frames where the simulator's
+                  view scrolled and the generated one did not (the player stuck in the
+                  model's world); `walk_tile_psnr` how well each generated frame of
+                  the walk's second half is rebuilt from the world's own tiles (each
+                  8-pixel cell of the best-fitting grid replaced by its nearest tile:
+                  low for a washed-out blur or noise), `sim_walk_tile_psnr` the same
+                  for the simulator's frames (sprites cost it a little);
+                  `walk_psnr` the PSNR against the simulator over the walk
 
 PSNR is per frame, on uint8 frames scaled to [0, 1], capped at 60 dB, then averaged over
 sequences. SSIM uses an 11x11 Gaussian window (sigma 1.5) on each RGB channel, averaged.
@@ -57,7 +68,7 @@ from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model
 from runtime.metrics import psnr
 from runtime.tempcache import TempCache
-from worlds.actions import LEFT, RIGHT
+from worlds.actions import DOWN, LEFT, RIGHT, UP
 from worlds.overworld import BatchOverworld, OverworldConfig
 
 
@@ -192,6 +203,8 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     res["time_rollout_s"] = round(time.time() - t0, 2)
     res.update(idle_next(rollout, world_cfg, seeds, nxt, int(cfg.seed)))
     res.update(revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), int(cfg.seed)))
+    if int(ev.walk_frames) > 0:
+        res.update(walk(rollout, world_cfg, seeds, int(ev.walk_frames), int(cfg.seed)))
     return res
 
 
@@ -309,6 +322,81 @@ def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], step
         "revisit_vs_truth_psnr": float(psnr_u8(gen[idx, b], truth[idx, b]).mean()),
         "revisit_steps": steps,
         "revisit_mean_distance_px": float(moved.mean()),
+    }
+
+
+WALK_DIRECTIONS = (RIGHT, DOWN, LEFT, UP)
+
+
+def frame_shifts(frames: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, T, 2) integer shift (dy, dx) from each frame of `frames` (B, T + 1, H, W, 3) to
+    the next: the displacement within `radius` pixels whose content matches best on the
+    part both frames show (the next frame at pixel (y, x) against this one at
+    (y + dy, x + dx)). Ties go to (0, 0): a flat frame does not move."""
+    f = frames.float().mean(-1)  # (B, T+1, H, W)
+    r, h, w = radius, f.shape[2], f.shape[3]
+    nxt = f[:, 1:, r:h - r, r:w - r]
+    cands = [(0, 0)] + [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    err = torch.stack([((f[:, :-1, r + dy:h - r + dy, r + dx:w - r + dx] - nxt) ** 2).mean((-1, -2))
+                       for dy, dx in cands], -1)  # (B, T, candidates)
+    best = err.argmin(-1)  # the first of equal minima: (0, 0) when nothing tells the shifts apart
+    return torch.tensor(cands)[best]
+
+
+def tile_psnr(frames: torch.Tensor, atlases: torch.Tensor, tile: int, skip: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, T) PSNR of each frame (B, T, H, W, 3) uint8 against itself rebuilt from the
+    world's ground tiles (atlases (B, 16, a, a, 3), upsampled to `tile` pixels): each
+    `tile`-pixel cell of a grid, over the grid offset that fits best, replaced by its
+    nearest tile (the sprite tiles, creature and player, are not ground). Cells cut by
+    the frame's border are left out, and those overlapping the `tile`-pixel box whose top
+    left pixel is `skip` (y, x) (the player, drawn there in every frame)."""
+    from worlds.overworld.tiles import SPRITE_TILES
+
+    b, t, h, w, _ = frames.shape
+    up = tile // atlases.shape[2]
+    ground = [i for i in range(atlases.shape[1]) if i not in SPRITE_TILES]
+    tiles = atlases[:, ground].float().repeat_interleave(up, 2).repeat_interleave(up, 3)  # (B, G, tile, tile, 3)
+    tiles = tiles.reshape(b, 1, len(ground), -1).expand(b, t, -1, -1)
+    x = frames.float()
+    best = None
+    for oy in range(tile):
+        for ox in range(tile):
+            ny, nx = (h - oy) // tile, (w - ox) // tile
+            cells = x[:, :, oy:oy + ny * tile, ox:ox + nx * tile].reshape(b, t, ny, tile, nx, tile, 3)
+            cells = cells.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, t, ny * nx, -1)  # (B, T, N, tile*tile*3)
+            mse = (torch.cdist(cells, tiles) ** 2).min(-1).values / cells.shape[-1]  # (B, T, N)
+            keep = torch.ones(ny, nx, dtype=torch.bool)
+            if skip is not None:
+                y0, x0 = oy + torch.arange(ny) * tile, ox + torch.arange(nx) * tile
+                rows = (y0 < skip[0] + tile) & (y0 + tile > skip[0])
+                cols = (x0 < skip[1] + tile) & (x0 + tile > skip[1])
+                keep = ~(rows[:, None] & cols[None, :])
+            mse = mse[..., keep.flatten()].mean(-1)  # (B, T)
+            best = mse if best is None else torch.minimum(best, mse)
+    return (10 * torch.log10(255.0**2 / best.clamp_min(1e-10))).clamp(max=60.0)
+
+
+def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames: int, seed: int) -> dict:
+    """Each sequence walks one way (right, down, left, up, in turn) for `frames` frames,
+    out of the first frame's view into ground the model has to make up (see `walk_*` in
+    the module docstring)."""
+    n = len(seeds)
+    acts = np.stack([np.full(frames, WALK_DIRECTIONS[i % 4], dtype=np.int64) for i in range(n)])
+    truth, pos, atlases = simulate(world_cfg, seeds, acts)
+    gen = rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, seed)
+    moved = torch.from_numpy((np.diff(pos, axis=1) != 0).any(-1))  # (B, T) the simulator's view scrolled
+    still = (frame_shifts(torch.cat([truth[:, :1], gen], 1), world_cfg.scroll + 1) == 0).all(-1)
+    player = world_cfg.view // 2 - world_cfg.tile // 2  # the player's top-left pixel, the same in every frame
+    gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, (player, player)).mean(0)  # (T,)
+    sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, (player, player)).mean(0)
+    half = slice(frames // 2, frames)
+    return {
+        "walk_frames": frames,
+        "walk_stall_fraction": float((moved & still).sum() / moved.sum().clamp_min(1)),
+        "walk_tile_psnr": float(gen_tiles[half].mean()),
+        "sim_walk_tile_psnr": float(sim_tiles[half].mean()),
+        "walk_tile_psnr_curve": [round(float(v), 2) for v in gen_tiles],
+        "walk_psnr": float(psnr_u8(gen, truth[:, 1:]).mean()),
     }
 
 

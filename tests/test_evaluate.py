@@ -20,12 +20,13 @@ from runtime.model import ModelConfig, WorldModel
 
 TINY = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
 SMALL_EVAL = ["device=cpu", "engine.dtype=float32", "eval.sequences=2", "eval.horizons=[4,8]", "eval.next_frames=3",
-              "eval.revisit_steps=3"]
+              "eval.revisit_steps=3", "eval.walk_frames=6"]
 KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "rollout_psnr_8", "rollout_psnr_mean_4",
         "rollout_ssim_8", "copy_last_psnr_4", "copy_last_psnr_8", "revisit_psnr", "sim_revisit_psnr",
         "revisit_vs_truth_psnr", "idle_next_psnr_creatures_move", "idle_next_psnr_creatures_still",
         "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
-        "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8"]
+        "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8", "walk_stall_fraction", "walk_tile_psnr",
+        "sim_walk_tile_psnr", "walk_psnr"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,6 +156,8 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     assert res["copy_last_idle_psnr_creatures_move"] < 60.0
     assert res["revisit_psnr"] == 60.0  # every generated frame is the first one
     assert res["revisit_vs_truth_psnr"] == pytest.approx(res["sim_revisit_psnr"], abs=1e-5)
+    # on the walks the generated view never scrolls: every frame where the world's did is a stall
+    assert res["walk_stall_fraction"] == 1.0
 
 
 def test_next_frames_may_reach_past_the_longest_horizon(tmp_path):
@@ -288,3 +291,72 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     assert all(not torch.equal(ways[i][:, 2:], ways[j][:, 2:]) for i in range(4) for j in range(i))
     with pytest.raises(ValueError, match="direction=4; expected 0, 1, 2 or 3"):
         simulate(world, [0], actions[:1], creature_direction=4)
+
+
+# ----------------------------------------------------------------------------- walks
+
+
+def scrolled(big: torch.Tensor, path: list[tuple[int, int]], size: int) -> torch.Tensor:
+    """Views (T, size, size, 3) of `big` (H, W, 3) with top-left corners `path`."""
+    return torch.stack([big[y:y + size, x:x + size] for y, x in path])
+
+
+def test_frame_shifts_follow_a_scrolling_view_and_stop_with_it():
+    from runtime.evaluate import frame_shifts
+
+    big = random_frames((40, 40, 3), seed=3)
+    path = [(10, 10), (10, 12), (10, 14), (8, 14), (8, 14), (11, 13)]  # right, right, up, still, down 3 + left 1
+    frames = scrolled(big, path, 16)[None]
+    assert frame_shifts(frames, 3)[0].tolist() == [[0, 2], [0, 2], [-2, 0], [0, 0], [3, -1]]
+    frozen = frames[:, :1].expand(1, 4, -1, -1, -1)
+    assert frame_shifts(frozen, 3).abs().sum() == 0
+    flat = torch.full((2, 3, 16, 16, 3), 77, dtype=torch.uint8)  # nothing to tell shifts apart: still
+    assert frame_shifts(flat, 2).abs().sum() == 0
+
+
+def test_tile_psnr_is_exact_for_ground_tiles_and_low_for_blur():
+    """A frame laid out from the tile set (at any grid offset) rebuilds exactly; the same
+    frame blurred, or with a sprite over it, does not, unless the sprite's box is skipped."""
+    from runtime.evaluate import tile_psnr
+    from worlds.overworld.tiles import CREATURE, PLAYER
+
+    atlas = random_frames((1, 16, 8, 8, 3), seed=4)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 16, (5, 5), generator=g)
+    ids[ids == CREATURE] = 0
+    ids[ids == PLAYER] = 1
+    big = atlas[0, ids].permute(0, 2, 1, 3, 4).reshape(40, 40, 3)
+    frame = big[3:35, 5:37][None, None]  # a 32-pixel view whose tile grid starts 5 and 3 pixels in
+    assert tile_psnr(frame, atlas, 8).item() == 60.0
+    blurred = ((frame.float() + frame.roll(1, 2).float() + frame.roll(1, 3).float()) / 3).round().to(torch.uint8)
+    assert tile_psnr(blurred, atlas, 8).item() < 20.0
+    sprite = frame.clone()
+    sprite[..., 12:20, 12:20, :] = 255 - sprite[..., 12:20, 12:20, :]
+    assert tile_psnr(sprite, atlas, 8).item() < 40.0
+    assert tile_psnr(sprite, atlas, 8, skip=(12, 12)).item() == 60.0
+    up = atlas.repeat_interleave(2, 2).repeat_interleave(2, 3)  # tiles drawn at 16 pixels from the 8-pixel atlas
+    big16 = up[0, ids].permute(0, 2, 1, 3, 4).reshape(80, 80, 3)
+    assert tile_psnr(big16[7:55, 2:50][None, None], atlas, 16).item() == 60.0
+
+
+def test_walk_scores_a_model_that_plays_the_simulator_as_perfect():
+    """A rollout that returns the simulator's own frames: no stalls, the walk's PSNR at the
+    cap and its tile score the simulator's."""
+    from runtime.evaluate import walk
+    from worlds.overworld import BatchOverworld, load_config
+
+    world = load_config("overworld")
+
+    class Replay:  # the rollout interface of rollout_frames, playing the simulator
+        def reset(self, first, prompt, seed):
+            self.world = BatchOverworld(world, first.shape[0])
+            self.world.reset(list(range(first.shape[0])))
+
+        def step(self, actions, teacher=None):
+            return torch.from_numpy(self.world.step(actions.numpy()))
+
+    res = walk(Replay(), world, [0, 1, 2, 3], 10, 0)
+    assert res["walk_stall_fraction"] == 0.0
+    assert res["walk_psnr"] == 60.0
+    assert res["walk_tile_psnr"] == res["sim_walk_tile_psnr"]
+    assert len(res["walk_tile_psnr_curve"]) == 10
