@@ -9,7 +9,8 @@ context is the model's own output, do not drift. With `train.data.memory_frames`
 the sequence starts with earlier frames of the same trajectory at their true temporal
 distance (runtime/data.py), so the model learns to use a long cache rather than
 only the last F frames it was trained on. With `train.rollout_prob` > 0 that share of the
-micro-batches takes its context from the model's own frames (`self_rollout_frames`)
+micro-batches takes its context from the model's own frames (`self_rollout_frames`, or
+with `train.rollout_mode=play` the engine's own free-running rollout, `played_frames`)
 while the targets stay the true frames: the model learns to recover from its own errors.
 
 Runs on CPU (the tests' smoke run) and on GPUs (bf16 autocast). Several processes
@@ -170,6 +171,34 @@ def self_rollout_frames(model, batch: dict, passes: int, sampler: FlowSampler, g
 
 
 @torch.no_grad()
+def played_frames(player, model, batch: dict, sampler: FlowSampler, seed: int, device) -> torch.Tensor:
+    """The window's frames (uint8, like batch["frames"]) with x_1 .. x_{F-1} replaced by the
+    engine's free-running rollout from x_0: `runtime.engine.Rollout` over a KV cache, one
+    frame after another, every frame from the frames it made before, as in play. x_0
+    starts it as play starts (its previous frames are itself, its action idle) and memory
+    frames are not in its cache. `player` is a copy of `model` in the dtype the rollout runs
+    in (bf16 when training in bf16); the model's current weights are copied into it first.
+    For about one forward over the window it gives what `self_rollout_frames` needs F-1
+    passes for, so every frame of a window can be free-running."""
+    from runtime.cache import CacheSpec, DenseCache
+    from runtime.engine import Rollout
+
+    torch._foreach_copy_(list(player.parameters()), list(model.parameters()))
+    frames = batch["frames"].to(device, non_blocking=True)
+    acts = batch["actions"].to(device, non_blocking=True)
+    n = acts.shape[1] - 2  # targets x_1 .. x_{F-1}
+    k = frames.shape[1] - n - 1  # x_0's index: x_{-K} .. x_{-1} come first
+    c = player.cfg
+    dtype = next(player.parameters()).dtype
+    spec = CacheSpec(c.depth, frames.shape[0], c.heads, c.head_dim, c.tokens_per_frame, torch.device(device), dtype)
+    engine = Rollout(player, sampler, DenseCache(spec, initial_frames=n + 1))
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        engine.reset(frames[:, k], batch["prompt"].to(device, non_blocking=True), seed)
+        made = [engine.step(acts[:, 2 + i]) for i in range(n)]
+    return torch.cat([frames[:, : k + 1], torch.stack(made, dim=1)], dim=1)
+
+
+@torch.no_grad()
 def teacher_forced_psnr(model, batch, sampler: FlowSampler, device, mask) -> float:
     """Next-frame PSNR from the true context, sampling every target with the sampler.
     The context is the window's own frames (memory frames are left out: `mask` is the
@@ -241,6 +270,8 @@ def check_train_settings(tc: DictConfig) -> None:
         raise ValueError(f"train.rollout_prob={tc.rollout_prob!r}; expected a probability in [0, 1]")
     if integer("train.rollout_passes", tc.rollout_passes) < 1:
         raise ValueError(f"train.rollout_passes={tc.rollout_passes!r}; expected an integer >= 1")
+    if tc.rollout_mode not in ("passes", "play"):
+        raise ValueError(f"train.rollout_mode={tc.rollout_mode!r}; expected 'passes' or 'play'")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
     if tc.get("init_blocks") is not None:
@@ -319,6 +350,9 @@ def train(cfg: DictConfig) -> dict:
                 state = add_motion_head(state, mcfg)
         model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    player = None  # the engine's copy for train.rollout_mode=play: made before any compiling
+    if float(tc.rollout_prob) > 0 and tc.rollout_mode == "play":
+        player = copy.deepcopy(model).eval().requires_grad_(False).to(torch.bfloat16 if bool(tc.bf16) else torch.float32)
     if rank == 0:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} x{world}", flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
@@ -365,6 +399,7 @@ def train(cfg: DictConfig) -> dict:
     # which micro-batches get a self-rollout context: the same on every process (under DDP a
     # step waits for the slowest process), drawn on the host (no device sync)
     pick = random.Random(int(cfg.seed))
+    noise_seeds = random.Random(int(cfg.seed) * 1000 + rank)  # the played rollouts' noise, per process
     box = world_cfgs[0].tile  # a creature's box is one tile
     t_start = time.time()
 
@@ -419,7 +454,10 @@ def train(cfg: DictConfig) -> dict:
             with amp:
                 rolled = None
                 if rollout_prob > 0 and pick.random() < rollout_prob:
-                    rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+                    if player is not None:
+                        rolled = played_frames(player, model, batch, sampler, noise_seeds.getrandbits(62), device)
+                    else:
+                        rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
                     # weights cast to bf16 without gradients must not serve the forward that
                     # trains (older torch kept them in autocast's cache)
                     torch.clear_autocast_cache()

@@ -1,6 +1,7 @@
 """Training: a CPU smoke run, a two-process DDP run (gloo), the teacher-forcing masks, bad settings."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -491,6 +492,7 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     ("train.focus_margin=-2", "train.focus_margin=-2; expected an integer >= 0"),
     ("train.rollout_prob=2", "train.rollout_prob=2; expected a probability in [0, 1]"),
     ("train.rollout_passes=0", "train.rollout_passes=0; expected an integer >= 1"),
+    ("train.rollout_mode=replay", "train.rollout_mode='replay'; expected 'passes' or 'play'"),
     ("+train.data.prev_frames=2", "use model.prev_frames"),
     ("model.prev_frames=0", "model.prev_frames=0; expected an integer >= 1"),
     ("train.steps=many", "train.steps='many'; expected an integer"),
@@ -571,6 +573,34 @@ def test_a_self_rollout_of_every_pass_is_the_engines_free_running_rollout(k, r):
     assert not torch.equal(two[:, k + 3 :], rolled[:, k + 3 :])
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_played_frames_are_the_engines_rollout_from_x0_with_the_models_current_weights(k):
+    """`played_frames` (train.rollout_mode=play) keeps x_{-K} .. x_0 and replaces every
+    target with the engine's free-running rollout from x_0, made with the weights the model
+    has now (copied into the player first): the same seed gives the same frames."""
+    from runtime.cache import CacheSpec, DenseCache
+    from runtime.engine import Rollout
+    from runtime.train import played_frames
+
+    model, window, sampler = rollout_setup(k, 1)
+    n = window["actions"].shape[1] - 2
+    player = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in player.parameters():
+            p.zero_()  # stale weights: played_frames must overwrite them
+    rolled = played_frames(player, model, window, sampler, 11, "cpu")
+    spec = CacheSpec(model.cfg.depth, 1, model.cfg.heads, model.cfg.head_dim, model.cfg.tokens_per_frame,
+                     torch.device("cpu"), torch.float32)
+    engine = Rollout(model, sampler, DenseCache(spec))
+    engine.reset(window["frames"][:, k], window["prompt"], seed=11)
+    played = torch.stack([engine.step(window["actions"][:, 2 + i]) for i in range(n)], dim=1)
+    assert rolled.shape == window["frames"].shape and rolled.dtype == torch.uint8
+    assert torch.equal(rolled[:, : k + 1], window["frames"][:, : k + 1])
+    assert torch.equal(rolled[:, k + 1 :], played)
+    assert not torch.equal(played, window["frames"][:, k + 1 :])
+    assert not torch.equal(played_frames(player, model, window, sampler, 12, "cpu"), rolled)  # another seed
+
+
 def test_build_inputs_takes_the_context_from_a_self_rollout_and_the_targets_from_the_truth():
     from runtime.train import build_inputs
 
@@ -591,6 +621,15 @@ def test_cpu_smoke_run_with_self_rollout_contexts(tmp_path):
     from runtime.train import train
 
     cfg = compose_train(SMOKE + [f"out={tmp_path}", "train.rollout_prob=1.0", "train.rollout_passes=2",
+                                 "train.data.memory_frames=2"])
+    res = train(cfg)
+    assert res["steps"] == 2 and math.isfinite(res["metrics"]["loss"]) and res["metrics"]["loss"] > 0
+
+
+def test_cpu_smoke_run_with_played_contexts(tmp_path):
+    from runtime.train import train
+
+    cfg = compose_train(SMOKE + [f"out={tmp_path}", "train.rollout_prob=1.0", "train.rollout_mode=play",
                                  "train.data.memory_frames=2"])
     res = train(cfg)
     assert res["steps"] == 2 and math.isfinite(res["metrics"]["loss"]) and res["metrics"]["loss"] > 0
