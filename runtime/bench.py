@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
 from runtime.evaluate import attention_cfg
-from runtime.factory import apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype
+from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
+                             sampler_record)
 from runtime.model import ModelConfig, WorldModel
 from worlds import build_world
 
@@ -316,7 +317,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict:
               "cuda_graph": device.type == "cuda" and engine_flag(cfg, "cuda_graph"),
               "cpu_attention": cpu_attention_kernel() if device.type == "cpu" else None,
               "frames": int(b.frames), "lockstep": bool(b.get("lockstep", False)),
-              "sampler_steps": int(cfg.sampler.steps), "source": str(b.get("source", "checkpoint")),
+              **sampler_record(cfg, device), "source": str(b.get("source", "checkpoint")),
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}
     t0 = time.time()
     partial: dict[str, dict] = {}  # configs still running, as far as they got

@@ -65,7 +65,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
 from runtime.engine import Rollout
-from runtime.factory import build_rollout, load_model
+from runtime.factory import build_rollout, load_model, sampler_record
 from runtime.metrics import psnr
 from runtime.tempcache import TempCache
 from worlds.actions import DOWN, LEFT, RIGHT, UP
@@ -500,7 +500,7 @@ def run(cfg: DictConfig) -> dict:
     model = loaded.model
     t0 = time.time()
     res = {"checkpoint": str(cfg.engine.checkpoint), "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
-           "attention": str(cfg.attention.name), "sampler_steps": int(cfg.sampler.steps),
+           "attention": str(cfg.attention.name), **sampler_record(cfg, loaded.device),
            "metric": "per-frame PSNR on uint8 frames in [0,1], capped at 60 dB, averaged over sequences"}
     if bool(cfg.eval.quality):
         res.update(evaluate_model(model, cfg, world_cfg))

@@ -54,6 +54,17 @@ def engine_flag(cfg, name: str) -> bool:
     return bool((cfg.get("engine") or {}).get(name, False))
 
 
+def sampler_config(cfg, device) -> SamplerConfig:
+    """`cfg.sampler` as a model on `device` runs it (SamplerConfig.on)."""
+    return SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)).on(device)
+
+
+def sampler_record(cfg, device) -> dict:
+    """What a run's results record of its sampler on `device`: steps and times."""
+    sc = sampler_config(cfg, device)
+    return {"sampler_steps": sc.steps, "sampler_times": FlowSampler(sc).times}
+
+
 def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool | None = None) -> Rollout:
     """The rollout for `model` with the cache policy and attention of `cfg.attention`, or
     of `attention` (a config node, e.g. `runtime.evaluate.attention_cfg(spec)`) when given;
@@ -66,7 +77,7 @@ def build_rollout(model, cfg, batch: int = 1, attention=None, cuda_graph: bool |
     spec = CacheSpec(mc.depth, batch, mc.heads, mc.head_dim, mc.tokens_per_frame, p.device, p.dtype)
     runtime = AttentionRuntime(AttentionConfig.from_dict(cfg.attention if attention is None else attention))
     cache = runtime.build_cache(spec)
-    sampler = FlowSampler(SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)))
+    sampler = FlowSampler(sampler_config(cfg, p.device))
     if cuda_graph is None:
         cuda_graph = engine_flag(cfg, "cuda_graph")
     rehearse = engine_flag(cfg, "rehearse") and p.device.type == "cuda"  # nothing to build ahead on a CPU

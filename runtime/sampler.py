@@ -9,10 +9,14 @@ network predicts x0; a step from t to s < t re-noises the estimate along the sam
 which is the Euler step of the flow ODE written with x0-prediction. The last step
 returns x0_hat. Randomness comes only from the caller's `torch.Generator`, so a seed
 replays exactly.
+
+A GPU can afford more steps than play's 30 frames per second leave a small CPU:
+`gpu_steps` / `gpu_times` replace `steps` / `times` when the model runs on a GPU
+(`SamplerConfig.on`). Training draws its noise levels from `steps` / `times` alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -26,21 +30,34 @@ class SamplerConfig:
     steps: int = 2
     times: list[float] = field(default_factory=list)  # explicit times; empty = uniform from 1
     clamp: bool = True
+    gpu_steps: int | None = None  # on a GPU these replace steps and times (None: the same as on a CPU,
+    gpu_times: list[float] = field(default_factory=list)  # and gpu_times unused)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
-        if self.times and (len(self.times) != self.steps or any(not 0 < t <= 1 for t in self.times)):
-            raise ValueError(
-                f"sampler.times={list(self.times)} must hold sampler.steps={self.steps} values in (0, 1]"
-            )
+        for prefix, steps, times in (("", self.steps, self.times), ("gpu_", self.gpu_steps, self.gpu_times)):
+            if steps is None:  # no GPU steps: the GPU times are not used either
+                continue
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"sampler.{prefix}steps must be an integer >= 1, got {steps!r}")
+            if times and (len(times) != steps or any(not 0 < t <= 1 for t in times)):
+                raise ValueError(
+                    f"sampler.{prefix}times={list(times)} must hold sampler.{prefix}steps={steps} values in (0, 1]"
+                )
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerConfig":
         d = dict(d)
-        if d.get("times") is not None:
-            d["times"] = [float(t) for t in d["times"]]
+        for key in ("times", "gpu_times"):
+            if d.get(key) is not None:
+                d[key] = [float(t) for t in d[key]]
         return strict_dataclass(cls, d, "sampler")
+
+    def on(self, device) -> "SamplerConfig":
+        """The sampler a model on `device` runs: `gpu_steps` / `gpu_times` in place of
+        `steps` / `times` on a GPU when they are set, else this one."""
+        if self.gpu_steps is None or torch.device(device).type != "cuda":
+            return self
+        return replace(self, steps=self.gpu_steps, times=list(self.gpu_times), gpu_steps=None, gpu_times=[])
 
 
 class FlowSampler:

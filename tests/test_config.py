@@ -122,3 +122,27 @@ def test_play_defaults_to_the_eight_block_model_with_a_32_frame_budget():
     assert compose(["attention.budget_frames=64"]).attention.budget_frames == 64
     for tool in ("evaluate", "bench"):
         assert compose(["attention=fastar"], config_name=tool).attention.budget_frames == 64
+
+
+def test_the_sampler_on_a_gpu_takes_its_gpu_steps_and_times():
+    """`sampler.gpu_steps` / `gpu_times` replace steps and times where the model runs on a
+    GPU and nowhere else; what evaluation and bench record is what ran."""
+    import torch
+
+    from runtime.factory import sampler_record
+    from runtime.sampler import FlowSampler, SamplerConfig
+
+    cfg = compose(["sampler.gpu_steps=2", "sampler.gpu_times=[1.0,0.25]"])
+    assert sampler_record(cfg, torch.device("cpu")) == {"sampler_steps": 1, "sampler_times": [1.0]}
+    assert sampler_record(cfg, torch.device("cuda", 0)) == {"sampler_steps": 2, "sampler_times": [1.0, 0.25]}
+    uniform = SamplerConfig(steps=1, gpu_steps=4).on("cuda")
+    assert FlowSampler(uniform).times == [1.0, 0.75, 0.5, 0.25] and uniform.gpu_steps is None
+    assert SamplerConfig(steps=1, gpu_steps=None, gpu_times=[1.0, 0.5]).on("cuda").steps == 1  # unused without gpu_steps
+    for bad, needle in ((dict(gpu_steps=0), "sampler.gpu_steps must be an integer >= 1, got 0"),
+                        (dict(gpu_steps=2, gpu_times=[1.0]), r"sampler.gpu_times=\[1.0\] must hold sampler.gpu_steps=2"),
+                        (dict(gpu_steps=2, gpu_times=[1.0, 0.0]), "values in \\(0, 1\\]"),
+                        (dict(steps=True), "sampler.steps must be an integer >= 1, got True")):
+        with pytest.raises(ValueError, match=needle):
+            SamplerConfig(**bad)
+    with pytest.raises(ValueError, match="gpu_stepz"):
+        SamplerConfig.from_dict({"steps": 1, "gpu_stepz": 2})
