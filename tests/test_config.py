@@ -98,18 +98,22 @@ def test_shipped_checkpoints_are_their_model_configs(name):
     assert model.cfg == want
 
 
-def test_the_fast_preset_plays_the_four_block_model_with_a_32_frame_budget(tmp_path: Path):
+@pytest.mark.parametrize("preset,steps,times", [("fast", 1, []), ("sharp", 2, [1.0, 0.25])])
+def test_the_fast_and_sharp_presets_play_the_four_block_model_with_a_32_frame_budget(tmp_path: Path, preset, steps,
+                                                                                      times):
+    """`fast` samples a frame in one step on the CPU, `sharp` in two (as a GPU does)."""
     import json
 
     from runtime.checkpoint import file_sha256
 
-    result = run_play(["preset=fast", "window=headless", "controller=scripted", "controller.script=R*3", "max_frames=3",
-                       "device=cpu", f"record.path={tmp_path / 'rec'}"], cwd=tmp_path)
+    result = run_play([f"preset={preset}", "window=headless", "controller=scripted", "controller.script=R*3",
+                       "max_frames=3", "device=cpu", f"record.path={tmp_path / 'rec'}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
     fast = REPO / "worlds" / "overworld" / "checkpoints" / "overworld_fast.safetensors"
     assert meta["checkpoint_sha256"] == file_sha256(fast)
     assert meta["config"]["attention"]["name"] == "fastar" and meta["config"]["attention"]["budget_frames"] == 32
+    assert meta["config"]["sampler"]["steps"] == steps and meta["config"]["sampler"]["times"] == times
     assert compose([])["engine"]["checkpoint"].endswith("overworld_small.safetensors")  # not the default
 
 
