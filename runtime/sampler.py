@@ -10,9 +10,10 @@ which is the Euler step of the flow ODE written with x0-prediction. The last ste
 returns x0_hat. Randomness comes only from the caller's `torch.Generator`, so a seed
 replays exactly.
 
-A GPU can afford more steps than play's 30 frames per second leave a small CPU:
-`gpu_steps` / `gpu_times` replace `steps` / `times` when the model runs on a GPU
-(`SamplerConfig.on`). Training draws its noise levels from `steps` / `times` alone.
+A GPU can afford more steps than play's 30 frames per second leave a small CPU. `steps`
+(with `times`) applies on every device; left null, each device takes its own:
+`gpu_steps` / `gpu_times` on a GPU when set, else `cpu_steps` / `cpu_times`
+(`SamplerConfig.on` resolves it).
 """
 from __future__ import annotations
 
@@ -27,15 +28,21 @@ from runtime.configs import strict_dataclass
 @dataclass
 class SamplerConfig:
     name: str = "default"
-    steps: int = 2
+    steps: int | None = 2  # on every device; None: the device's own (cpu_* / gpu_*)
     times: list[float] = field(default_factory=list)  # explicit times; empty = uniform from 1
     clamp: bool = True
-    gpu_steps: int | None = None  # on a GPU these replace steps and times (None: the same as on a CPU,
-    gpu_times: list[float] = field(default_factory=list)  # and gpu_times unused)
+    cpu_steps: int = 1  # with steps None: on a CPU, and on a GPU without gpu_steps
+    cpu_times: list[float] = field(default_factory=list)
+    gpu_steps: int | None = None  # with steps None: on a GPU (None: the CPU's)
+    gpu_times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for prefix, steps, times in (("", self.steps, self.times), ("gpu_", self.gpu_steps, self.gpu_times)):
-            if steps is None:  # no GPU steps: the GPU times are not used either
+        if self.steps is None and self.times:
+            raise ValueError(f"sampler.times={list(self.times)} needs sampler.steps (null: the device's own steps "
+                             "and times, sampler.cpu_times / gpu_times)")
+        for prefix, steps, times in (("", self.steps, self.times), ("cpu_", self.cpu_steps, self.cpu_times),
+                                     ("gpu_", self.gpu_steps, self.gpu_times)):
+            if steps is None and prefix != "cpu_":  # steps: the device's own; gpu_steps: the CPU's
                 continue
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"sampler.{prefix}steps must be an integer >= 1, got {steps!r}")
@@ -47,21 +54,26 @@ class SamplerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerConfig":
         d = dict(d)
-        for key in ("times", "gpu_times"):
+        for key in ("times", "cpu_times", "gpu_times"):
             if d.get(key) is not None:
                 d[key] = [float(t) for t in d[key]]
         return strict_dataclass(cls, d, "sampler")
 
     def on(self, device) -> "SamplerConfig":
-        """The sampler a model on `device` runs: `gpu_steps` / `gpu_times` in place of
-        `steps` / `times` on a GPU when they are set, else this one."""
-        if self.gpu_steps is None or torch.device(device).type != "cuda":
+        """The sampler a model on `device` runs (`steps` set): `steps` / `times` when set,
+        else `gpu_steps` / `gpu_times` on a GPU when those are set, else `cpu_steps` /
+        `cpu_times`."""
+        if self.steps is not None:
             return self
-        return replace(self, steps=self.gpu_steps, times=list(self.gpu_times), gpu_steps=None, gpu_times=[])
+        gpu = self.gpu_steps is not None and torch.device(device).type == "cuda"
+        steps, times = (self.gpu_steps, self.gpu_times) if gpu else (self.cpu_steps, self.cpu_times)
+        return replace(self, steps=steps, times=list(times))
 
 
 class FlowSampler:
     def __init__(self, cfg: SamplerConfig):
+        if cfg.steps is None:
+            raise ValueError("sampler.steps is null (each device's own): resolve it with SamplerConfig.on(device)")
         self.cfg = cfg
         if cfg.times:
             self.times = [float(t) for t in cfg.times]

@@ -315,7 +315,9 @@ def train(cfg: DictConfig) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(int(cfg.seed) + rank)
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True) | {})
-    scfg = SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True))
+    # the noise levels' grid and the rollouts of training: the CPU's sampler (or `sampler.steps`)
+    # on every device, as every shipped stage was trained
+    scfg = SamplerConfig.from_dict(OmegaConf.to_container(cfg.sampler, resolve=True)).on("cpu")
     sampler = FlowSampler(scfg)
     tc = cfg.train
     data = OmegaConf.to_container(tc.data, resolve=True)

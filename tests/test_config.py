@@ -98,10 +98,11 @@ def test_shipped_checkpoints_are_their_model_configs(name):
     assert model.cfg == want
 
 
-@pytest.mark.parametrize("preset,steps,times", [("fast", 1, []), ("sharp", 2, [1.0, 0.25])])
+@pytest.mark.parametrize("preset,steps,times", [("fast", None, []), ("sharp", 2, [1.0, 0.25])])
 def test_the_fast_and_sharp_presets_play_the_four_block_model_with_a_32_frame_budget(tmp_path: Path, preset, steps,
                                                                                       times):
-    """`fast` samples a frame in one step on the CPU, `sharp` in two (as a GPU does)."""
+    """`fast` samples as each device does (one step on a CPU), `sharp` in two everywhere (as a
+    GPU does by default)."""
     import json
 
     from runtime.checkpoint import file_sha256
@@ -129,22 +130,31 @@ def test_play_defaults_to_the_eight_block_model_with_a_32_frame_budget():
 
 
 def test_the_sampler_on_a_gpu_takes_its_gpu_steps_and_times():
-    """`sampler.gpu_steps` / `gpu_times` replace steps and times where the model runs on a
-    GPU and nowhere else; what evaluation and bench record is what ran."""
+    """With `sampler.steps` null each device samples as its own settings say (the default:
+    one step on a CPU, two on a GPU); a `steps` given applies on every device; what
+    evaluation and bench record is what ran."""
     import torch
 
     from runtime.factory import sampler_record
     from runtime.sampler import FlowSampler, SamplerConfig
 
-    cfg = compose(["sampler.gpu_steps=2", "sampler.gpu_times=[1.0,0.25]"])
-    assert sampler_record(cfg, torch.device("cpu")) == {"sampler_steps": 1, "sampler_times": [1.0]}
-    assert sampler_record(cfg, torch.device("cuda", 0)) == {"sampler_steps": 2, "sampler_times": [1.0, 0.25]}
-    uniform = SamplerConfig(steps=1, gpu_steps=4).on("cuda")
-    assert FlowSampler(uniform).times == [1.0, 0.75, 0.5, 0.25] and uniform.gpu_steps is None
-    assert SamplerConfig(steps=1, gpu_steps=None, gpu_times=[1.0, 0.5]).on("cuda").steps == 1  # unused without gpu_steps
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    cfg = compose([])
+    assert sampler_record(cfg, cpu) == {"sampler_steps": 1, "sampler_times": [1.0]}
+    assert sampler_record(cfg, gpu) == {"sampler_steps": 2, "sampler_times": [1.0, 0.25]}
+    for device in (cpu, gpu):  # an explicit step count wins on every device
+        assert sampler_record(compose(["sampler.steps=4"]), device) == {"sampler_steps": 4,
+                                                                       "sampler_times": [1.0, 0.75, 0.5, 0.25]}
+    assert sampler_record(compose(["sampler.gpu_steps=null"]), gpu)["sampler_steps"] == 1  # the CPU's on a GPU
+    assert sampler_record(compose(["sampler.cpu_steps=3"]), cpu)["sampler_steps"] == 3
+    assert SamplerConfig(steps=None, gpu_steps=4).on("cuda").times == []
+    with pytest.raises(ValueError, match="resolve it with SamplerConfig.on"):
+        FlowSampler(SamplerConfig(steps=None))
     for bad, needle in ((dict(gpu_steps=0), "sampler.gpu_steps must be an integer >= 1, got 0"),
+                        (dict(cpu_steps=None), "sampler.cpu_steps must be an integer >= 1, got None"),
                         (dict(gpu_steps=2, gpu_times=[1.0]), r"sampler.gpu_times=\[1.0\] must hold sampler.gpu_steps=2"),
                         (dict(gpu_steps=2, gpu_times=[1.0, 0.0]), "values in \\(0, 1\\]"),
+                        (dict(steps=None, times=[1.0]), r"sampler.times=\[1.0\] needs sampler.steps"),
                         (dict(steps=True), "sampler.steps must be an integer >= 1, got True")):
         with pytest.raises(ValueError, match=needle):
             SamplerConfig(**bad)
