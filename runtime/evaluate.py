@@ -386,9 +386,9 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
     gen = rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, seed)
     moved = torch.from_numpy((np.diff(pos, axis=1) != 0).any(-1))  # (B, T) the simulator's view scrolled
     still = (frame_shifts(torch.cat([truth[:, :1], gen], 1), world_cfg.scroll + 1) == 0).all(-1)
-    player = world_cfg.view // 2 - world_cfg.tile // 2  # the player's top-left pixel, the same in every frame
-    gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, (player, player)).mean(0)  # (T,)
-    sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, (player, player)).mean(0)
+    player = (world_cfg.player_view, world_cfg.player_view)  # drawn there in every frame
+    gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, player).mean(0)  # (T,)
+    sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, player).mean(0)
     half = slice(frames // 2, frames)
     return {
         "walk_frames": frames,

@@ -45,7 +45,7 @@ class BatchOverworld:
         self.default_atlas = build_atlas(self.cfg.tileset)  # (16, 8, 8, 3)
         tile, view = self.cfg.tile, self.cfg.view
         self._pad = view // (2 * tile) + 1  # tiles of void around the map
-        self._player_view = view // 2 - tile // 2  # the player's top-left pixel in the view
+        self._player_view = self.cfg.player_view  # the player's top-left pixel in the view
         self._blocking = blocking_table()
         self._placeable = placeable_table()
         self.frame_index = 0

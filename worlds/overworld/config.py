@@ -108,6 +108,12 @@ class OverworldConfig:
     num_houses: int       # houses the map generator tries to place
     tileset: tuple[TileStyle, ...]  # one style per tile id, in TILE_NAMES order
 
+    @property
+    def player_view(self) -> int:
+        """The player's top-left pixel in the view, on both axes: the view follows the
+        player, so it is drawn there in every frame."""
+        return self.view // 2 - self.tile // 2
+
     @classmethod
     def from_dict(cls, d: Any) -> "OverworldConfig":
         """Validate a mapping (or omegaconf DictConfig) into a config."""
