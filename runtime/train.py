@@ -129,8 +129,9 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return (weights * err).mean() / weights.mean()
 
 
-def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames=None):
+def forward_doubled(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames=None, noisy_targets=None):
     noisy, prev, t, actions, frame_index, targets = build_inputs(batch, ctx_sigma, t_tgt, gen, device,
+                                                                 noisy_targets=noisy_targets,
                                                                  context_frames=context_frames)
     prompt = batch["prompt"].to(device, non_blocking=True)
     return model(noisy, prev, t, actions, frame_index, self_attn, dense_cross_attn, prompt, outputs=targets.shape[1]), targets
@@ -147,6 +148,32 @@ def sample_targets(model, batch: dict, noise: torch.Tensor, sampler: FlowSampler
         return model(noisy, prev, tt, actions, fi, self_attn, dense_cross_attn, pkv, outputs=n)
 
     return sampler.sample(denoise, noise)
+
+
+@torch.no_grad()
+def distill_targets(teacher, batch: dict, noise: torch.Tensor, sampler: FlowSampler, device, self_attn) -> torch.Tensor:
+    """What the teacher's sampler makes of every target of the window from `noise` (B, F-1,
+    3, S, S) at time 1 and the true clean context: x0 estimates in [-1, 1], the targets of
+    `train.distill` (a one-step model learns to map the same noise to the same frames)."""
+    pkv = teacher.encode_prompt(batch["prompt"].to(device, non_blocking=True))
+    return sample_targets(teacher, batch, noise, sampler, device, self_attn, pkv)
+
+
+def load_teacher(dc, mcfg: ModelConfig, device):
+    """The frozen teacher of `train.distill` and its sampler; None without a teacher.
+    Its frames and previous frames must be the student's (they read the same windows)."""
+    if not dc.get("teacher"):
+        return None, None
+    from runtime.checkpoint import load_checkpoint
+
+    teacher, _ = load_checkpoint(str(dc.teacher))
+    for key in ("frame_size", "patch", "channels", "prev_frames", "prompt_tokens", "prompt_dim"):
+        if getattr(teacher.cfg, key) != getattr(mcfg, key):
+            raise ValueError(f"train.distill.teacher={str(dc.teacher)!r} has model.{key}={getattr(teacher.cfg, key)!r}, "
+                             f"but the model trained has {getattr(mcfg, key)!r}: a teacher must read the same windows")
+    times = [float(t) for t in dc.times]
+    sampler = FlowSampler(SamplerConfig(steps=len(times), times=times))
+    return teacher.to(device).eval().requires_grad_(False), sampler
 
 
 @torch.no_grad()
@@ -272,6 +299,13 @@ def check_train_settings(tc: DictConfig) -> None:
         raise ValueError(f"train.rollout_passes={tc.rollout_passes!r}; expected an integer >= 1")
     if tc.rollout_mode not in ("passes", "play"):
         raise ValueError(f"train.rollout_mode={tc.rollout_mode!r}; expected 'passes' or 'play'")
+    dc = tc.get("distill") or {}
+    if not 0.0 <= number("train.distill.prob", dc.get("prob", 1.0)) <= 1.0:
+        raise ValueError(f"train.distill.prob={dc.get('prob')!r}; expected a probability in [0, 1]")
+    times = dc.get("times") or []
+    if dc.get("teacher") and (not isinstance(times, (list, ListConfig)) or not times
+                              or any(not isinstance(t, (int, float)) or not 0 < t <= 1 for t in times)):
+        raise ValueError(f"train.distill.times={times!r}; expected the teacher's sampler times, values in (0, 1], e.g. [1.0, 0.25]")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
     if tc.get("init_blocks") is not None:
@@ -352,6 +386,9 @@ def train(cfg: DictConfig) -> dict:
                 state = add_motion_head(state, mcfg)
         model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    dc = tc.get("distill") or {}
+    teacher, teacher_sampler = load_teacher(dc, mcfg, device)
+    distill_prob = float(dc.get("prob", 1.0)) if teacher is not None else 0.0
     player = None  # the engine's copy for train.rollout_mode=play: made before any compiling
     if float(tc.rollout_prob) > 0 and tc.rollout_mode == "play":
         player = copy.deepcopy(model).eval().requires_grad_(False).to(torch.bfloat16 if bool(tc.bf16) else torch.float32)
@@ -375,8 +412,8 @@ def train(cfg: DictConfig) -> dict:
     else:
         raise ValueError(f"train.attention={tc.attention!r}; expected 'flex' (GPU) or 'sdpa'")
     if bool(tc.compile):
-        for blk in model.blocks:  # regional compilation: each block's forward, one code shared by all
-            blk.compile(dynamic=False)
+        for blk in [*model.blocks, *(teacher.blocks if teacher is not None else [])]:
+            blk.compile(dynamic=False)  # regional compilation: each block's forward, one code shared by all
         # that code keeps a compiled entry per layer index (an int argument) and grad mode:
         # training and the self-rollout passes (no grad) need two per block (the EMA copy the
         # evaluation runs was made before compiling), the limit below leaves room to spare.
@@ -384,7 +421,8 @@ def train(cfg: DictConfig) -> dict:
         # many times slower
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # the older name
-        setattr(dyn, limit, max(getattr(dyn, limit), 4 * len(model.blocks)))
+        # (a distillation teacher's blocks add one entry each)
+        setattr(dyn, limit, max(getattr(dyn, limit), 6 * len(model.blocks)))
     eval_batch = next(iter(torch.utils.data.DataLoader(
         WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch)})),
         batch_size=None)))
@@ -454,16 +492,25 @@ def train(cfg: DictConfig) -> dict:
                 creatures = creatures[:, creatures.shape[1] - (dcfg.frames - 1):].to(device, non_blocking=True)  # the targets' frames
                 weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
-                rolled = None
-                if rollout_prob > 0 and pick.random() < rollout_prob:
-                    if player is not None:
-                        rolled = played_frames(player, model, batch, sampler, noise_seeds.getrandbits(62), device)
-                    else:
-                        rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
-                    # weights cast to bf16 without gradients must not serve the forward that
-                    # trains (older torch kept them in autocast's cache)
-                    torch.clear_autocast_cache()
-                pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn, rolled)
+                if distill_prob > 0 and pick.random() < distill_prob:
+                    # one step from time 1 learns the teacher's frames from the same noise and context
+                    n, size = dcfg.frames - 1, mcfg.frame_size
+                    noise = torch.randn((b, n, mcfg.channels, size, size), generator=gen, device=device)
+                    target = distill_targets(teacher, batch, noise, teacher_sampler, device, train_attn).float()
+                    torch.clear_autocast_cache()  # the teacher's bf16 weight copies must not serve the student
+                    pred, _ = forward_doubled(ddp, batch, None, torch.ones(b, n, device=device), gen, device,
+                                              train_attn, noisy_targets=noise)
+                else:
+                    rolled = None
+                    if rollout_prob > 0 and pick.random() < rollout_prob:
+                        if player is not None:
+                            rolled = played_frames(player, model, batch, sampler, noise_seeds.getrandbits(62), device)
+                        else:
+                            rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+                        # weights cast to bf16 without gradients must not serve the forward that
+                        # trains (older torch kept them in autocast's cache)
+                        torch.clear_autocast_cache()
+                    pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn, rolled)
                 loss = weighted_mse(pred, target, weights) / micro
             loss.backward()
             total += loss.detach()

@@ -659,3 +659,106 @@ def test_training_trains_on_the_self_rollout_it_made(tmp_path, monkeypatch):
     rolled = [u for u in used if u is not None]
     assert 0 < len(rolled) < 8 and len(rolled) == len(made)
     assert all(u is m for u, m in zip(rolled, made))
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def test_distillation_regresses_one_step_from_time_1_on_the_teachers_frames_from_the_same_noise(tmp_path, monkeypatch):
+    """With train.distill.teacher every micro-batch (prob 1) feeds the student the noise at
+    time 1 for every target, with a clean context, and its loss target is what the teacher's
+    two-step sampler made of that very noise."""
+    import conftest
+
+    import runtime.train as tr
+    from runtime.checkpoint import save_checkpoint
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
+    calls = []
+    real_targets, real_forward, real_mse = tr.distill_targets, tr.forward_doubled, tr.weighted_mse
+
+    def targets(teacher, batch, noise, sampler, device, attn):
+        out = real_targets(teacher, batch, noise, sampler, device, attn)
+        calls.append({"noise": noise.clone(), "teacher_out": out.clone(), "times": sampler.times})
+        return out
+
+    def forward(model, batch, ctx_sigma, t_tgt, gen, device, attn, context_frames=None, noisy_targets=None):
+        calls[-1].update(ctx_sigma=ctx_sigma, t=t_tgt.clone(), noisy=noisy_targets)
+        return real_forward(model, batch, ctx_sigma, t_tgt, gen, device, attn, context_frames, noisy_targets)
+
+    def mse(pred, target, weights):
+        calls[-1]["target"] = target
+        return real_mse(pred, target, weights)
+
+    monkeypatch.setattr(tr, "distill_targets", targets)
+    monkeypatch.setattr(tr, "forward_doubled", forward)
+    monkeypatch.setattr(tr, "weighted_mse", mse)
+    res = tr.train(compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={teacher_path}",
+                                          "train.distill.times=[1.0,0.25]"]))
+    assert res["steps"] == 2 and math.isfinite(res["metrics"]["loss"]) and res["metrics"]["loss"] > 0
+    assert len(calls) == 2
+    for c in calls:
+        assert c["times"] == [1.0, 0.25]
+        assert c["ctx_sigma"] is None and torch.equal(c["t"], torch.ones_like(c["t"]))
+        assert c["noisy"] is not None and torch.equal(c["noisy"], c["noise"])
+        assert torch.equal(c["target"], c["teacher_out"].float())
+    assert not torch.equal(calls[0]["noise"], calls[1]["noise"])
+
+
+def test_distillation_with_prob_half_mixes_distilled_and_plain_micro_batches(tmp_path, monkeypatch):
+    import conftest
+
+    import runtime.train as tr
+    from runtime.checkpoint import save_checkpoint
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
+    kinds = []
+    real_forward = tr.forward_doubled
+
+    def forward(*args, **kwargs):
+        kinds.append(kwargs.get("noisy_targets") is not None)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "forward_doubled", forward)
+    res = tr.train(compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={teacher_path}",
+                                          "train.distill.prob=0.5", "train.steps=8", "train.eval_every=8",
+                                          "train.ckpt_every=8"]))
+    assert res["steps"] == 8 and len(kinds) == 8 and 0 < sum(kinds) < 8
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.distill.prob=1.5", "train.distill.prob=1.5; expected a probability in [0, 1]"),
+    ("train.distill.times=[]", "train.distill.times=[]; expected the teacher's sampler times"),
+    ("train.distill.times=[1.0,0.0]", "train.distill.times=[1.0, 0.0]; expected the teacher's sampler times"),
+])
+def test_bad_distillation_settings_raise(tmp_path, override, needle):
+    from runtime.train import train
+
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={tmp_path / 't.safetensors'}", override])
+    with pytest.raises(ValueError) as err:
+        train(cfg)
+    assert needle in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_distillation_teacher_that_reads_other_windows_is_rejected(tmp_path):
+    import conftest
+
+    from runtime.checkpoint import save_checkpoint
+    from runtime.train import train
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, conftest.random_model(ModelConfig(**{**vars(tiny_config()), "prev_frames": 2})))
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={teacher_path}"])
+    with pytest.raises(ValueError, match=r"train.distill.teacher=.* has model.prev_frames=2, but the model trained has 1"):
+        train(cfg)
+
+
+def test_a_missing_distillation_teacher_is_named(tmp_path):
+    from runtime.train import train
+
+    cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={tmp_path / 'none.safetensors'}"])
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):
+        train(cfg)
