@@ -36,6 +36,11 @@ On world seeds and action scripts never used in training (training seeds start a
                   the generated frames at the start and on return (the same place);
                   `sim_revisit_psnr` is the simulator's own pair (water and creatures
                   move, so it is finite)
+    pause_revisit_*
+                  with `revisit_pause` > 0: the same walk with that many frames of
+                  standing still at its far end before the way back (what a cache
+                  policy keeps of the start once that much more has come since);
+                  `pause_revisit_frames` the pause, and the per-seed scores
     walk_*        straight walks into places the first frame never showed (each
                   sequence holds one direction for `walk_frames` frames), the part of
                   play that needs the model to make up new ground:
@@ -68,7 +73,7 @@ from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
 from runtime.metrics import psnr
 from runtime.tempcache import TempCache
-from worlds.actions import DOWN, LEFT, RIGHT, UP
+from worlds.actions import DOWN, IDLE, LEFT, RIGHT, UP
 from worlds.overworld import BatchOverworld, OverworldConfig
 
 
@@ -202,7 +207,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     res["rollout_psnr_curve"] = [round(float(v), 3) for v in per_frame]
     res["time_rollout_s"] = round(time.time() - t0, 2)
     res.update(idle_next(rollout, world_cfg, seeds, nxt, int(cfg.seed)))
-    res.update(revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), int(cfg.seed)))
+    res.update(revisits(rollout, world_cfg, seeds, ev, int(cfg.seed)))
     if int(ev.walk_frames) > 0:
         res.update(walk(rollout, world_cfg, seeds, int(ev.walk_frames), int(cfg.seed)))
     return res
@@ -302,10 +307,12 @@ def step_weights(gen: torch.Tensor, places: list) -> dict:
             "creature_step_fit_r2": float(mean[5])}
 
 
-def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], steps: int, seed: int) -> dict:
-    """Walk right `steps` times and left as many; compare frames where the player stands again."""
+def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], steps: int, seed: int,
+            pause: int = 0, key: str = "revisit") -> dict:
+    """Walk right `steps` times, stand still `pause` frames, walk left as many steps; compare
+    frames where the player stands again. Keys start with `key`."""
     n = len(seeds)
-    acts = np.concatenate([np.full((n, steps), RIGHT), np.full((n, steps), LEFT)], axis=1)
+    acts = np.concatenate([np.full((n, steps), RIGHT), np.full((n, pause), IDLE), np.full((n, steps), LEFT)], axis=1)
     truth, pos, atlases = simulate(world_cfg, seeds, acts)
     gen = rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, seed)
     gen = torch.cat([truth[:, :1], gen], dim=1)  # frame 0 is the true reset frame
@@ -316,13 +323,28 @@ def revisit(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], step
     b = torch.from_numpy(back)
     gen_pair = psnr_u8(gen[idx, b], gen[:, 0])
     sim_pair = psnr_u8(truth[idx, b], truth[:, 0])
-    return {
-        "revisit_psnr": float(gen_pair.mean()),
-        "sim_revisit_psnr": float(sim_pair.mean()),
-        "revisit_vs_truth_psnr": float(psnr_u8(gen[idx, b], truth[idx, b]).mean()),
-        "revisit_steps": steps,
-        "revisit_mean_distance_px": float(moved.mean()),
+    out = {
+        f"{key}_psnr": float(gen_pair.mean()),
+        f"sim_{key}_psnr": float(sim_pair.mean()),
+        f"{key}_vs_truth_psnr": float(psnr_u8(gen[idx, b], truth[idx, b]).mean()),
+        f"{key}_steps": steps,
+        f"{key}_mean_distance_px": float(moved.mean()),
     }
+    if pause:
+        out[f"{key}_frames"] = pause
+        out.update(per_seed(f"{key}_psnr", gen_pair))
+    return out
+
+
+def revisits(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], ev, seed: int) -> dict:
+    """The revisit scores: `revisit_*`, and with `eval.revisit_pause` > 0 frames also
+    `pause_revisit_*`: the same walk with that many frames of standing still at its far
+    end, so the cache holds that much more before the way back (a policy that keeps only
+    recent frames forgets the start; one that merges what repeats need not)."""
+    res = revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), seed)
+    if int(ev.get("revisit_pause", 0)) > 0:
+        res.update(revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), seed, int(ev.revisit_pause), "pause_revisit"))
+    return res
 
 
 WALK_DIRECTIONS = (RIGHT, DOWN, LEFT, UP)
@@ -458,7 +480,7 @@ def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:
         r["self_attn_per_layer"] = stats["self_attn"]["per_layer"]
         if "merge_rate" in stats:
             r["merge_rate"] = stats["merge_rate"]
-        r.update(revisit(rollout, world_cfg, seeds, int(ev.revisit_steps), int(cfg.seed)))
+        r.update(revisits(rollout, world_cfg, seeds, ev, int(cfg.seed)))
         out[name] = r
     return out
 
@@ -522,8 +544,8 @@ def main(cfg: DictConfig) -> None:
     summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, (list, dict))}
     for name, r in res.get("attention_configs", {}).items():
         summary[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                         if k.startswith("psnr_vs_dense") or k in ("psnr_vs_sim", "revisit_psnr", "merge_rate",
-                                                                    "cache_tokens_per_layer", "time_s")}
+                         if k.startswith("psnr_vs_dense") or k in ("psnr_vs_sim", "revisit_psnr", "pause_revisit_psnr",
+                                                                    "merge_rate", "cache_tokens_per_layer", "cache_mb", "time_s")}
         summary[name]["sa_density"] = r["self_attn"]["density"]
         summary[name]["ca_density"] = r["cross_attn"]["density"]
     print(json.dumps(summary, indent=1))

@@ -143,7 +143,7 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     # An untrained model's output layer is zero: x0 = the previous frame, exactly the
     # copy-last baseline, so every model metric must equal its baseline counterpart.
     ckpt = tiny_checkpoint(tmp_path / "copy.safetensors", randomise=False)
-    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL]))
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL, "eval.revisit_pause=4"]))
     assert res["next_psnr"] == pytest.approx(res["copy_last_next_psnr"], abs=1e-5)
     for h in (4, 8):
         assert res[f"rollout_psnr_{h}"] == pytest.approx(res[f"copy_last_psnr_{h}"], abs=1e-5)
@@ -156,6 +156,8 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     assert res["copy_last_idle_psnr_creatures_move"] < 60.0
     assert res["revisit_psnr"] == 60.0  # every generated frame is the first one
     assert res["revisit_vs_truth_psnr"] == pytest.approx(res["sim_revisit_psnr"], abs=1e-5)
+    assert res["pause_revisit_psnr"] == 60.0 and res["pause_revisit_frames"] == 4
+    assert res["pause_revisit_vs_truth_psnr"] == pytest.approx(res["sim_pause_revisit_psnr"], abs=1e-5)
     # on the walks the generated view never scrolls: every frame where the world's did is a stall
     assert res["walk_stall_fraction"] == 1.0
 
@@ -360,3 +362,35 @@ def test_walk_scores_a_model_that_plays_the_simulator_as_perfect():
     assert res["walk_psnr"] == 60.0
     assert res["walk_tile_psnr"] == res["sim_walk_tile_psnr"]
     assert len(res["walk_tile_psnr_curve"]) == 10
+
+
+def test_pause_revisit_walks_away_stands_still_and_walks_back():
+    """eval.revisit_pause: the walk is `steps` moves right, `pause` idle frames, `steps` moves
+    left; a rollout that plays the simulator scores its own pair and the truth at the cap."""
+    from runtime.evaluate import revisits
+    from worlds.actions import IDLE, LEFT, RIGHT
+    from worlds.overworld import BatchOverworld, load_config
+
+    world = load_config("overworld")
+    seen = []
+
+    class Replay:  # the rollout interface of rollout_frames, playing the simulator
+        def reset(self, first, prompt, seed):
+            self.world = BatchOverworld(world, first.shape[0])
+            self.world.reset(list(range(first.shape[0])))
+            seen.append([])
+
+        def step(self, actions, teacher=None):
+            seen[-1].append(actions.tolist())
+            return torch.from_numpy(self.world.step(actions.numpy()))
+
+    ev = OmegaConf.create({"revisit_steps": 3, "revisit_pause": 5})
+    res = revisits(Replay(), world, [0, 1], ev, 0)
+    assert len(seen) == 2  # the plain revisit, then the paused one
+    assert [a[0] for a in seen[0]] == [RIGHT] * 3 + [LEFT] * 3
+    assert [a[0] for a in seen[1]] == [RIGHT] * 3 + [IDLE] * 5 + [LEFT] * 3
+    assert res["pause_revisit_frames"] == 5 and res["pause_revisit_steps"] == 3
+    assert res["pause_revisit_psnr"] == pytest.approx(res["sim_pause_revisit_psnr"])
+    assert res["pause_revisit_vs_truth_psnr"] == 60.0
+    assert len(res["pause_revisit_psnr_per_seed"]) == 2
+    assert "pause_revisit_psnr" not in revisits(Replay(), world, [0, 1], OmegaConf.create({"revisit_steps": 3}), 0)
