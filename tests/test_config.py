@@ -131,8 +131,8 @@ def test_play_defaults_to_the_eight_block_model_with_a_32_frame_budget():
 
 def test_the_sampler_on_a_gpu_takes_its_gpu_steps_and_times():
     """With `sampler.steps` null each device samples as its own settings say (the default:
-    one step on a CPU, two on a GPU); a `steps` given applies on every device; what
-    evaluation and bench record is what ran."""
+    one step on a CPU, and on a GPU the CPU's, as `gpu_steps` is null); a `steps` given
+    applies on every device; what evaluation and bench record is what ran."""
     import torch
 
     from runtime.factory import sampler_record
@@ -141,11 +141,14 @@ def test_the_sampler_on_a_gpu_takes_its_gpu_steps_and_times():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     cfg = compose([])
     assert sampler_record(cfg, cpu) == {"sampler_steps": 1, "sampler_times": [1.0]}
-    assert sampler_record(cfg, gpu) == {"sampler_steps": 2, "sampler_times": [1.0, 0.25]}
+    assert sampler_record(cfg, gpu) == {"sampler_steps": 1, "sampler_times": [1.0]}
+    two = compose(["sampler.gpu_steps=2", "sampler.gpu_times=[1.0,0.15]"])
+    assert sampler_record(two, gpu) == {"sampler_steps": 2, "sampler_times": [1.0, 0.15]}
+    assert sampler_record(two, cpu) == {"sampler_steps": 1, "sampler_times": [1.0]}
     for device in (cpu, gpu):  # an explicit step count wins on every device
         assert sampler_record(compose(["sampler.steps=4"]), device) == {"sampler_steps": 4,
                                                                        "sampler_times": [1.0, 0.75, 0.5, 0.25]}
-    assert sampler_record(compose(["sampler.gpu_steps=null"]), gpu)["sampler_steps"] == 1  # the CPU's on a GPU
+    assert sampler_record(compose(["sampler.cpu_steps=2"]), gpu)["sampler_steps"] == 2  # the CPU's on a GPU
     assert sampler_record(compose(["sampler.cpu_steps=3"]), cpu)["sampler_steps"] == 3
     assert SamplerConfig(steps=None, gpu_steps=4).on("cuda").times == []
     with pytest.raises(ValueError, match="resolve it with SamplerConfig.on"):
