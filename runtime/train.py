@@ -454,6 +454,12 @@ def train(cfg: DictConfig) -> dict:
             elapsed = float(shared.item())
         return elapsed
 
+    def rolled_context(batch: dict) -> torch.Tensor:
+        """The window's frames with the targets replaced by the model's own (train.rollout_mode)."""
+        if player is not None:
+            return played_frames(player, model, batch, sampler, noise_seeds.getrandbits(62), device)
+        return self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+
     it = iter(loader)
     log = []
     progress = None
@@ -493,7 +499,13 @@ def train(cfg: DictConfig) -> dict:
                 weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
                 if distill_prob > 0 and pick.random() < distill_prob:
-                    # one step from time 1 learns the teacher's frames from the same noise and context
+                    # one step from time 1 learns the teacher's frames from the same noise and context;
+                    # with train.rollout_prob that context is, as often, the model's own frames
+                    # (the teacher's frames from there are the targets: it corrects the student
+                    # where the student's own rollouts take it)
+                    if rollout_prob > 0 and pick.random() < rollout_prob:
+                        batch = dict(batch, frames=rolled_context(batch))
+                        torch.clear_autocast_cache()
                     n, size = dcfg.frames - 1, mcfg.frame_size
                     noise = torch.randn((b, n, mcfg.channels, size, size), generator=gen, device=device)
                     target = distill_targets(teacher, batch, noise, teacher_sampler, device, train_attn).float()
@@ -503,10 +515,7 @@ def train(cfg: DictConfig) -> dict:
                 else:
                     rolled = None
                     if rollout_prob > 0 and pick.random() < rollout_prob:
-                        if player is not None:
-                            rolled = played_frames(player, model, batch, sampler, noise_seeds.getrandbits(62), device)
-                        else:
-                            rolled = self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+                        rolled = rolled_context(batch)
                         # weights cast to bf16 without gradients must not serve the forward that
                         # trains (older torch kept them in autocast's cache)
                         torch.clear_autocast_cache()

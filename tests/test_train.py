@@ -762,3 +762,37 @@ def test_a_missing_distillation_teacher_is_named(tmp_path):
     cfg = compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={tmp_path / 'none.safetensors'}"])
     with pytest.raises(FileNotFoundError, match="none.safetensors"):
         train(cfg)
+
+
+def test_distillation_with_rollouts_gives_teacher_and_student_the_models_own_frames(tmp_path, monkeypatch):
+    """train.distill with train.rollout_prob=1 (rollout_mode=play): the context both the
+    teacher and the student read is the engine's rollout of the model, not the true frames."""
+    import conftest
+
+    import runtime.train as tr
+    from runtime.checkpoint import save_checkpoint
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
+    made, teacher_saw, student_saw = [], [], []
+    real_played, real_targets, real_forward = tr.played_frames, tr.distill_targets, tr.forward_doubled
+
+    def played(*args, **kwargs):
+        made.append(real_played(*args, **kwargs))
+        return made[-1]
+
+    def targets(teacher, batch, *args):
+        teacher_saw.append(batch["frames"])
+        return real_targets(teacher, batch, *args)
+
+    def forward(model, batch, *args, **kwargs):
+        student_saw.append(batch["frames"])
+        return real_forward(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "played_frames", played)
+    monkeypatch.setattr(tr, "distill_targets", targets)
+    monkeypatch.setattr(tr, "forward_doubled", forward)
+    res = tr.train(compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={teacher_path}",
+                                          "train.rollout_prob=1.0", "train.rollout_mode=play"]))
+    assert res["steps"] == 2 and len(made) == 2
+    assert all(t is m and s is m for t, s, m in zip(teacher_saw, student_saw, made))
