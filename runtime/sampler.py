@@ -28,7 +28,7 @@ from runtime.configs import strict_dataclass
 @dataclass
 class SamplerConfig:
     name: str = "default"
-    steps: int | None = 2  # on every device; None: the device's own (cpu_* / gpu_*)
+    steps: int | None = None  # on every device; None: the device's own (cpu_* / gpu_*), as conf/sampler/default.yaml
     times: list[float] = field(default_factory=list)  # explicit times; empty = uniform from 1
     clamp: bool = True
     cpu_steps: int = 1  # with steps None: on a CPU, and on a GPU without gpu_steps
