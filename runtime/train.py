@@ -153,8 +153,9 @@ def sample_targets(model, batch: dict, noise: torch.Tensor, sampler: FlowSampler
 @torch.no_grad()
 def distill_targets(teacher, batch: dict, noise: torch.Tensor, sampler: FlowSampler, device, self_attn) -> torch.Tensor:
     """What the teacher's sampler makes of every target of the window from `noise` (B, F-1,
-    3, S, S) at time 1 and the true clean context: x0 estimates in [-1, 1], the targets of
-    `train.distill` (a one-step model learns to map the same noise to the same frames)."""
+    3, S, S) at time 1 and the window's clean context (batch["frames"], without context
+    noise): x0 estimates in [-1, 1], the targets of `train.distill` (a one-step model learns
+    to map the same noise to the same frames)."""
     pkv = teacher.encode_prompt(batch["prompt"].to(device, non_blocking=True))
     return sample_targets(teacher, batch, noise, sampler, device, self_attn, pkv)
 
@@ -167,7 +168,7 @@ def load_teacher(dc, mcfg: ModelConfig, device):
     from runtime.checkpoint import load_checkpoint
 
     teacher, _ = load_checkpoint(str(dc.teacher))
-    for key in ("frame_size", "patch", "channels", "prev_frames", "prompt_tokens", "prompt_dim"):
+    for key in ("frame_size", "patch", "channels", "prev_frames", "num_actions", "prompt_tokens", "prompt_dim"):
         if getattr(teacher.cfg, key) != getattr(mcfg, key):
             raise ValueError(f"train.distill.teacher={str(dc.teacher)!r} has model.{key}={getattr(teacher.cfg, key)!r}, "
                              f"but the model trained has {getattr(mcfg, key)!r}: a teacher must read the same windows")
