@@ -394,3 +394,25 @@ def test_pause_revisit_walks_away_stands_still_and_walks_back():
     assert res["pause_revisit_vs_truth_psnr"] == 60.0
     assert len(res["pause_revisit_psnr_per_seed"]) == 2
     assert "pause_revisit_psnr" not in revisits(Replay(), world, [0, 1], OmegaConf.create({"revisit_steps": 3}), 0)
+
+
+def test_attention_comparison_scores_each_policy_against_dense_with_the_pause_revisit(tmp_path):
+    """eval.attentions: every policy's rollout against dense's over the same walks, its cache
+    memory and both revisit scores. A window longer than every walk keeps what dense keeps,
+    so it scores dense's figures exactly; one of 2 frames has forgotten the start after the
+    pause and holds less memory."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True, seed=3)
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL, "eval.quality=false", "eval.compare_frames=5",
+                            "eval.stats_recall=false", "eval.revisit_pause=6",
+                            "eval.attentions=['window:window_frames=40','window:window_frames=2',dense]"]))
+    configs = res["attention_configs"]
+    assert list(configs)[0] == "dense"  # the reference runs first
+    dense, full, short = configs["dense"], configs["window:window_frames=40"], configs["window:window_frames=2"]
+    assert dense["psnr_vs_dense"] == 60.0
+    assert full["psnr_vs_dense"] == 60.0
+    for key in ("revisit_psnr", "pause_revisit_psnr", "psnr_vs_sim"):
+        assert full[key] == dense[key], key
+    assert short["pause_revisit_frames"] == 6 and math.isfinite(short["pause_revisit_psnr"])
+    assert short["pause_revisit_psnr"] != dense["pause_revisit_psnr"]  # it drew the way back without the start
+    assert short["cache_mb"] < full["cache_mb"]
+    assert short["sim_pause_revisit_psnr"] == dense["sim_pause_revisit_psnr"]  # the same walks
