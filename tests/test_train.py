@@ -834,3 +834,19 @@ def test_distillation_brings_one_step_closer_to_the_teachers_two_steps(tmp_path)
     before = float(((sample(teacher, [1.0]) - goal) ** 2).mean())
     after = float(((sample(student, [1.0]) - goal) ** 2).mean())
     assert after < 0.7 * before, (before, after)  # 0.40x here; plain training instead: 1.3x
+
+
+def test_a_deeper_teacher_distills_into_a_shallower_student(tmp_path):
+    """The teacher may be another network reading the same windows: a 2-block teacher
+    trains a 1-block student."""
+    import conftest
+
+    from runtime.checkpoint import save_checkpoint
+    from runtime.train import train
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
+    res = train(compose_train(SMOKE + [f"out={tmp_path / 'run'}", "model.depth=1", f"train.distill.teacher={teacher_path}"]))
+    assert res["steps"] == 2 and math.isfinite(res["metrics"]["loss"]) and res["metrics"]["loss"] > 0
+    student, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert student.cfg.depth == 1 and tiny_config().depth == 2
