@@ -51,7 +51,9 @@ On world seeds and action scripts never used in training (training seeds start a
                   8-pixel cell of the best-fitting grid replaced by its nearest tile:
                   low for a washed-out blur or noise), `sim_walk_tile_psnr` the same
                   for the simulator's frames (sprites cost it a little);
-                  `walk_psnr` the PSNR against the simulator over the walk
+                  `walk_psnr` the PSNR against the simulator over the walk;
+                  `walk_stall_fraction_per_seed` each walk's share and
+                  `walk_stall_curve` each frame's share over the walks
 
 PSNR is per frame, on uint8 frames scaled to [0, 1], capped at 60 dB, then averaged over
 sequences. SSIM uses an 11x11 Gaussian window (sigma 1.5) on each RGB channel, averaged.
@@ -412,9 +414,13 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
     gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, player).mean(0)  # (T,)
     sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, player).mean(0)
     half = slice(frames // 2, frames)
+    stalled = moved & still
     return {
         "walk_frames": frames,
-        "walk_stall_fraction": float((moved & still).sum() / moved.sum().clamp_min(1)),
+        "walk_stall_fraction": float(stalled.sum() / moved.sum().clamp_min(1)),
+        # per walk (paired comparisons) and per frame of the walks (where stalls begin)
+        **per_seed("walk_stall_fraction", stalled.sum(1) / moved.sum(1).clamp_min(1)),
+        "walk_stall_curve": [round(float(v), 3) for v in stalled.sum(0) / moved.sum(0).clamp_min(1)],
         "walk_tile_psnr": float(gen_tiles[half].mean()),
         "sim_walk_tile_psnr": float(sim_tiles[half].mean()),
         "walk_tile_psnr_curve": [round(float(v), 2) for v in gen_tiles],

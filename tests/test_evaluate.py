@@ -159,7 +159,8 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     assert res["pause_revisit_psnr"] == 60.0 and res["pause_revisit_frames"] == 4
     assert res["pause_revisit_vs_truth_psnr"] == pytest.approx(res["sim_pause_revisit_psnr"], abs=1e-5)
     # on the walks the generated view never scrolls: every frame where the world's did is a stall
-    assert res["walk_stall_fraction"] == 1.0
+    assert res["walk_stall_fraction"] == 1.0 and res["walk_stall_fraction_per_seed"] == [1.0, 1.0]
+    assert set(res["walk_stall_curve"]) == {1.0}
 
 
 def test_next_frames_may_reach_past_the_longest_horizon(tmp_path):
@@ -358,7 +359,8 @@ def test_walk_scores_a_model_that_plays_the_simulator_as_perfect():
             return torch.from_numpy(self.world.step(actions.numpy()))
 
     res = walk(Replay(), world, [0, 1, 2, 3], 10, 0)
-    assert res["walk_stall_fraction"] == 0.0
+    assert res["walk_stall_fraction"] == 0.0 and res["walk_stall_fraction_per_seed"] == [0.0] * 4
+    assert res["walk_stall_curve"] == [0.0] * 10
     assert res["walk_psnr"] == 60.0
     assert res["walk_tile_psnr"] == res["sim_walk_tile_psnr"]
     assert len(res["walk_tile_psnr_curve"]) == 10
