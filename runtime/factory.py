@@ -130,5 +130,5 @@ def build_neural_engine(cfg, world) -> NeuralEngine:
     loaded = load_model(cfg, world.cfg)
     meta = {"kind": "neural", "checkpoint": str(cfg.engine.checkpoint), "checkpoint_sha256": file_sha256(loaded.path),
             "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
-            "attention": str(cfg.attention.name)}
+            "attention": str(cfg.attention.name), **sampler_record(cfg, loaded.device)}
     return NeuralEngine(world, build_rollout(loaded.model, cfg), chunk_size=int(cfg.engine.chunk_size), info=meta)

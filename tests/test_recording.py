@@ -59,6 +59,8 @@ def test_headless_scripted_recording_then_replay(tmp_path: Path, engine: str):
         assert errors.max() < 4.0, errors.max()
     else:
         assert meta["engine"]["kind"] == "neural" and len(meta["checkpoint_sha256"]) == 64
+        # the sampler that ran on this device, resolved (sampler.steps null: the device's own)
+        assert meta["engine"]["sampler_steps"] == 1 and meta["engine"]["sampler_times"] == [1.0]
 
     result = run_play([f"engine={engine}", "window=headless", "controller=replay", f"controller.path={rec}",
                        f"record.path={rec2}"], cwd=tmp_path)
