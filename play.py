@@ -48,6 +48,17 @@ def run_meta(cfg: DictConfig, engine: Any, seed: int) -> dict[str, Any]:
     }
 
 
+# what must match for a replay to give the recording's frames (besides the seed it brings)
+REPLAY_KEYS = ("kind", "checkpoint_sha256", "device", "dtype", "attention", "sampler_steps", "sampler_times")
+
+
+def replay_mismatches(recorded: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """The engine settings of a recording (meta.json's `engine`) that this run's engine
+    does not share, as "KEY: recorded X, now Y" (keys either side lacks are not compared)."""
+    return [f"{key}: recorded {recorded[key]!r}, now {info[key]!r}" for key in REPLAY_KEYS
+            if key in recorded and key in info and recorded[key] != info[key]]
+
+
 def frame_limit(cfg: DictConfig, controller: Any) -> int | None:
     """max_frames, capped by what the controller has to give (a replay's length)."""
     limit = cfg.max_frames
@@ -103,6 +114,10 @@ def build(cfg: DictConfig) -> Session:
     else:  # the window's producer thread runs it: keep torch's threads its own
         engine = build_off_main_thread(lambda: build_engine(cfg, world))
     seed = int(getattr(controller, "seed", cfg.seed))  # a replay brings its recorded seed
+    recorded = getattr(controller, "meta", {}).get("engine")
+    if isinstance(recorded, dict) and (differ := replay_mismatches(recorded, engine.info)):
+        print(f"play.py: note: the replay runs another engine than the recording's, so its frames will differ "
+              f"(the actions and seed are the recording's): {'; '.join(differ)}", file=sys.stderr, flush=True)
     recording = Recording(cfg.record.fps, lambda: run_meta(cfg, engine, seed), root=cfg.record.dir)
     window = None
     if window_cfg is not None:

@@ -65,6 +65,7 @@ def test_headless_scripted_recording_then_replay(tmp_path: Path, engine: str):
     result = run_play([f"engine={engine}", "window=headless", "controller=replay", f"controller.path={rec}",
                        f"record.path={rec2}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stderr  # the same engine: nothing to say
     replayed = read_video(rec2 / "video.mp4")
     assert len(replayed) == 120
     assert all(np.array_equal(a, b) for a, b in zip(frames, replayed))
@@ -164,3 +165,31 @@ def test_headless_runs_without_pygame(tmp_path: Path):
                             timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     assert "generated 3 frames" in result.stdout
+
+
+def test_replay_on_another_engine_says_what_differs(tmp_path: Path):
+    """A replay whose engine is not the recording's (another checkpoint, device, sampler...)
+    still plays the recorded actions and seed, and says on stderr which settings differ."""
+    rec = tmp_path / "rec"
+    assert run_play(["engine=simulator", "window=headless", "controller=scripted", "controller.script=R*5",
+                     "max_frames=5", f"record.path={rec}"], cwd=tmp_path).returncode == 0
+    meta = json.loads((rec / "meta.json").read_text())
+    meta["engine"].update(kind="neural", checkpoint_sha256="0" * 64, sampler_steps=2)
+    (rec / "meta.json").write_text(json.dumps(meta))
+    result = run_play(["engine=simulator", "window=headless", "controller=replay", f"controller.path={rec}"],
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "note: the replay runs another engine" in result.stderr
+    assert "kind: recorded 'neural', now 'simulator'" in result.stderr
+    assert "checkpoint_sha256: recorded '" + "0" * 64 + "', now None" in result.stderr
+    assert "sampler_steps" not in result.stderr  # the simulator has no sampler: not compared
+
+
+def test_replay_mismatches_compare_what_both_sides_name():
+    from play import replay_mismatches
+
+    recorded = {"kind": "neural", "device": "cuda:0", "sampler_steps": 2, "sampler_times": [1.0, 0.25], "extra": 1}
+    now = {"kind": "neural", "device": "cpu", "sampler_steps": 1, "sampler_times": [1.0]}
+    assert replay_mismatches(recorded, now) == ["device: recorded 'cuda:0', now 'cpu'", "sampler_steps: recorded 2, now 1",
+                                                "sampler_times: recorded [1.0, 0.25], now [1.0]"]
+    assert replay_mismatches(recorded, dict(recorded)) == []
