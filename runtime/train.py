@@ -172,9 +172,14 @@ def load_teacher(dc, mcfg: ModelConfig, device):
         if getattr(teacher.cfg, key) != getattr(mcfg, key):
             raise ValueError(f"train.distill.teacher={str(dc.teacher)!r} has model.{key}={getattr(teacher.cfg, key)!r}, "
                              f"but the model trained has {getattr(mcfg, key)!r}: a teacher must read the same windows")
-    times = [float(t) for t in dc.times]
-    sampler = FlowSampler(SamplerConfig(steps=len(times), times=times))
-    return teacher.to(device).eval().requires_grad_(False), sampler
+    return teacher.to(device).eval().requires_grad_(False), teacher_sampler(dc.times)
+
+
+def teacher_sampler(times) -> FlowSampler:
+    """The teacher's sampler of `train.distill`: its `times`, one step each (SamplerConfig
+    checks them)."""
+    times = [float(t) for t in times]
+    return FlowSampler(SamplerConfig(steps=len(times), times=times))
 
 
 @torch.no_grad()
@@ -303,10 +308,13 @@ def check_train_settings(tc: DictConfig) -> None:
     dc = tc.get("distill") or {}
     if not 0.0 <= number("train.distill.prob", dc.get("prob", 1.0)) <= 1.0:
         raise ValueError(f"train.distill.prob={dc.get('prob')!r}; expected a probability in [0, 1]")
-    times = dc.get("times") or []
-    if dc.get("teacher") and (not isinstance(times, (list, ListConfig)) or not times
-                              or any(not isinstance(t, (int, float)) or not 0 < t <= 1 for t in times)):
-        raise ValueError(f"train.distill.times={times!r}; expected the teacher's sampler times, values in (0, 1], e.g. [1.0, 0.25]")
+    if dc.get("teacher"):
+        times = dc.get("times")
+        try:
+            teacher_sampler(times)
+        except (TypeError, ValueError):
+            raise ValueError(f"train.distill.times={times!r}; expected the teacher's sampler times, values in (0, 1], "
+                             "e.g. [1.0, 0.25]") from None
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
     if tc.get("init_blocks") is not None:
@@ -499,14 +507,21 @@ def train(cfg: DictConfig) -> dict:
                 creatures = creatures[:, creatures.shape[1] - (dcfg.frames - 1):].to(device, non_blocking=True)  # the targets' frames
                 weights = focus_weights(creatures, mcfg.frame_size, box, int(tc.focus_margin), focus_weight)
             with amp:
-                if distill_prob > 0 and pick.random() < distill_prob:
+                # which micro-batches are distilled and which take the model's own frames as
+                # context: drawn in that order (the same on every process)
+                distilled = distill_prob > 0 and pick.random() < distill_prob
+                rolled = None
+                if rollout_prob > 0 and pick.random() < rollout_prob:
+                    rolled = rolled_context(batch)
+                    # weights cast to bf16 without gradients must not serve the forward that
+                    # trains (older torch kept them in autocast's cache)
+                    torch.clear_autocast_cache()
+                if distilled:
                     # one step from time 1 learns the teacher's frames from the same noise and context;
-                    # with train.rollout_prob that context is, as often, the model's own frames
-                    # (the teacher's frames from there are the targets: it corrects the student
-                    # where the student's own rollouts take it)
-                    if rollout_prob > 0 and pick.random() < rollout_prob:
-                        batch = dict(batch, frames=rolled_context(batch))
-                        torch.clear_autocast_cache()
+                    # a rolled context is the teacher's too (it corrects the student where the
+                    # student's own rollouts take it)
+                    if rolled is not None:
+                        batch = dict(batch, frames=rolled)
                     n, size = dcfg.frames - 1, mcfg.frame_size
                     noise = torch.randn((b, n, mcfg.channels, size, size), generator=gen, device=device)
                     target = distill_targets(teacher, batch, noise, teacher_sampler, device, train_attn).float()
@@ -514,12 +529,6 @@ def train(cfg: DictConfig) -> dict:
                     pred, _ = forward_doubled(ddp, batch, None, torch.ones(b, n, device=device), gen, device,
                                               train_attn, noisy_targets=noise)
                 else:
-                    rolled = None
-                    if rollout_prob > 0 and pick.random() < rollout_prob:
-                        rolled = rolled_context(batch)
-                        # weights cast to bf16 without gradients must not serve the forward that
-                        # trains (older torch kept them in autocast's cache)
-                        torch.clear_autocast_cache()
                     pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn, rolled)
                 loss = weighted_mse(pred, target, weights) / micro
             loss.backward()

@@ -101,8 +101,8 @@ def test_shipped_checkpoints_are_their_model_configs(name):
 @pytest.mark.parametrize("preset,steps,times", [("fast", None, []), ("sharp", 2, [1.0, 0.25])])
 def test_the_fast_and_sharp_presets_play_the_four_block_model_with_a_32_frame_budget(tmp_path: Path, preset, steps,
                                                                                       times):
-    """`fast` samples as each device does (one step on a CPU), `sharp` in two everywhere (as a
-    GPU does by default)."""
+    """`fast` samples as each device does (one step by default), `sharp` in two everywhere (the
+    second from time 0.25)."""
     import json
 
     from runtime.checkpoint import file_sha256
