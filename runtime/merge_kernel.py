@@ -121,6 +121,46 @@ if triton is not None:
         tl.store(prio + row.to(tl.int64) * cap + s, p.to(tl.int32), mask=inside)
 
 
+    @triton.jit
+    def _unit_rows_kernel(src, out, H, c, s0, s1, s2, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)  # one (batch, head) row
+        p = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        m = (p < c)[:, None] & (d < D)[None, :]
+        b = row // H
+        at = b.to(tl.int64) * s0 + (row % H).to(tl.int64) * s1 + p.to(tl.int64)[:, None] * s2 + d[None, :]
+        x = tl.load(src + at, mask=m, other=0.0).to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
+        tl.store(out + (row.to(tl.int64) * c + p)[:, None] * D + d[None, :], x / norm[:, None], mask=m)
+
+    @triton.jit
+    def _same_position_kernel(m_new, mkey, trail, stamp, step, best, pick, c, T, trail_t, trail_row, slots,
+                              frames, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)
+        p = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        inside = p < c
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        r64 = row.to(tl.int64)
+        x = tl.load(m_new + (r64 * c + p)[:, None] * D + d[None, :], mask=inside[:, None] & dm[None, :], other=0.0)
+        oldest = tl.load(step) - frames
+        top = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+        which = tl.zeros([BLOCK_T], dtype=tl.int64)
+        for t in range(T):  # the commits of the trail, in its row order (the first best wins)
+            sl = tl.load(trail + r64 * trail_row + t * trail_t + p, mask=inside, other=-1)
+            s = tl.maximum(sl, 0)
+            ok = inside & (sl >= 0)
+            ok = ok & (tl.load(stamp + r64 * slots + s, mask=inside, other=-1) >= oldest)
+            k = tl.load(mkey + (r64 * slots + s)[:, None] * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+            sim = tl.where(ok, tl.sum(k.to(tl.float32) * x, 1), float("-inf"))
+            which = tl.where(t == 0, s, which)
+            better = sim > top
+            which = tl.where(better, s, which)
+            top = tl.where(better, sim, top)
+        tl.store(best + r64 * c + p, top, mask=inside)
+        tl.store(pick + r64 * c + p, which, mask=inside)
+
+
 def age_cap(cap: int) -> int:
     """Ages (in commits) above this count as this old in the eviction order, so that
     (age_cap - age) * cap + slot + cap fits int32 (a top-k over int32 keys is about twice
@@ -183,6 +223,45 @@ def group_means_(store: torch.Tensor, x: torch.Tensor, order: torch.Tensor, grou
                               BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
 
 
+def unit_rows(src: torch.Tensor, c: int) -> torch.Tensor:
+    """The first c rows of src (B, H, >= c, D; any strides but a contiguous last dimension)
+    as float32 unit vectors, (B, H, c, D) contiguous: F.normalize(src[:, :, :c].float(),
+    dim=-1) in one pass (that is a strided copy to float32, a norm and a division)."""
+    b, h, n, d = src.shape
+    if src.stride(3) != 1 or n < c:
+        raise ValueError(f"unit_rows: src {tuple(src.shape)} strides {src.stride()} must hold >= {c} rows "
+                         "with a contiguous last dimension")
+    out = torch.empty((b, h, c, d), device=src.device, dtype=torch.float32)
+    block_t = 16
+    _unit_rows_kernel[(b * h, triton.cdiv(c, block_t))](src, out, h, c, *src.stride()[:3], d, BLOCK_T=block_t,
+                                                         BLOCK_D=triton.next_power_of_2(d))
+    return out
+
+
+def same_position_top1(m_new: torch.Tensor, mkey: torch.Tensor, trail: torch.Tensor, stamp: torch.Tensor,
+                       step: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TempCache's same-position lookup (local matching, radius 0): for each new token, the
+    groups its screen position went to in the trail's commits, those stamped within `frames`
+    commits of `step`; the best cosine with its unit match key. m_new (B, H, c, D) float32
+    contiguous; mkey (B, H, slots, D) contiguous; trail (B, H, T, >= c) int64 slots (-1:
+    none) with a contiguous last dimension; stamp (B, H, slots) int64 contiguous; step a
+    device scalar. Returns (best (B, H, c) float32, -inf where there is no candidate; its
+    slot (B, H, c) int64, the first commit's slot clamped at 0 where there is none), as
+    the PyTorch lookup gives them (ties: the earlier trail row)."""
+    b, h, c, d = m_new.shape
+    slots = mkey.shape[2]
+    if not (m_new.is_contiguous() and mkey.is_contiguous() and stamp.is_contiguous() and trail.stride(3) == 1
+            and stamp.shape == (b, h, slots) and trail.stride(0) == h * trail.stride(1)):
+        raise ValueError("same_position_top1: m_new, mkey and stamp must be contiguous and trail's slots contiguous")
+    best = torch.empty((b, h, c), device=m_new.device, dtype=torch.float32)
+    pick = torch.empty((b, h, c), device=m_new.device, dtype=torch.long)
+    block_t = 16
+    _same_position_kernel[(b * h, triton.cdiv(c, block_t))](
+        m_new, mkey, trail, stamp, step, best, pick, c, trail.shape[2], trail.stride(2), trail.stride(1), slots,
+        frames, d, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
+    return best, pick
+
+
 def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: int, d: int,
             match_dtype: torch.dtype | None = None) -> None:
     """Compile every kernel for a cache of these sizes now, on one row of scratch data,
@@ -200,6 +279,10 @@ def warm_up(dtype: torch.dtype, device: torch.device, slots: int, cap: int, c: i
     mkey = torch.zeros(1, 1, cap + 1, d, device=device, dtype=match_dtype or dtype)
     for skip in (cap, -1):  # appends skip the scratch slot; post-RoPE match keys skip nothing
         put_rows_(mkey, scratch, x.to(mkey.dtype), skip)
+    unit = unit_rows(kv[:, :, cap:], c)  # the staged keys: match keys of post-RoPE matching
+    trail = torch.full((1, 1, 1, c + 1), -1, device=device, dtype=torch.long)
+    same_position_top1(unit, mkey, trail, torch.full((1, 1, cap + 1), -1, device=device, dtype=torch.long),
+                       torch.zeros((), device=device, dtype=torch.long), 1)
     count = torch.zeros(1, 1, slots, device=device)
     stamp = torch.full((1, 1, cap + 1), -1, device=device, dtype=torch.long)
     steps = torch.zeros(2, device=device, dtype=torch.long)

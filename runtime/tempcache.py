@@ -239,7 +239,10 @@ class TempCache(KVCache):
         k_new = st["k"][:, :, cap : cap + c].clone()
         v_new = st["v"][:, :, cap : cap + c].clone()
         src = self._pre[lo:hi].view(lb, h, -1, d) if self.match in ("pre", "local") else st["k"][:, :, cap:]
-        m_new = F.normalize(src[:, :, :c].float(), dim=-1)
+        if merge_kernel.available(src):  # one pass instead of a strided copy to float32, a norm and a division
+            m_new = merge_kernel.unit_rows(src, c)
+        else:
+            m_new = F.normalize(src[:, :, :c].float(), dim=-1)
         k_kept = k_new if self.track_history else None
         # the commit number as a device scalar: what the stamps record, so a captured CUDA
         # graph that replays this commit keeps counting (runtime/graphs.py)
@@ -373,6 +376,9 @@ class TempCache(KVCache):
         product of the tokens with those candidates per head, masked by a static table.
         Returns the best cosine (-inf: none) and its group, (LB, H, c) each."""
         lb, h, c, d = m_new.shape
+        if self.radius == 0 and merge_kernel.available(m_new):  # the lookup below in one kernel
+            return merge_kernel.same_position_top1(m_new, st["mkey"], st["trail"], st["stamp"], step,
+                                                   self.match_frames)
         if self.radius == 0:  # the same screen position only: a direct lookup, no table
             slot = st["trail"][:, :, :, :c].transpose(2, 3)  # (LB, H, c, T)
             ok = slot >= 0

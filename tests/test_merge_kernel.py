@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_interpreted
 from runtime import merge_kernel
@@ -88,6 +90,32 @@ def _checks(device: str) -> None:
         merge_kernel.put_rows_(got, slots, rows, skip=cap)
         assert torch.equal(got, want)
 
+        # unit rows of a strided view (the staged keys inside the cache's buffer)
+        buf = torch.randn(B, H, S, D, generator=g, device=device).to(dt)
+        buf[0, 0, cap + 1] = 0  # a zero row stays zero
+        got = merge_kernel.unit_rows(buf[:, :, cap:], c)
+        assert got.dtype == torch.float32 and got.shape == (B, H, c, D)
+        assert torch.allclose(got, F.normalize(buf[:, :, cap : cap + c].float(), dim=-1), atol=1e-6), dt
+
+    # the same-position lookup (local matching, radius 0) against the PyTorch one
+    T = 3
+    m_new = F.normalize(torch.randn(B, H, c, D, generator=g, device=device), dim=-1)
+    for mdt in (torch.float32, torch.bfloat16):
+        mkey = F.normalize(torch.randn(B, H, cap + 1, D, generator=g, device=device), dim=-1).to(mdt)
+        trail = torch.randint(-1, cap, (B, H, T, c + 1), generator=g, device=device)
+        trail[0, 0, :, 0] = -1  # a token with no candidate at all
+        stamp = torch.randint(-2, 12, (B, H, cap + 1), generator=g, device=device)
+        st = {"mkey": mkey, "trail": trail, "stamp": stamp}
+        step = torch.tensor(12, device=device)
+        lookup = SimpleNamespace(radius=0, match_frames=2)
+        merge_kernel.ENABLED = False
+        want = TempCache._local_trail_top1(lookup, st, m_new, step)
+        merge_kernel.ENABLED = True
+        got = merge_kernel.same_position_top1(m_new, mkey, trail, stamp, step, 2)
+        assert torch.equal(got[0].isinf(), want[0].isinf()) and want[0].isinf().any() and want[0].isfinite().any()
+        assert torch.allclose(got[0], want[0], atol=1e-5), mdt
+        assert torch.equal(got[1], want[1]), mdt
+
     # eviction priorities: exactly the reference's
     count = (torch.rand(B, H, S, generator=g, device=device) < 0.7).float()
     stamp = torch.randint(0, 30, (B, H, cap + 1), generator=g, device=device)
@@ -98,12 +126,17 @@ def _checks(device: str) -> None:
         assert torch.equal(merge_kernel.eviction_priority(count, stamp, t, cap),
                            eviction_priority_reference(count, stamp, t, cap))
 
-    # a TempCache rollout with the kernels against the PyTorch paths
+    # TempCache rollouts with the kernels against the PyTorch paths: matching anywhere
+    # with mean representatives, and the same-position lookup over two commits
+    for cfg in (dict(match="pre", representative="mean"), dict(match="local", radius=0, match_frames=2)):
+        _rollouts_match(device, cfg)
+
+
+def _rollouts_match(device: str, cfg: dict) -> None:
     spec = CacheSpec(2, 1, 2, 16, 16, torch.device(device), torch.float32)
     caches = []
     for kernels in (True, False):
-        cache = TempCache(spec, budget_frames=4, sink_frames=1, threshold=0.8, match="pre", representative="mean",
-                          merge_when="always")
+        cache = TempCache(spec, budget_frames=4, sink_frames=1, threshold=0.8, merge_when="always", **cfg)
         cache.sorted_means = True
         caches.append(cache)
     gen = torch.Generator(device=device).manual_seed(9)
@@ -129,12 +162,12 @@ def _checks(device: str) -> None:
                                torch.full_like(cache._stamp[..., :c][~grew & (cache._stamp[..., :c] != stamp[..., :c])], f))
     merge_kernel.ENABLED = True
     a, b = caches
-    assert a.merge_rate() == b.merge_rate() and 0.1 < a.merge_rate() < 0.9
+    assert a.merge_rate() == b.merge_rate() and 0.1 < a.merge_rate() < 0.9, (cfg, a.merge_rate())
     for name in ("_count", "_stamp", "_pos", "_logc"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(a, name), getattr(b, name)), (cfg, name)
     cap = a._capacity
     for name in ("_k", "_v", "_mkey"):
-        assert torch.allclose(getattr(a, name)[:, :, :, :cap], getattr(b, name)[:, :, :, :cap], atol=1e-5), name
+        assert torch.allclose(getattr(a, name)[:, :, :, :cap], getattr(b, name)[:, :, :, :cap], atol=1e-5), (cfg, name)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
