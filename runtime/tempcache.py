@@ -352,7 +352,7 @@ class TempCache(KVCache):
             is_rep = merged & (torch.gather(last, 2, idx) == torch.arange(c, device=k_new.device))
             dst = torch.where(is_rep, idx, torch.full_like(idx, cap))  # slot `cap` is scratch
             _put(st["k"], dst, k_new, skip=cap)
-            _put(st["mkey"], dst, m_new.to(st["mkey"].dtype), skip=cap)
+            _put(st["mkey"], dst, m_new, skip=cap)
             st["pos"].scatter_(2, dst, self._token_pos(c, k_new.device).expand(b, h, c))
         else:  # the mean key, updated like the mean value: work on the merging tokens only
             if not self.sorted_means:  # (sorted: written with the values above)
@@ -454,7 +454,7 @@ class TempCache(KVCache):
         dst = torch.where(keep, dest, torch.full_like(dest, cap))  # slot `cap` = scratch
         _put(st["k"], dst, k_new, skip=cap)
         _put(st["v"], dst, v_new, skip=cap)
-        mvals = torch.zeros_like(k_new, dtype=st["mkey"].dtype) if sink else m_new.to(st["mkey"].dtype)
+        mvals = torch.zeros_like(k_new, dtype=st["mkey"].dtype) if sink else m_new
         _put(st["mkey"], dst, mvals, skip=cap)
         st["count"].scatter_(2, dst, keep.to(torch.float32))
         tok = torch.full_like(dst, -1) if sink else self._token_pos(c, k_new.device).expand(b, h, c)
@@ -571,9 +571,10 @@ def eviction_priority_reference(count: torch.Tensor, stamp: torch.Tensor, now: t
 
 
 def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool = False, skip: int = -1) -> None:
-    """store[b, h, slots[b, h, i]] = rows[b, h, i] (or +=), in place. store (B, H, S, D) is
-    contiguous; slots (B, H, c). Rows are copied by index along one flat dimension: on CPU
-    scatter_ with an index expanded over D copied the whole store on every call. skip: a
+    """store[b, h, slots[b, h, i]] = rows[b, h, i] (or +=; cast to store's dtype), in place.
+    store (B, H, S, D) is contiguous; slots (B, H, c). Rows are copied by index along one
+    flat dimension: on CPU scatter_ with an index expanded over D copied the whole store on
+    every call. skip: a
     slot (the scratch slot) that need not be written: the Triton kernel (CUDA) leaves it
     alone; index_copy_ writes it."""
     if not add and merge_kernel.available(store):
@@ -582,6 +583,7 @@ def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool
     b, h, s, d = store.shape
     flat = flat_rows(store, slots)
     view = store.view(b * h * s, d)
+    rows = rows.to(store.dtype)  # the kernel casts as it writes: a float32 copy of the rows is not made on CUDA
     if add:
         view.index_add_(0, flat, rows.reshape(-1, d))
     else:
