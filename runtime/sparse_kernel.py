@@ -117,7 +117,7 @@ if triton is not None:
                    H, M, BH, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr,
-                   HEADS_OUTER: tl.constexpr, WS: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                   HEADS_OUTER: tl.constexpr):
         if HEADS_OUTER:  # splits, then query tiles, then heads: programs running together share a head's keys
             pid_s = tl.program_id(0)
             pid_m = tl.program_id(1)
@@ -161,14 +161,14 @@ if triton is not None:
         if (pid_m * BLOCK_M < hide_q) & (last_q >= hide_q):
             safe_end = tl.minimum(kv_end, hide_from)
         n_safe = (safe_end - chunk_start) // BLOCK_N
-        for t in tl.range(lo, tl.minimum(hi, n_safe), num_stages=LOOP_STAGES, warp_specialize=WS):
+        for t in range(lo, tl.minimum(hi, n_safe)):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
                                   sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
         for t in range(tl.maximum(lo, n_safe), tl.minimum(hi, n_chunk)):
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, chunk_start + t * BLOCK_N, offs_m, offs_d, skn, svn,
                                   sbn, qk_scale, kv_end, hide_q, hide_from, HAS_BIAS, True, IEEE, BLOCK_N, TMA, KD, VD)
         sel = Sel + b * ssb + h * ssh + ((pid_m * BLOCK_M) // SEL_BLOCK) * ssq
-        for t in tl.range(tl.maximum(lo, n_chunk) - n_chunk, hi - n_chunk, num_stages=LOOP_STAGES, warp_specialize=WS):
+        for t in range(tl.maximum(lo, n_chunk) - n_chunk, hi - n_chunk):
             blk = tl.load(sel + t // SUB)
             n0 = blk * SEL_BLOCK + (t % SUB) * BLOCK_N
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end,
@@ -268,7 +268,7 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
                     sel_block: int = 128, block_m: int = 128, block_n: int = 128, num_warps: int = 8,
                     num_stages: int = 3, splits: int | None = None, tma: bool = False, heads_outer: bool = True,
-                    scale: float | None = None, ws: bool = False, loop_stages: int | None = None) -> Tensor:
+                    scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
     only the first cached + q_len slots are read); bias None or (B, H, L) (any float dtype,
     read in place); sel (B, H, ceil(q_len / sel_block), kept) integer indices of the kept
@@ -324,8 +324,7 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
                 *sel.stride()[:3], *out.stride()[:3], h, m, b * h, sel.shape[3], chunk_start, kv_len, hide_q,
                 hide_from, scale * LOG2E, math.ceil(n_tiles / n_splits), HAS_BIAS=bias is not None,
                 IEEE=q.dtype == torch.float32, SPLIT=n_splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                SEL_BLOCK=sel_block, TMA=bool(tma), HEADS_OUTER=bool(heads_outer), WS=bool(ws),
-                LOOP_STAGES=loop_stages, num_warps=num_warps,
+                SEL_BLOCK=sel_block, TMA=bool(tma), HEADS_OUTER=bool(heads_outer), num_warps=num_warps,
                 num_stages=num_stages)
             break
         except OutOfResources as err:  # a GPU with less shared memory than an H100: smaller tiles
