@@ -35,6 +35,8 @@ each call between CUDA events; the first call, which compiles, is timed separate
             reported as a fraction of both. On CUDA the stage and commit are also
             captured as CUDA graphs and replayed, as the engine runs them once the
             budget is in use: the device's own time, without the host's launch cost.
+            `--merge-profile N` adds where the time goes: the largest operators and
+            Triton kernels of N eager stage-and-commit calls (torch.profiler).
 
 Prints a compact table and writes DIR/micro_bench.json. `--small` runs tiny shapes
 (CPU smoke test, uncompiled flex on CPU).
@@ -395,6 +397,7 @@ def bench_tempcache(out: dict, args, device, dt) -> None:
                 fn()
             graphed[name] = timed(graph.replay, device, args.warmup, args.repeats)["ms"]
         graphed["commit"] = max(graphed["stage_and_commit"] - graphed["stage"], 0.0)
+    profiled = profile_ops(commit_all, device, args.merge_profile) if args.merge_profile else None
     res = {"layers": layers, "frame_tokens": n, "budget_frames": args.budget_frames, "merge_target": 0.4,
            "match": args.merge_match, **{k: v for k, v in match.items() if k != "match"}, "stage_and_commit_ms": both["ms"], "stage_ms": staged["ms"], "commit_ms": merge_ms,
            "merge_rate": sum(cache.last_merge_rates()) / layers,
@@ -422,6 +425,8 @@ def bench_tempcache(out: dict, args, device, dt) -> None:
                 "chunk_ms_reference": chunk_reference, "merge_per_chunk_ms": merge_per_chunk,
                 "fraction_measured": merge_per_chunk / chunk_measured,
                 "fraction_reference": merge_per_chunk / chunk_reference})
+    if profiled is not None:
+        res["profile"] = profiled
     if graphed:
         res.update({f"graph_{k}_ms": v for k, v in graphed.items()})
         res["graph_fraction_measured"] = frames_per_chunk * graphed["commit"] / chunk_measured
@@ -434,6 +439,36 @@ def bench_tempcache(out: dict, args, device, dt) -> None:
           f"{res['fraction_reference']:.1%}"
           + (f"; from a CUDA graph the merge takes {graphed['commit']:.2f} ms = "
              f"{res['graph_fraction_measured']:.1%}" if graphed else ""), flush=True)
+    for row in profiled or []:
+        print(f"   {row['us_per_call']:9.1f} us  {row['calls_per_call']:6.1f} calls  {row['name'][:60]}", flush=True)
+
+
+def profile_ops(fn, device: torch.device, repeats: int, top: int = 25) -> list[dict]:
+    """Where `fn`'s time goes: torch.profiler over `repeats` eager calls, by PyTorch operator
+    and by Triton kernel (a kernel that no operator launched), the `top` largest by their own
+    device time (CPU time on a CPU), per call of `fn`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=acts) as prof:
+        for _ in range(repeats):
+            fn()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        op = e.key.startswith("aten::")
+        # a kernel row that no operator launched: a Triton kernel (the `void ...` rows of
+        # PyTorch's own kernels are already counted in their operators' rows)
+        kernel = cuda and e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("void ")
+        if us > 0 and (op or kernel):
+            rows.append({"name": e.key, "us_per_call": us / repeats, "calls_per_call": e.count / repeats})
+    rows.sort(key=lambda r: -r["us_per_call"])
+    return rows[:top]
 
 
 SMALL = dict(heads=2, head_dim=32, frame_tokens=64, queries=192, lengths=[1344, 2688], block=64, layers=2,
@@ -465,6 +500,9 @@ def parse_args(argv=None):
     ap.add_argument("--merge-match", choices=["post", "same-position"], default="post",
                     help="TempCache correspondence for the merge timing: post-RoPE over the last 2 commits' groups, "
                          "or the group at the same screen position in the last commit (local, radius 0)")
+    ap.add_argument("--merge-profile", type=int, default=0, metavar="N",
+                    help="also profile N eager stage-and-commit calls of the merge (torch.profiler): the largest "
+                         "operators and Triton kernels by their own device time, in the JSON and printed")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",

@@ -193,7 +193,7 @@ def test_micro_bench_smoke_runs_and_writes_its_json(tmp_path):
     from runtime.micro_bench import main
 
     main(["--device", "cpu", "--small", "--out", str(tmp_path), "--densities", "0.25", "1.0", "--lengths", "1344",
-          "--repeats", "1"])
+          "--repeats", "1", "--merge-profile", "2"])
     out = json.loads((tmp_path / "micro_bench.json").read_text())
     for key in ("device", "torch", "shapes", "dense", "flex", "merged", "bias", "tempcache"):
         assert key in out
@@ -211,6 +211,11 @@ def test_micro_bench_smoke_runs_and_writes_its_json(tmp_path):
     assert tc["merge_per_chunk_ms"] == pytest.approx(tc["frames_per_chunk"] * tc["commit_ms"])
     assert tc["fraction_reference"] == pytest.approx(tc["merge_per_chunk_ms"] / tc["chunk_ms_reference"])
     assert tc["groups_per_head"] <= tc["capacity"]
+    # the merge's profile: operators by their own time, largest first, per stage-and-commit
+    prof = tc["profile"]
+    assert prof and all(r["us_per_call"] > 0 for r in prof)
+    assert [r["us_per_call"] for r in prof] == sorted((r["us_per_call"] for r in prof), reverse=True)
+    assert {"aten::copy_", "aten::topk"} <= {r["name"] for r in prof}
 
 
 def test_flex_tune_says_it_needs_a_gpu(monkeypatch):
