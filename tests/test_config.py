@@ -98,23 +98,20 @@ def test_shipped_checkpoints_are_their_model_configs(name):
     assert model.cfg == want
 
 
-@pytest.mark.parametrize("preset,steps,times", [("fast", None, []), ("sharp", 2, [1.0, 0.25])])
-def test_the_fast_and_sharp_presets_play_the_four_block_model_with_a_32_frame_budget(tmp_path: Path, preset, steps,
-                                                                                      times):
-    """`fast` samples as each device does (one step by default), `sharp` in two everywhere (the
-    second from time 0.25)."""
+def test_the_fast_preset_plays_the_four_block_model_with_a_32_frame_budget(tmp_path: Path):
+    """`fast` samples as each device does (one step by default)."""
     import json
 
     from runtime.checkpoint import file_sha256
 
-    result = run_play([f"preset={preset}", "window=headless", "controller=scripted", "controller.script=R*3",
+    result = run_play(["preset=fast", "window=headless", "controller=scripted", "controller.script=R*3",
                        "max_frames=3", "device=cpu", f"record.path={tmp_path / 'rec'}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "rec" / "meta.json").read_text())
     fast = REPO / "worlds" / "overworld" / "checkpoints" / "overworld_fast.safetensors"
     assert meta["checkpoint_sha256"] == file_sha256(fast)
     assert meta["config"]["attention"]["name"] == "fastar" and meta["config"]["attention"]["budget_frames"] == 32
-    assert meta["config"]["sampler"]["steps"] == steps and meta["config"]["sampler"]["times"] == times
+    assert meta["config"]["sampler"]["steps"] is None and meta["config"]["sampler"]["times"] == []
     assert compose([])["engine"]["checkpoint"].endswith("overworld_small.safetensors")  # not the default
 
 
