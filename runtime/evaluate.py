@@ -53,7 +53,12 @@ On world seeds and action scripts never used in training (training seeds start a
                   for the simulator's frames (sprites cost it a little);
                   `walk_psnr` the PSNR against the simulator over the walk;
                   `walk_stall_fraction_per_seed` each walk's share and
-                  `walk_stall_curve` each frame's share over the walks
+                  `walk_stall_curve` each frame's share over the walks;
+                  `walk_ground_stall_fraction` (and per seed) the same with the
+                  player's box left out of the shift's match: the player, drawn in
+                  the middle of every frame, pulls the match of a faint, washed-out
+                  ground to no shift, so this counts only frames whose ground itself
+                  did not scroll
 
 PSNR is per frame, on uint8 frames scaled to [0, 1], capped at 60 dB, then averaged over
 sequences. SSIM uses an 11x11 Gaussian window (sigma 1.5) on each RGB channel, averaged.
@@ -352,16 +357,23 @@ def revisits(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], ev,
 WALK_DIRECTIONS = (RIGHT, DOWN, LEFT, UP)
 
 
-def frame_shifts(frames: torch.Tensor, radius: int) -> torch.Tensor:
+def frame_shifts(frames: torch.Tensor, radius: int, skip: tuple[int, int, int] | None = None) -> torch.Tensor:
     """(B, T, 2) integer shift (dy, dx) from each frame of `frames` (B, T + 1, H, W, 3) to
     the next: the displacement within `radius` pixels whose content matches best on the
     part both frames show (the next frame at pixel (y, x) against this one at
-    (y + dy, x + dx)). Ties go to (0, 0): a flat frame does not move."""
+    (y + dy, x + dx)). Ties go to (0, 0): a flat frame does not move. skip (y, x, size):
+    a box that stays put whatever the view does (the player), left out of the match with
+    a margin of `radius`, so that it does not pull a faint background's shift to (0, 0)."""
     f = frames.float().mean(-1)  # (B, T+1, H, W)
     r, h, w = radius, f.shape[2], f.shape[3]
     nxt = f[:, 1:, r:h - r, r:w - r]
+    keep = torch.ones(h - 2 * r, w - 2 * r)
+    if skip is not None:  # in the coordinates of `nxt`: pixel (y, x) of the frame is (y - r, x - r)
+        y0, x0, size = skip
+        keep[max(0, y0 - 2 * r):max(0, y0 + size), max(0, x0 - 2 * r):max(0, x0 + size)] = 0
+    keep = keep / keep.sum()
     cands = [(0, 0)] + [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
-    err = torch.stack([((f[:, :-1, r + dy:h - r + dy, r + dx:w - r + dx] - nxt) ** 2).mean((-1, -2))
+    err = torch.stack([(((f[:, :-1, r + dy:h - r + dy, r + dx:w - r + dx] - nxt) ** 2) * keep).sum((-1, -2))
                        for dy, dx in cands], -1)  # (B, T, candidates)
     best = err.argmin(-1)  # the first of equal minima: (0, 0) when nothing tells the shifts apart
     return torch.tensor(cands)[best]
@@ -409,8 +421,11 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
     truth, pos, atlases = simulate(world_cfg, seeds, acts)
     gen = rollout_frames(rollout, truth[:, 0], prompts_of(atlases), acts, seed)
     moved = torch.from_numpy((np.diff(pos, axis=1) != 0).any(-1))  # (B, T) the simulator's view scrolled
-    still = (frame_shifts(torch.cat([truth[:, :1], gen], 1), world_cfg.scroll + 1) == 0).all(-1)
+    seq = torch.cat([truth[:, :1], gen], 1)
+    still = (frame_shifts(seq, world_cfg.scroll + 1) == 0).all(-1)
     player = (world_cfg.player_view, world_cfg.player_view)  # drawn there in every frame
+    # the same without the player's box: the ground's own scroll, however faint
+    still_ground = (frame_shifts(seq, world_cfg.scroll + 1, player + (world_cfg.tile,)) == 0).all(-1)
     gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, player).mean(0)  # (T,)
     sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, player).mean(0)
     half = slice(frames // 2, frames)
@@ -421,6 +436,8 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
         # per walk (paired comparisons) and per frame of the walks (where stalls begin)
         **per_seed("walk_stall_fraction", stalled.sum(1) / moved.sum(1).clamp_min(1)),
         "walk_stall_curve": [round(float(v), 3) for v in stalled.sum(0) / moved.sum(0).clamp_min(1)],
+        "walk_ground_stall_fraction": float((moved & still_ground).sum() / moved.sum().clamp_min(1)),
+        **per_seed("walk_ground_stall_fraction", (moved & still_ground).sum(1) / moved.sum(1).clamp_min(1)),
         "walk_tile_psnr": float(gen_tiles[half].mean()),
         "sim_walk_tile_psnr": float(sim_tiles[half].mean()),
         "walk_tile_psnr_curve": [round(float(v), 2) for v in gen_tiles],

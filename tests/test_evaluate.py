@@ -161,6 +161,7 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     # on the walks the generated view never scrolls: every frame where the world's did is a stall
     assert res["walk_stall_fraction"] == 1.0 and res["walk_stall_fraction_per_seed"] == [1.0, 1.0]
     assert set(res["walk_stall_curve"]) == {1.0}
+    assert res["walk_ground_stall_fraction"] == 1.0 and res["walk_ground_stall_fraction_per_seed"] == [1.0, 1.0]
 
 
 def test_next_frames_may_reach_past_the_longest_horizon(tmp_path):
@@ -317,6 +318,23 @@ def test_frame_shifts_follow_a_scrolling_view_and_stop_with_it():
     assert frame_shifts(flat, 2).abs().sum() == 0
 
 
+def test_frame_shifts_without_a_fixed_sprite_see_a_faint_ground_scroll():
+    """A washed-out ground scrolls under a bright sprite that stays in the middle (the
+    player): matched with the sprite, the shift is none; with its box left out, the
+    ground's."""
+    from runtime.evaluate import frame_shifts
+
+    g = torch.Generator().manual_seed(4)
+    big = (100 + 6 * torch.rand(48, 48, 3, generator=g)).to(torch.uint8)  # faint texture
+    path = [(10, 10), (10, 12), (10, 14), (10, 14)]  # right 2, right 2, still
+    frames = scrolled(big, path, 24).clone()[None]
+    frames[..., 8:16, 8:16, :] = 250  # the sprite, in every frame
+    assert frame_shifts(frames, 3)[0].tolist() == [[0, 0], [0, 0], [0, 0]]
+    assert frame_shifts(frames, 3, (8, 8, 8))[0].tolist() == [[0, 2], [0, 2], [0, 0]]
+    # a box somewhere else does not hide the sprite
+    assert frame_shifts(frames, 3, (0, 0, 4))[0].tolist() == [[0, 0], [0, 0], [0, 0]]
+
+
 def test_tile_psnr_is_exact_for_ground_tiles_and_low_for_blur():
     """A frame laid out from the tile set (at any grid offset) rebuilds exactly; the same
     frame blurred, or with a sprite over it, does not, unless the sprite's box is skipped."""
@@ -361,6 +379,7 @@ def test_walk_scores_a_model_that_plays_the_simulator_as_perfect():
     res = walk(Replay(), world, [0, 1, 2, 3], 10, 0)
     assert res["walk_stall_fraction"] == 0.0 and res["walk_stall_fraction_per_seed"] == [0.0] * 4
     assert res["walk_stall_curve"] == [0.0] * 10
+    assert res["walk_ground_stall_fraction"] == 0.0 and res["walk_ground_stall_fraction_per_seed"] == [0.0] * 4
     assert res["walk_psnr"] == 60.0
     assert res["walk_tile_psnr"] == res["sim_walk_tile_psnr"]
     assert len(res["walk_tile_psnr_curve"]) == 10
