@@ -574,9 +574,8 @@ def _put(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, add: bool
     """store[b, h, slots[b, h, i]] = rows[b, h, i] (or +=; cast to store's dtype), in place.
     store (B, H, S, D) is contiguous; slots (B, H, c). Rows are copied by index along one
     flat dimension: on CPU scatter_ with an index expanded over D copied the whole store on
-    every call. skip: a
-    slot (the scratch slot) that need not be written: the Triton kernel (CUDA) leaves it
-    alone; index_copy_ writes it."""
+    every call. skip: a slot (the scratch slot) that need not be written: the Triton kernel
+    (CUDA) leaves it alone; index_copy_ writes it."""
     if not add and merge_kernel.available(store):
         merge_kernel.put_rows_(store, slots, rows.contiguous(), skip)
         return
