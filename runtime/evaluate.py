@@ -58,7 +58,9 @@ On world seeds and action scripts never used in training (training seeds start a
                   player's box left out of the shift's match: the player, drawn in
                   the middle of every frame, pulls the match of a faint, washed-out
                   ground to no shift, so this counts only frames whose ground itself
-                  did not scroll
+                  did not scroll; `walk_ground_scroll_match` the share of those
+                  frames whose ground scrolled as the simulator's did (the same
+                  integer shift, found the same way)
 
 PSNR is per frame, on uint8 frames scaled to [0, 1], capped at 60 dB, then averaged over
 sequences. SSIM uses an 11x11 Gaussian window (sigma 1.5) on each RGB channel, averaged.
@@ -424,8 +426,12 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
     seq = torch.cat([truth[:, :1], gen], 1)
     still = (frame_shifts(seq, world_cfg.scroll + 1) == 0).all(-1)
     player = (world_cfg.player_view, world_cfg.player_view)  # drawn there in every frame
-    # the same without the player's box: the ground's own scroll, however faint
-    still_ground = (frame_shifts(seq, world_cfg.scroll + 1, player + (world_cfg.tile,)) == 0).all(-1)
+    # the same without the player's box: the ground's own scroll, however faint, and
+    # whether it is the simulator's
+    box = player + (world_cfg.tile,)
+    ground = frame_shifts(seq, world_cfg.scroll + 1, box)
+    still_ground = (ground == 0).all(-1)
+    same = (ground == frame_shifts(truth, world_cfg.scroll + 1, box)).all(-1)
     gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, player).mean(0)  # (T,)
     sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, player).mean(0)
     half = slice(frames // 2, frames)
@@ -438,6 +444,7 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
         "walk_stall_curve": [round(float(v), 3) for v in stalled.sum(0) / moved.sum(0).clamp_min(1)],
         "walk_ground_stall_fraction": float((moved & still_ground).sum() / moved.sum().clamp_min(1)),
         **per_seed("walk_ground_stall_fraction", (moved & still_ground).sum(1) / moved.sum(1).clamp_min(1)),
+        "walk_ground_scroll_match": float((moved & same).sum() / moved.sum().clamp_min(1)),
         "walk_tile_psnr": float(gen_tiles[half].mean()),
         "sim_walk_tile_psnr": float(sim_tiles[half].mean()),
         "walk_tile_psnr_curve": [round(float(v), 2) for v in gen_tiles],

@@ -162,6 +162,7 @@ def test_a_model_that_repeats_the_last_frame_scores_the_copy_baseline(tmp_path):
     assert res["walk_stall_fraction"] == 1.0 and res["walk_stall_fraction_per_seed"] == [1.0, 1.0]
     assert set(res["walk_stall_curve"]) == {1.0}
     assert res["walk_ground_stall_fraction"] == 1.0 and res["walk_ground_stall_fraction_per_seed"] == [1.0, 1.0]
+    assert res["walk_ground_scroll_match"] == 0.0
 
 
 def test_next_frames_may_reach_past_the_longest_horizon(tmp_path):
@@ -380,6 +381,7 @@ def test_walk_scores_a_model_that_plays_the_simulator_as_perfect():
     assert res["walk_stall_fraction"] == 0.0 and res["walk_stall_fraction_per_seed"] == [0.0] * 4
     assert res["walk_stall_curve"] == [0.0] * 10
     assert res["walk_ground_stall_fraction"] == 0.0 and res["walk_ground_stall_fraction_per_seed"] == [0.0] * 4
+    assert res["walk_ground_scroll_match"] == 1.0
     assert res["walk_psnr"] == 60.0
     assert res["walk_tile_psnr"] == res["sim_walk_tile_psnr"]
     assert len(res["walk_tile_psnr_curve"]) == 10
