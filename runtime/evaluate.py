@@ -371,7 +371,7 @@ def frame_shifts(frames: torch.Tensor, radius: int, skip: tuple[int, int, int] |
     f = frames.float().mean(-1)  # (B, T+1, H, W)
     r, h, w = radius, f.shape[2], f.shape[3]
     nxt = f[:, 1:, r:h - r, r:w - r]
-    keep = torch.ones(h - 2 * r, w - 2 * r)
+    keep = torch.ones(h - 2 * r, w - 2 * r, device=f.device)
     if skip is not None:  # in the coordinates of `nxt`: pixel (y, x) of the frame is (y - r, x - r)
         y0, x0, size = skip
         keep[max(0, y0 - 2 * r):max(0, y0 + size), max(0, x0 - 2 * r):max(0, x0 + size)] = 0
