@@ -440,17 +440,22 @@ def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames:
     gen_tiles = tile_psnr(gen, atlases, world_cfg.tile, player).mean(0)  # (T,)
     sim_tiles = tile_psnr(truth[:, 1:], atlases, world_cfg.tile, player).mean(0)
     half = slice(frames // 2, frames)
-    stalled = moved & still
+
+    def share(flags: torch.Tensor, *dim: int):
+        """The share of the frames where the simulator's view scrolled that `flags` marks
+        (over everything, or per walk / per frame along `dim`)."""
+        return (moved & flags).sum(*dim) / moved.sum(*dim).clamp_min(1)
+
     return {
         "walk_frames": frames,
-        "walk_stall_fraction": float(stalled.sum() / moved.sum().clamp_min(1)),
+        "walk_stall_fraction": float(share(still)),
         # per walk (paired comparisons) and per frame of the walks (where stalls begin)
-        **per_seed("walk_stall_fraction", stalled.sum(1) / moved.sum(1).clamp_min(1)),
-        "walk_stall_curve": [round(float(v), 3) for v in stalled.sum(0) / moved.sum(0).clamp_min(1)],
-        "walk_ground_stall_fraction": float((moved & still_ground).sum() / moved.sum().clamp_min(1)),
-        **per_seed("walk_ground_stall_fraction", (moved & still_ground).sum(1) / moved.sum(1).clamp_min(1)),
-        "walk_ground_scroll_match": float((moved & same).sum() / moved.sum().clamp_min(1)),
-        "sim_walk_ground_scroll_match": float((moved & sim_same).sum() / moved.sum().clamp_min(1)),
+        **per_seed("walk_stall_fraction", share(still, 1)),
+        "walk_stall_curve": [round(float(v), 3) for v in share(still, 0)],
+        "walk_ground_stall_fraction": float(share(still_ground)),
+        **per_seed("walk_ground_stall_fraction", share(still_ground, 1)),
+        "walk_ground_scroll_match": float(share(same)),
+        "sim_walk_ground_scroll_match": float(share(sim_same)),
         "walk_tile_psnr": float(gen_tiles[half].mean()),
         "sim_walk_tile_psnr": float(sim_tiles[half].mean()),
         "walk_tile_psnr_curve": [round(float(v), 2) for v in gen_tiles],
