@@ -396,7 +396,7 @@ def train(cfg: DictConfig) -> dict:
         model.load_state_dict(state)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     dc = tc.get("distill") or {}
-    teacher, teacher_sampler = load_teacher(dc, mcfg, device)
+    teacher, teacher_flow = load_teacher(dc, mcfg, device)
     distill_prob = float(dc.get("prob", 1.0)) if teacher is not None else 0.0
     player = None  # the engine's copy for train.rollout_mode=play: made before any compiling
     if float(tc.rollout_prob) > 0 and tc.rollout_mode == "play":
@@ -524,7 +524,7 @@ def train(cfg: DictConfig) -> dict:
                         batch = dict(batch, frames=rolled)
                     n, size = dcfg.frames - 1, mcfg.frame_size
                     noise = torch.randn((b, n, mcfg.channels, size, size), generator=gen, device=device)
-                    target = distill_targets(teacher, batch, noise, teacher_sampler, device, train_attn).float()
+                    target = distill_targets(teacher, batch, noise, teacher_flow, device, train_attn).float()
                     torch.clear_autocast_cache()  # the teacher's bf16 weight copies must not serve the student
                     pred, _ = forward_doubled(ddp, batch, None, torch.ones(b, n, device=device), gen, device,
                                               train_attn, noisy_targets=noise)
