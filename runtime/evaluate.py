@@ -18,6 +18,16 @@ On world seeds and action scripts never used in training (training seeds start a
                   simulations of the same walk with every creature starting up, right,
                   down or left. It knows everything else (the map included), so in mean
                   squared error no model given one frame can do better
+    *_seen_H / *_unseen_H
+                  `rollout_psnr` and `oracle_directions_psnr` at frame H over the pixels
+                  that show places frame 0 showed, and over the others (PSNR of the mean
+                  squared error within the part, averaged over the sequences that have
+                  such pixels; null if none has): where a rollout's error comes from.
+                  The oracle is the best guess on the seen part too, so
+                  `oracle_directions_psnr_seen_H` bounds what any model can score there
+    rollout_psnr_oracle_seen_H
+                  frame H with its seen part taken from the oracle and the rest from the
+                  model: the most the model's own new ground allows at frame H
     idle_next_psnr_creatures_move / _still
                   next-frame prediction while the player stands still (only creatures
                   and water change), on the frames where creatures take a step and on
@@ -144,23 +154,43 @@ def prompts_of(atlases: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack([atlas_to_prompt(a) for a in atlases.numpy()])).float()
 
 
-def unseen_fraction(pos: np.ndarray, view: int) -> torch.Tensor:
-    """(T,) mean fraction of frame t's pixels (t = 1..T) that show places frame 0 did not,
-    for the player's map pixel positions `pos` (B, T+1, 2) (the view follows the player)."""
+def seen_mask(pos: np.ndarray, view: int) -> torch.Tensor:
+    """(B, T, V, V) bool: which pixels of frame t (t = 1..T) show places frame 0 showed, for
+    the player's map pixel positions `pos` (B, T+1, 2) (the view follows the player)."""
     d = torch.from_numpy(pos[:, 1:] - pos[:, :1])  # (B, T, 2): the view's shift since frame 0
     r = torch.arange(view)
     rows = ((r + d[..., :1]) >= 0) & ((r + d[..., :1]) < view)  # (B, T, V): frame 0 showed this row
     cols = ((r + d[..., 1:]) >= 0) & ((r + d[..., 1:]) < view)
-    return 1 - (rows.float().mean(-1) * cols.float().mean(-1)).mean(0)
+    return rows[..., :, None] & cols[..., None, :]
 
 
-def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray, truth: torch.Tensor) -> torch.Tensor:
-    """(T,) PSNR against `truth` (B, T+1, ...) of frames 1..T predicted as the mean of the
-    four simulations with every creature starting in each direction (see the docstring).
+def unseen_fraction(pos: np.ndarray, view: int) -> torch.Tensor:
+    """(T,) mean fraction of frame t's pixels (t = 1..T) that show places frame 0 did not."""
+    return 1 - seen_mask(pos, view).float().mean((-2, -1)).mean(0)
+
+
+def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
+    """uint8 (..., H, W, 3) pairs -> PSNR per frame (...) over the pixels where `mask`
+    (..., H, W) is true, capped; NaN for a frame with no such pixel."""
+    se = ((a.float() - b.float()) / 255.0).pow(2).mean(-1)
+    n = mask.sum((-2, -1))
+    mse = (se * mask).sum((-2, -1)) / n.clamp_min(1)
+    return torch.where(n > 0, (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).clamp(max=cap), float("nan"))
+
+
+def oracle_frames(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray) -> torch.Tensor:
+    """Frames 1..T (B, T, H, W, 3) uint8 as the direction oracle predicts them: the mean of
+    the four simulations with every creature starting in each direction (see the docstring).
     Each run turns every creature the same way; for creatures apart from one another that
     is the same as averaging each one's four directions on its own."""
     runs = [simulate(world_cfg, seeds, actions, creature_direction=d)[0][:, 1:].float() for d in range(4)]
-    return psnr_u8(torch.stack(runs).mean(0).round().to(torch.uint8), truth[:, 1:]).mean(0)
+    return torch.stack(runs).mean(0).round().to(torch.uint8)
+
+
+def nan_mean(x: torch.Tensor) -> float | None:
+    """The mean of the finite entries (None, JSON null, if there are none)."""
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else None
 
 
 def per_seed(name: str, scores: torch.Tensor) -> dict:
@@ -202,12 +232,23 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     per_frame = per_seq_frame.mean(0)  # (T,)
     ssim_frame = ssim_u8(gen, truth[:, 1:]).mean(0)
     copy = psnr_u8(truth[:, :1].expand_as(truth[:, 1:]), truth[:, 1:]).mean(0)
-    unseen = unseen_fraction(pos, truth.shape[2])
-    oracle = direction_oracle(world_cfg, seeds, actions, truth)
+    seen = seen_mask(pos, truth.shape[2])
+    unseen = 1 - seen.float().mean((-2, -1)).mean(0)
+    guess = oracle_frames(world_cfg, seeds, actions)
+    oracle = psnr_u8(guess, truth[:, 1:]).mean(0)
+    # where the error comes from: places frame 0 showed and places it did not
+    split = {"rollout_psnr": gen, "oracle_directions_psnr": guess}
+    split = {name: (region_psnr(frames, truth[:, 1:], seen), region_psnr(frames, truth[:, 1:], ~seen))
+             for name, frames in split.items()}
+    best_seen = psnr_u8(torch.where(seen[..., None], guess, gen), truth[:, 1:]).mean(0)
     for h in horizons:
         res[f"unseen_fraction_{h}"] = float(unseen[h - 1])
         res[f"oracle_directions_psnr_{h}"] = float(oracle[h - 1])
         res[f"oracle_directions_psnr_mean_{h}"] = float(oracle[:h].mean())
+        for name, (on_seen, on_unseen) in split.items():
+            res[f"{name}_seen_{h}"] = nan_mean(on_seen[:, h - 1])
+            res[f"{name}_unseen_{h}"] = nan_mean(on_unseen[:, h - 1])
+        res[f"rollout_psnr_oracle_seen_{h}"] = float(best_seen[h - 1])
         res[f"rollout_psnr_{h}"] = float(per_frame[h - 1])
         res.update(per_seed(f"rollout_psnr_{h}", per_seq_frame[:, h - 1]))
         res.update(per_seed(f"rollout_psnr_mean_{h}", per_seq_frame[:, :h].mean(1)))

@@ -26,7 +26,8 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "revisit_vs_truth_psnr", "idle_next_psnr_creatures_move", "idle_next_psnr_creatures_still",
         "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
         "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8", "walk_stall_fraction", "walk_tile_psnr",
-        "sim_walk_tile_psnr", "walk_psnr"]
+        "sim_walk_tile_psnr", "walk_psnr", "rollout_psnr_seen_8", "oracle_directions_psnr_seen_8",
+        "rollout_psnr_oracle_seen_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +130,9 @@ def test_run_on_a_tiny_random_checkpoint(tmp_path):
     assert res["dtype"] == "float32" and res["revisit_steps"] == 3
     assert len(res["rollout_psnr_curve"]) == 8
     assert res["rollout_psnr_4"] == pytest.approx(res["rollout_psnr_curve"][3], abs=1e-3)
+    # the oracle's seen part is the best guess there: spliced in, the frame scores higher
+    assert res["oracle_directions_psnr_seen_8"] > res["rollout_psnr_seen_8"]
+    assert res["rollout_psnr_oracle_seen_8"] > res["rollout_psnr_8"]
     assert 0 < res["next_psnr"] <= 60 and -1 <= res["next_ssim"] <= 1
     assert res["next_psnr"] != res["copy_last_next_psnr"]  # the random model changes the frames
     for key in ("next_psnr", "rollout_psnr_4", "rollout_psnr_mean_8"):  # one score per seed, their mean the key
@@ -273,13 +277,37 @@ def test_unseen_fraction_counts_what_the_first_frame_never_showed():
     assert unseen_fraction(pos, 16)[1] == pytest.approx(0.5 * (4 / 16) + 0.5 * (1 - (12 / 16) * (14 / 16)))
 
 
+def test_the_seen_mask_and_region_psnr_split_a_frame_into_shown_and_new_places():
+    """A step right by 2 pixels shows 2 new columns on the right; a step down, new rows at
+    the bottom. PSNR within a part sees only that part's error; a part with no pixels is NaN."""
+    from runtime.evaluate import region_psnr, seen_mask
+
+    pos = np.zeros((2, 2, 2), dtype=np.int64)
+    pos[0, 1, 1] = 2
+    pos[1, 1, 0] = 3
+    seen = seen_mask(pos, 8)
+    assert seen.shape == (2, 1, 8, 8)
+    assert not seen[0, 0, :, 6:].any() and seen[0, 0, :, :6].all()
+    assert not seen[1, 0, 5:, :].any() and seen[1, 0, :5, :].all()
+    truth = random_frames((2, 1, 8, 8, 3))
+    gen = truth.clone()
+    gen[~seen] = 255 - gen[~seen]  # wrong only where frame 0 never looked
+    on_seen, on_unseen = region_psnr(gen, truth, seen), region_psnr(gen, truth, ~seen)
+    assert on_seen.tolist() == [[60.0], [60.0]]
+    expect = [float(psnr_u8(gen[b][~seen[b]][None, :, None], truth[b][~seen[b]][None, :, None])) for b in range(2)]
+    assert on_unseen[:, 0].tolist() == pytest.approx(expect, abs=1e-4)
+    assert on_unseen.max() < 20
+    pos[:, 1] = 0  # standing still: nothing is new
+    assert torch.isnan(region_psnr(gen, truth, ~seen_mask(pos, 8))).all()
+
+
 def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     """Without creatures nothing is unknown: the oracle is exact. With them, it is exact
     until the first move tick (frame 2) and not after; pointing the creatures moves them."""
     from dataclasses import replace
 
     from controllers.random_agent import explore_actions
-    from runtime.evaluate import direction_oracle, simulate
+    from runtime.evaluate import oracle_frames, simulate
     from worlds.overworld import load_config
 
     world = load_config("overworld")
@@ -287,7 +315,7 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     for creatures in (0, 4):
         wc = replace(world, num_creatures=creatures)
         truth, _, _ = simulate(wc, [0, 1], actions)
-        oracle = direction_oracle(wc, [0, 1], actions, truth)
+        oracle = psnr_u8(oracle_frames(wc, [0, 1], actions), truth[:, 1:]).mean(0)
         if creatures == 0:
             assert oracle.tolist() == [60.0] * 6
         else:
