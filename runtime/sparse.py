@@ -71,8 +71,7 @@ from runtime.tempcache import FILLS, MATCH_DTYPES, HistoryProbe, TempCache
 
 POLICIES = ("dense", "window", "tempcache")
 KERNELS = ("auto", "flex", "gather", "triton")
-TRITON_TILE_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "splits", "tma", "heads_outer", "stream",
-                    "programs")
+TRITON_TILE_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "splits", "tma", "heads_outer")
 SELECTS = ("auto", "ann", "pooled")
 
 

@@ -112,15 +112,20 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _segment(Q, K, V, Bias, Sel, pid_m, pid_bh, lo, hi,
-                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq,
-                 H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale,
-                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr):
-        """Tiles [lo, hi) of query tile pid_m's list for batch x head pid_bh: (acc, m_i, l_i)
-        of the online softmax, unnormalised. The list, in order: the chunk's tiles (with the
-        cache's ragged tail; a tile whose queries are all clean stops where the noisy frame
-        begins), then the kept cache blocks' in tiles of BLOCK_N keys."""
+    def _annsa_fwd(Q, K, V, Bias, Sel, Out, Part, Lse,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq, sob, soh, som,
+                   H, M, BH, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr,
+                   HEADS_OUTER: tl.constexpr):
+        if HEADS_OUTER:  # splits, then query tiles, then heads: programs running together share a head's keys
+            pid_s = tl.program_id(0)
+            pid_m = tl.program_id(1)
+            pid_bh = tl.program_id(2)
+        else:
+            pid_m = tl.program_id(0)
+            pid_bh = tl.program_id(1)
+            pid_s = tl.program_id(2)
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,13 +143,18 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # the tiles of this query tile, in order: the chunk's (with the cache's ragged tail;
+        # a tile whose queries are all clean stops where the noisy frame begins), then the
+        # kept cache blocks' in tiles of BLOCK_N keys. Split `pid_s` takes tiles
+        # [pid_s * per_split, (pid_s + 1) * per_split) of that list.
         last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1
         kv_end = kv_len
         if last_q < hide_q:
             kv_end = tl.minimum(kv_len, hide_from)
         n_chunk = tl.cdiv(kv_end - chunk_start, BLOCK_N)
         SUB: tl.constexpr = SEL_BLOCK // BLOCK_N
-        hi = tl.minimum(hi, n_chunk + kept * SUB)
+        lo = pid_s * per_split
+        hi = tl.minimum(lo + per_split, n_chunk + kept * SUB)
         # chunk tiles that need no mask come first: all but the ragged last one, and in a tile
         # of clean and noisy queries those before the noisy frame
         safe_end = kv_end
@@ -163,113 +173,14 @@ if triton is not None:
             n0 = blk * SEL_BLOCK + (t % SUB) * BLOCK_N
             acc, m_i, l_i = _tile(q, acc, m_i, l_i, K, V, Bias, n0, offs_m, offs_d, skn, svn, sbn, qk_scale, kv_end,
                                   hide_q, hide_from, HAS_BIAS, False, IEEE, BLOCK_N, TMA, KD, VD)
-        return acc, m_i, l_i
-
-    @triton.jit
-    def _store_out(Out, acc, l_i, pid_m, pid_bh, sob, soh, som, H, M, D: tl.constexpr, BLOCK_M: tl.constexpr):
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(Out + (pid_bh // H) * sob + (pid_bh % H) * soh + offs_m[:, None] * som + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=(offs_m < M)[:, None])
-
-    @triton.jit
-    def _store_part(Part, Lse, row0, acc, m_i, l_i, M, D: tl.constexpr, BLOCK_M: tl.constexpr, rows):
-        """A partial result (normalised) and its log2-sum-exp2 at rows row0.. of Part / Lse."""
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        ok = offs_m < rows
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(Part + (row0 + offs_m)[:, None] * D + offs_d[None, :], out, mask=ok[:, None])
-        tl.store(Lse + row0 + offs_m, m_i + tl.math.log2(l_i), mask=ok)
-
-    @triton.jit
-    def _annsa_fwd(Q, K, V, Bias, Sel, Out, Part, Lse,
-                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq, sob, soh, som,
-                   H, M, BH, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, per_split,
-                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr,
-                   HEADS_OUTER: tl.constexpr):
-        if HEADS_OUTER:  # splits, then query tiles, then heads: programs running together share a head's keys
-            pid_s = tl.program_id(0)
-            pid_m = tl.program_id(1)
-            pid_bh = tl.program_id(2)
-        else:
-            pid_m = tl.program_id(0)
-            pid_bh = tl.program_id(1)
-            pid_s = tl.program_id(2)
-        # split pid_s takes tiles [pid_s * per_split, (pid_s + 1) * per_split) of the list
-        lo = pid_s * per_split
-        acc, m_i, l_i = _segment(Q, K, V, Bias, Sel, pid_m, pid_bh, lo, lo + per_split,
-                                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq,
-                                 H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale,
-                                 HAS_BIAS, IEEE, D, BLOCK_M, BLOCK_N, SEL_BLOCK, TMA)
         if SPLIT:  # a partial result and its log2-sum-exp2, combined by _annsa_combine
-            _store_part(Part, Lse, (pid_s * BH + pid_bh) * M + pid_m * BLOCK_M, acc, m_i, l_i, M, D, BLOCK_M,
-                        M - pid_m * BLOCK_M)
+            row = (pid_s * BH + pid_bh) * M + offs_m
+            tl.store(Part + row[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
+            tl.store(Lse + row, m_i + tl.math.log2(l_i), mask=row_ok)
         else:
-            _store_out(Out, acc, l_i, pid_m, pid_bh, sob, soh, som, H, M, D, BLOCK_M)
-
-    @triton.jit
-    def _annsa_stream(Q, K, V, Bias, Sel, Out, Part, Lse,
-                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq, sob, soh, som,
-                      H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale, n_tiles, grid_m, total,
-                      per_prog,
-                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, SEL_BLOCK: tl.constexpr, TMA: tl.constexpr):
-        """Stream-K: every (query tile, batch x head) list padded to n_tiles, the lists laid end to
-        end (heads outer), and program p takes tiles [p * per_prog, (p + 1) * per_prog) of it,
-        crossing from one query tile to the next. per_prog >= n_tiles, so a list is cut at most
-        once: the program that ends inside it stores its part in Part[0, p], the one that
-        starts inside it in Part[1, p + 1], and _annsa_stream_fix combines the two. Whole
-        lists are written out directly."""
-        p = tl.program_id(0)
-        g = p * per_prog
-        g_end = tl.minimum(total, g + per_prog)
-        while g < g_end:
-            seg = g // n_tiles
-            t0 = g - seg * n_tiles
-            t1 = tl.minimum(n_tiles, t0 + g_end - g)
-            pid_m = seg % grid_m
-            pid_bh = seg // grid_m
-            acc, m_i, l_i = _segment(Q, K, V, Bias, Sel, pid_m, pid_bh, t0, t1,
-                                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbn, ssb, ssh, ssq,
-                                     H, M, kept, chunk_start, kv_len, hide_q, hide_from, qk_scale,
-                                     HAS_BIAS, IEEE, D, BLOCK_M, BLOCK_N, SEL_BLOCK, TMA)
-            if (t0 == 0) & (t1 == n_tiles):
-                _store_out(Out, acc, l_i, pid_m, pid_bh, sob, soh, som, H, M, D, BLOCK_M)
-            else:
-                piece = (t0 > 0).to(tl.int32)  # 0: the list's start, cut at this program's end
-                _store_part(Part, Lse, (piece * tl.num_programs(0) + p) * BLOCK_M, acc, m_i, l_i, M, D, BLOCK_M,
-                            M - pid_m * BLOCK_M)
-            g += t1 - t0
-
-    @triton.jit
-    def _annsa_stream_fix(Part, Lse, Out, sob, soh, som, H, M, n_tiles, grid_m, total, per_prog, P,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The list cut where program p + 1 begins: its two parts combined into the output."""
-        p = tl.program_id(0)
-        cut = (p + 1) * per_prog
-        seg = cut // n_tiles
-        pid_m = seg % grid_m
-        pid_bh = seg // grid_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        cuts = tl.full([BLOCK_M], 0, tl.int32) + cut  # the cut per row: the masks below stay vectors
-        ok = (offs_m < M) & (cuts < total) & (cuts % n_tiles != 0)
-        first = p * BLOCK_M + tl.arange(0, BLOCK_M)
-        second = (P + p + 1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        la = tl.load(Lse + first, mask=ok, other=float("-inf"))
-        lb = tl.load(Lse + second, mask=ok, other=float("-inf"))
-        top = tl.maximum(la, lb)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        wa = tl.math.exp2(la - top)
-        wb = tl.math.exp2(lb - top)
-        out = (wa[:, None] * tl.load(Part + first[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-               + wb[:, None] * tl.load(Part + second[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0))
-        out = out / tl.where(wa + wb == 0.0, 1.0, wa + wb)[:, None]
-        tl.store(Out + (pid_bh // H) * sob + (pid_bh % H) * soh + offs_m[:, None] * som + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=ok[:, None])
+            tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _annsa_combine(Part, Lse, Out, sob, soh, som, H, M, BH, S: tl.constexpr, D: tl.constexpr,
@@ -357,7 +268,7 @@ def check_tiles(sel_block: int, block_m: int, block_n: int, head_dim: int) -> No
 def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: Tensor, cached: int, commit: int,
                     sel_block: int = 128, block_m: int = 128, block_n: int = 128, num_warps: int = 8,
                     num_stages: int = 3, splits: int | None = None, tma: bool = False, heads_outer: bool = True,
-                    stream: bool = False, programs: int | None = None, scale: float | None = None) -> Tensor:
+                    scale: float | None = None) -> Tensor:
     """q (B, H, q_len, D); k, v (B, H, L, D) with L >= cached + q_len (the cache's buffer:
     only the first cached + q_len slots are read); bias None or (B, H, L) (any float dtype,
     read in place); sel (B, H, ceil(q_len / sel_block), kept) integer indices of the kept
@@ -366,11 +277,7 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
     `tma`: keys and values through tensor descriptors (Hopper's TMA unit; needs the rows'
     strides in 16-byte multiples). `heads_outer`: programs launched splits first, then query
     tiles, then heads, so that those running at once read the same head's keys (fewer heads'
-    caches in L2 at a time). `stream`: `programs` programs (None: one per multiprocessor)
-    share all the key tiles evenly, a query tile's list cut across two programs where a
-    share ends (stream-K; `splits` and `heads_outer` then do not apply; when the shares would
-    be shorter than one list, the split launch runs instead). Returns (B, H, q_len, D) in
-    q's dtype."""
+    caches in L2 at a time). Returns (B, H, q_len, D) in q's dtype."""
     b, h, m, d = q.shape
     kv_len = cached + m
     if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[3] != d or v.shape[3] != d:
@@ -402,45 +309,23 @@ def annsa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, sel: T
         _descriptor_scratch()
     key = (str(q.device), q.dtype, d, block_m, block_n, num_warps, num_stages)
     block_n, num_stages = _FITTED.get(key, (block_n, num_stages))
-    common = dict(HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32, D=d, BLOCK_M=block_m,
-                  SEL_BLOCK=sel_block, TMA=bool(tma))
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr, *sel.stride()[:3], *out.stride()[:3])
     while True:
         n_tiles = math.ceil((kv_len - chunk_start) / block_n) + sel.shape[3] * (sel_block // block_n)
         grid_m = math.ceil(m / block_m)
-        segments = grid_m * b * h
-        n_progs = 0
-        if stream:
-            n_progs = programs or (_multiprocessors(q.device.index if q.device.index is not None
-                                                    else torch.cuda.current_device()) if q.is_cuda else 4)
-            if n_progs < 1:
-                raise ValueError(f"AnnSA triton kernel: programs={n_progs} must be >= 1")
-            per_prog = math.ceil(segments * n_tiles / n_progs)
-            if per_prog < n_tiles:  # shares shorter than a list: the split launch
-                n_progs = 0
+        n_splits = auto_splits(grid_m * b * h, n_tiles, q.device) if splits is None else splits
+        part = lse = out
+        if n_splits > 1:
+            part = torch.empty(n_splits, b * h, m, d, device=q.device, dtype=torch.float32)
+            lse = torch.empty(n_splits, b * h, m, device=q.device, dtype=torch.float32)
+        grid = (n_splits, grid_m, b * h) if heads_outer else (grid_m, b * h, n_splits)
         try:
-            if n_progs:
-                part = torch.empty(2, n_progs, block_m, d, device=q.device, dtype=torch.float32)
-                lse = torch.empty(2, n_progs, block_m, device=q.device, dtype=torch.float32)
-                _annsa_stream[(n_progs,)](
-                    q, k, v, bias_t, sel, out, part, lse, *strides, h, m, sel.shape[3], chunk_start, kv_len, hide_q,
-                    hide_from, scale * LOG2E, n_tiles, grid_m, segments * n_tiles, per_prog, BLOCK_N=block_n,
-                    num_warps=num_warps, num_stages=num_stages, **common)
-                if n_progs > 1:
-                    _annsa_stream_fix[(n_progs - 1,)](part, lse, out, *out.stride()[:3], h, m, n_tiles, grid_m,
-                                                      segments * n_tiles, per_prog, n_progs, D=d, BLOCK_M=block_m,
-                                                      num_warps=4)
-                return out
-            n_splits = auto_splits(segments, n_tiles, q.device) if splits is None else splits
-            part = lse = out
-            if n_splits > 1:
-                part = torch.empty(n_splits, b * h, m, d, device=q.device, dtype=torch.float32)
-                lse = torch.empty(n_splits, b * h, m, device=q.device, dtype=torch.float32)
-            grid = (n_splits, grid_m, b * h) if heads_outer else (grid_m, b * h, n_splits)
             _annsa_fwd[grid](
-                q, k, v, bias_t, sel, out, part, lse, *strides, h, m, b * h, sel.shape[3], chunk_start, kv_len,
-                hide_q, hide_from, scale * LOG2E, math.ceil(n_tiles / n_splits), SPLIT=n_splits > 1, BLOCK_N=block_n,
-                HEADS_OUTER=bool(heads_outer), num_warps=num_warps, num_stages=num_stages, **common)
+                q, k, v, bias_t, sel, out, part, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bstr,
+                *sel.stride()[:3], *out.stride()[:3], h, m, b * h, sel.shape[3], chunk_start, kv_len, hide_q,
+                hide_from, scale * LOG2E, math.ceil(n_tiles / n_splits), HAS_BIAS=bias is not None,
+                IEEE=q.dtype == torch.float32, SPLIT=n_splits > 1, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                SEL_BLOCK=sel_block, TMA=bool(tma), HEADS_OUTER=bool(heads_outer), num_warps=num_warps,
+                num_stages=num_stages)
             break
         except OutOfResources as err:  # a GPU with less shared memory than an H100: smaller tiles
             smaller = _smaller_tiles(block_n, num_stages)

@@ -71,16 +71,13 @@ def _checks(device: str) -> None:
         sel = _selection(g, b, h, m, cached, blk, kept, device)
         ref = _reference(q, k, v, bias, sel, cached, commit, blk)
         # the key tiles in one program, or split and combined; keys through pointers or
-        # tensor descriptors; stream-K over 1-3 programs (lists cut between two of them,
-        # or too many programs for the lists: the split launch)
-        for splits, tma, outer, programs in ((1, False, False, 0), (2, False, False, 0), (3, False, False, 0),
-                                             (1, True, False, 0), (2, True, False, 0), (1, False, True, 0),
-                                             (3, False, True, 0), (1, False, True, 1), (1, False, True, 2),
-                                             (1, False, True, 3), (1, True, True, 3), (1, False, True, 64)):
+        # tensor descriptors
+        for splits, tma, outer in ((1, False, False), (2, False, False), (3, False, False), (1, True, False),
+                                   (2, True, False), (1, False, True), (3, False, True)):
             out = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, splits=splits, tma=tma,
-                                  heads_outer=outer, stream=programs > 0, programs=programs or None, **tiles)
+                                  heads_outer=outer, **tiles)
             err = (out - ref).abs().max().item()
-            assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, splits, tma, outer, programs, err)
+            assert err < 1e-4, (b, h, m, cached, commit, kept, tiles, splits, tma, outer, err)
         if kept == cached // blk:  # sparse at full density == dense attention over [cache | chunk]
             kv = cached + m
             hide = torch.zeros(m, kv, dtype=torch.bool, device=device)
@@ -229,9 +226,6 @@ def test_bf16_at_the_wan_shape_agrees_with_flex():
               flex.plan(sel, m, commit, cached, cached + m, buf))
     err, flex_err = (out.float() - ref).abs().max().item(), (fo.float() - ref).abs().max().item()
     assert err <= max(2 * flex_err, 1e-2), (err, flex_err)
-    # stream-K over the GPU's multiprocessors: the same sums in another order
-    streamed = annsa_attention(q, k, v, bias, sel, cached, commit, sel_block=blk, stream=True)
-    assert (streamed.float() - ref).abs().max().item() <= max(2 * flex_err, 1e-2)
 
 
 if __name__ == "__main__":
