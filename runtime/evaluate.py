@@ -23,8 +23,8 @@ On world seeds and action scripts never used in training (training seeds start a
                   that show places frame 0 showed, and over the others (PSNR of the mean
                   squared error within the part, averaged over the sequences that have
                   such pixels; null if none has): where a rollout's error comes from.
-                  The oracle is the best guess on the seen part too, so
-                  `oracle_directions_psnr_seen_H` bounds what any model can score there
+                  The oracle is the best guess on the seen part too: in expected squared
+                  error no model does better there than `oracle_directions_psnr_seen_H`
     rollout_psnr_oracle_seen_H
                   frame H with its seen part taken from the oracle and the rest from the
                   model: the most the model's own new ground allows at frame H
@@ -233,7 +233,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     ssim_frame = ssim_u8(gen, truth[:, 1:]).mean(0)
     copy = psnr_u8(truth[:, :1].expand_as(truth[:, 1:]), truth[:, 1:]).mean(0)
     seen = seen_mask(pos, truth.shape[2])
-    unseen = 1 - seen.float().mean((-2, -1)).mean(0)
+    unseen = unseen_fraction(pos, truth.shape[2])
     guess = oracle_frames(world_cfg, seeds, actions)
     oracle = psnr_u8(guess, truth[:, 1:]).mean(0)
     # where the error comes from: places frame 0 showed and places it did not
