@@ -17,10 +17,13 @@ runs out; the frame where it stopped is recorded.
 its shapes: cost only, no pictures. "Frame conversion" is then the latent's conversion
 to uint8 on the host (there is no VAE decoder).
 
-Writes DIR/bench.json (`device`, `configs`: per config a list of {frame, latency_ms, fps,
-cache_tokens, peak_mem_mb}, plus `total_s`, `stopped_at`, `summary`; also the dtype,
-`compile`, `cuda_graph`, `cpu_attention` (the CPU's attention kernel, on a CPU) and the
-commit) and DIR/fps.png, DIR/memory.png (one line per config).
+Writes DIR/bench.json (`device`, `configs`: per config `rows`, a list of {frame,
+latency_ms, fps, cache_tokens, peak_mem_mb}, with the config's `total_s` and `stopped_at`
+(the frame and reason where it stopped); `summary` per config; `total_s` of the run; also
+the dtype, `compile`, `cuda_graph`, `cpu_attention` (the CPU's attention kernel, on a CPU)
+and the commit) and DIR/fps.png, DIR/memory.png, DIR/cache_tokens.png (one line per
+config). Bad settings and a missing or corrupt checkpoint are reported before anything
+runs, as one line on stderr (exit status 2).
 """
 from __future__ import annotations
 
@@ -39,10 +42,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
+from runtime.configs import check_type, cli_errors, config_int
 from runtime.evaluate import attention_cfg
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)
 from runtime.model import ModelConfig, WorldModel
+from runtime.sparse import AttentionConfig
 from worlds import build_world
 
 
@@ -306,9 +311,24 @@ def plot(result: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def run(cfg: DictConfig, out: Path | None = None) -> dict:
+def check(cfg: DictConfig) -> None:
+    """The bench's settings, checked before anything runs (a bad attention name must not
+    wait for the configs before it): ValueError naming the bad one."""
     b = cfg.bench
-    world, model, device, dtype = build_source(cfg)
+    config_int(cfg.seed, "seed")
+    config_int(b.frames, "bench.frames", minimum=1)
+    config_int(b.warmup, "bench.warmup", minimum=0)
+    check_type(b.max_chunk_ms, float, "bench.max_chunk_ms")
+    for name in check_type(b.attentions, list[str], "bench.attentions"):
+        AttentionConfig.from_dict(attention_cfg(name))
+    parse_script(str(b.script))
+
+
+def run(cfg: DictConfig, out: Path | None = None, source: tuple | None = None) -> dict:
+    """The bench (`source`: what `build_source` gives, if already built)."""
+    b = cfg.bench
+    check(cfg)
+    world, model, device, dtype = build_source(cfg) if source is None else source
     script = parse_script(str(b.script))
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -358,7 +378,10 @@ def main(cfg: DictConfig) -> None:
         if result.get("lockstep"):
             print(json.dumps({"lockstep_ratios": lockstep_ratios(result)}), flush=True)
     else:
-        result = run(cfg, out)
+        with cli_errors("runtime.bench"):  # bad settings, a missing or corrupt checkpoint: one line, exit 2
+            check(cfg)
+            source = build_source(cfg)
+        result = run(cfg, out, source)
     plot(result, out)
     print(f"wrote plots{'' if cfg.bench.plot_from else ' and bench.json'} to {out}")
 

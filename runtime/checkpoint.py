@@ -41,6 +41,9 @@ def read_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory; expected a .safetensors file "
+                                "(engine.checkpoint)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one or set engine.checkpoint")
     try:

@@ -1,13 +1,19 @@
 """Turning config mappings into the dataclasses that sit next to the classes they configure.
 
-One rule for every group: unknown keys are an error that names them and lists what is
-expected, raised once at start-up.
+One rule for every group: unknown keys, and values of the wrong type, are an error that
+names the key, says what is expected, and is raised once at start-up. The command-line
+tools report such errors (and a missing or unreadable file) as one line on stderr and
+exit with status 2 (`cli_errors`), not as a traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 T = TypeVar("T")
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -22,10 +28,68 @@ def compose_config(name: str = "config", overrides: list[str] | None = None):
         return compose(config_name=name, overrides=list(overrides or []))
 
 
-def strict_dataclass(cls: type[T], d: Any, group: str) -> T:
-    """Build `cls` from a mapping (or omegaconf node), rejecting keys it does not know.
+def _matches(value: Any, tp: Any) -> bool:
+    """Is `value` (plain YAML data) of the annotated type `tp`? Types the check does not
+    know are left to the class that uses them."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict) and (not args or all(_matches(v, args[1]) for v in value.values()))
+    return True
 
-    `group` names the config in the message, e.g. "model" or "controller (scripted)"."""
+
+def describe(tp: Any) -> str:
+    """What a value of type `tp` is, in words: 'an integer', 'null or a number', ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if tp in (list, tuple) or origin in (list, tuple):
+        return f"a list (each item {describe(args[0])})" if args and origin is list else "a list"
+    if tp is dict or origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_type(value: Any, tp: Any, name: str) -> Any:
+    """`value` (plain data, or an omegaconf node: returned as plain data) if it is of type
+    `tp`, else ValueError naming `name` and what is expected."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not _matches(value, tp):
+        raise ValueError(f"{name} must be {describe(tp)}, got {value!r}")
+    return value
+
+
+def strict_dataclass(cls: type[T], d: Any, group: str) -> T:
+    """Build `cls` from a mapping (or omegaconf node), rejecting keys it does not know and
+    values that are not of their field's annotated type.
+
+    `group` names the config in the message, e.g. "model" or "controller (scripted)"; its
+    first word prefixes the key in a type error ("controller.loop must be ...")."""
     from omegaconf import DictConfig, OmegaConf
 
     d = OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d)
@@ -33,4 +97,34 @@ def strict_dataclass(cls: type[T], d: Any, group: str) -> T:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {group} config keys {unknown}; expected a subset of {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    prefix = group.split()[0]
+    for key, value in d.items():
+        check_type(value, hints.get(key, Any), f"{prefix}.{key}")
     return cls(**d)
+
+
+def config_int(value: Any, name: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    """An integer setting read from a config (None allowed if `optional`), at least
+    `minimum`; ValueError naming `name` otherwise."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        raise ValueError(f"{name} must be {'null or ' if optional else ''}{expected}, got {value!r}")
+    return value
+
+
+# what a tool reports as a usage error: a bad setting, or a file that is missing or unreadable
+USAGE_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                PermissionError)
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str) -> Iterator[None]:
+    """Report a usage error raised inside as `PROG: error: MESSAGE` on stderr and exit 2."""
+    try:
+        yield
+    except USAGE_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

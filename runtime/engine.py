@@ -330,9 +330,12 @@ class NeuralEngine:
 
 def build_engine(cfg, world) -> Engine:
     """Build the engine chosen by `cfg.engine.kind` for an already built world."""
+    from runtime.configs import config_int
+
     kind = cfg.engine.kind
+    config_int(cfg.engine.chunk_size, "engine.chunk_size", minimum=1)
     if kind == "simulator":
-        return SimulatorEngine(world, chunk_size=int(cfg.engine.chunk_size))
+        return SimulatorEngine(world, chunk_size=cfg.engine.chunk_size)
     if kind == "neural":
         from runtime.factory import build_neural_engine
 

@@ -90,9 +90,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
+from runtime.configs import check_type, cli_errors, config_int
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
 from runtime.metrics import psnr
+from runtime.sparse import AttentionConfig
 from runtime.tempcache import TempCache
 from worlds.actions import DOWN, IDLE, LEFT, RIGHT, UP
 from worlds.overworld import BatchOverworld, OverworldConfig
@@ -598,9 +600,26 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
     return out
 
 
-def run(cfg: DictConfig) -> dict:
+def check(cfg: DictConfig) -> None:
+    """The evaluation's settings, checked before anything runs: ValueError naming the bad one."""
+    ev = cfg.eval
+    config_int(cfg.seed, "seed")
+    for key, minimum in (("sequences", 1), ("seed_offset", 0), ("action_seed", 0), ("next_frames", 1),
+                         ("revisit_steps", 1), ("revisit_pause", 0), ("walk_frames", 0), ("compare_frames", 0),
+                         ("compare_head", 0), ("motion_frames", 0)):
+        config_int(ev.get(key, 0), f"eval.{key}", minimum=minimum)
+    horizons = check_type(ev.horizons, list[int], "eval.horizons")
+    if not horizons or min(horizons) < 1:
+        raise ValueError(f"eval.horizons must be a non-empty list of integers >= 1, got {horizons!r}")
+    for spec in check_type(ev.attentions, list[str], "eval.attentions"):
+        AttentionConfig.from_dict(attention_cfg(spec))
+
+
+def run(cfg: DictConfig, loaded=None) -> dict:
+    """The evaluation (`loaded`: the model `load_model` gives, if already loaded)."""
+    check(cfg)
     world_cfg = OverworldConfig.from_dict(cfg.world)
-    loaded = load_model(cfg, world_cfg)
+    loaded = load_model(cfg, world_cfg) if loaded is None else loaded
     model = loaded.model
     t0 = time.time()
     res = {"checkpoint": str(cfg.engine.checkpoint), "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
@@ -618,7 +637,10 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    res = run(cfg)
+    with cli_errors("runtime.evaluate"):  # bad settings, a missing or corrupt checkpoint: one line, exit 2
+        check(cfg)
+        loaded = load_model(cfg, OverworldConfig.from_dict(cfg.world))
+    res = run(cfg, loaded)
     text = json.dumps(res, indent=2)
     if cfg.out:
         Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)

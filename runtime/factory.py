@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from runtime.attention import DEFAULT_CPU_ATTENTION, set_cpu_attention
 from runtime.cache import CacheSpec
 from runtime.checkpoint import file_sha256, load_checkpoint
+from runtime.configs import config_int
 from runtime.engine import NeuralEngine, Rollout
 from runtime.sampler import FlowSampler, SamplerConfig
 from runtime.model import WorldModel
@@ -25,6 +26,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str) -> torch.device:
+    if not isinstance(name, str):
+        raise ValueError(f"device must be a string (auto, cpu, cuda or cuda:N), got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -95,8 +98,9 @@ class LoadedModel:
 
 def apply_cpu_settings(ecfg, device: torch.device) -> None:
     """The engine config's process-wide CPU choices: torch's threads and the attention kernel."""
-    if ecfg.get("threads") is not None and device.type == "cpu":
-        torch.set_num_threads(int(ecfg.threads))
+    threads = config_int(ecfg.get("threads"), "engine.threads", minimum=1, optional=True)
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
     set_cpu_attention(str(ecfg.get("cpu_attention", DEFAULT_CPU_ATTENTION)))
 
 
@@ -104,7 +108,7 @@ def load_model(cfg, world_cfg) -> LoadedModel:
     """The checkpoint of `cfg.engine` on `cfg.device`, checked against the world it will
     play (prompt layout, frame size, world family). Used by play, evaluation and bench."""
     ecfg = cfg.engine
-    device = resolve_device(str(cfg.device))
+    device = resolve_device(cfg.device)
     dtype = resolve_dtype(str(ecfg.dtype))
     apply_cpu_settings(ecfg, device)
     path = resolve_path(str(ecfg.checkpoint))

@@ -63,6 +63,22 @@ def test_an_unknown_source_is_rejected(tmp_path):
         run(tiny_random(["bench.source=nowhere"]), tmp_path)
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("bench.frames=abc", "bench.frames must be an integer >= 1, got 'abc'"),
+    ("bench.warmup=-1", "bench.warmup must be an integer >= 0, got -1"),
+    ("bench.max_chunk_ms=fast", "bench.max_chunk_ms must be a number, got 'fast'"),
+    ("bench.attentions=[dense,fastr]", "unknown attention config 'fastr'"),
+    ("bench.attentions=[dense,'window:window_frames=2.5']", "attention.window_frames must be an integer, got 2.5"),
+])
+def test_bad_settings_fail_before_any_config_runs(override, needle):
+    """A bad setting, even of the last config, is reported before the first one runs."""
+    from runtime.bench import check
+
+    with pytest.raises(ValueError) as err:
+        check(tiny_random([override]))
+    assert needle in str(err.value)
+
+
 def test_progress_is_saved_while_a_config_runs(tmp_path):
     from runtime.bench import build_source, run_configs
 

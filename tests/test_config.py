@@ -69,6 +69,15 @@ def test_unknown_sub_config_keys_and_bad_values_fail_in_play():
         (["window=headless", "controller=replay"], "controller.path"),
         (["window=pygame", "window.scale=0"], "window.scale"),
         (["window=headless", "controller=scripted", "max_frames=-1"], "max_frames"),
+        # values of the wrong type name their key and what it takes
+        (["window=headless", "controller=scripted", "controller.loop='false'"], "controller.loop must be true or false"),
+        (["window=pygame", "window.fps=abc"], "window.fps must be a number, got 'abc'"),
+        (["window=headless", "controller=scripted", "attention.budget_frames=2.5"],
+         "attention.budget_frames must be an integer, got 2.5"),
+        (["window=headless", "controller=scripted", "seed=1.5"], "seed must be an integer, got 1.5"),
+        (["window=headless", "controller=random", "controller.seed=abc"], "controller.seed must be an integer or null"),
+        (["window=headless", "controller=scripted", "engine.chunk_size=abc"], "engine.chunk_size must be an integer >= 1"),
+        (["window=headless", "controller=scripted", "engine.threads=0"], "engine.threads must be null or an integer >= 1"),
     ]:
         with pytest.raises(ValueError, match=needle):
             play.play(compose(overrides))
@@ -79,6 +88,20 @@ def test_cli_reports_a_bad_script(tmp_path: Path):
                        "max_frames=3"], cwd=tmp_path)
     assert result.returncode != 0
     assert "'R*x'" in result.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("engine.checkpoint=missing.safetensors", "checkpoint 'missing.safetensors' does not exist"),
+    ("engine.checkpoint=.", "checkpoint '.' is a directory; expected a .safetensors file"),
+    ("seed=abc", "seed must be an integer, got 'abc'"),
+])
+def test_cli_reports_bad_values_and_files_in_one_line(tmp_path: Path, override, needle):
+    """A usage error is one line on stderr naming the bad value, exit status 2: no traceback."""
+    result = run_play(["window=headless", "controller=scripted", "max_frames=3", override], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"play.py: error: {needle}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()  # and no log directory left behind
 
 
 def test_cli_reports_a_misspelled_key(tmp_path: Path):

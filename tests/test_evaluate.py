@@ -206,6 +206,31 @@ def test_checkpoint_for_another_world_is_rejected(tmp_path):
         run(compose_eval([f"engine.checkpoint={small}", *SMALL_EVAL]))
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("eval.sequences=0", "eval.sequences must be an integer >= 1, got 0"),
+    ("eval.horizons=[16,0]", "eval.horizons must be a non-empty list of integers >= 1, got [16, 0]"),
+    ("eval.horizons=[a]", "eval.horizons must be a list (each item an integer), got ['a']"),
+    ("eval.walk_frames=-1", "eval.walk_frames must be an integer >= 0, got -1"),
+    ("eval.attentions=[fastr]", "unknown attention config 'fastr'"),
+    ("seed=x", "seed must be an integer, got 'x'"),
+])
+def test_bad_settings_fail_before_anything_runs(override, needle):
+    from runtime.evaluate import check
+
+    with pytest.raises(ValueError) as err:
+        check(compose_eval([override]))
+    assert needle in str(err.value)
+
+
+def test_command_line_reports_a_missing_checkpoint_in_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "runtime.evaluate", "engine.checkpoint=missing.safetensors"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "runtime.evaluate: error: checkpoint 'missing.safetensors' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_command_line_writes_the_json(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
     out = tmp_path / "results" / "e.json"
