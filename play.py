@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -22,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from controllers import build_controller
-from runtime.configs import strict_dataclass
+from runtime.configs import cli_errors, config_int, strict_dataclass
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
@@ -57,6 +58,27 @@ def replay_mismatches(recorded: dict[str, Any], info: dict[str, Any]) -> list[st
     does not share, as "KEY: recorded X, now Y" (keys either side lacks are not compared)."""
     return [f"{key}: recorded {recorded[key]!r}, now {info[key]!r}" for key in REPLAY_KEYS
             if key in recorded and key in info and recorded[key] != info[key]]
+
+
+def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -> None:
+    """record.path must be a new or empty directory (or record.overwrite=true), and never
+    the recording being replayed: a recording is not lost to a mistyped command."""
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"record.overwrite must be true or false, got {overwrite!r}")
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"record.path must be null or a directory path, got {path!r}")
+    p = Path(path)
+    if replaying is not None and p.exists() and p.resolve() == Path(replaying).resolve():
+        raise ValueError(f"record.path {path!r} is the recording being replayed (controller.path): recording there "
+                         "would overwrite it; choose another directory")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"record.path {path!r} is a file; expected a directory for video.mp4, actions.jsonl and "
+                         "meta.json")
+    if p.is_dir() and not overwrite and (held := sorted(q.name for q in p.iterdir())):
+        raise ValueError(f"record.path {path!r} is not empty (it holds {held[:5]}); choose a new directory, or "
+                         "pass record.overwrite=true to replace what is there")
 
 
 def frame_limit(cfg: DictConfig, controller: Any) -> int | None:
@@ -98,9 +120,12 @@ def build(cfg: DictConfig) -> Session:
         from runtime.loop import HeadlessConfig
 
         strict_dataclass(HeadlessConfig, cfg.window, "window (headless)")
-    if not isinstance(cfg.record.fps, (int, float)) or cfg.record.fps <= 0:
+    if isinstance(cfg.record.fps, bool) or not isinstance(cfg.record.fps, (int, float)) or cfg.record.fps <= 0:
         raise ValueError(f"record.fps must be a number > 0, got {cfg.record.fps!r}")
+    config_int(cfg.seed, "seed")
     controller = build_controller(cfg)
+    check_record_path(cfg.record.path, cfg.record.get("overwrite", False),
+                      cfg.controller.get("path") if cfg.controller.get("kind") == "replay" else None)
     if window_cfg is None and controller.needs_window:
         raise ValueError(f"controller={cfg.controller.kind} needs a window; use window=pygame or "
                          "controller=scripted|random|replay with window=headless")
@@ -114,10 +139,14 @@ def build(cfg: DictConfig) -> Session:
     else:  # the window's producer thread runs it: keep torch's threads its own
         engine = build_off_main_thread(lambda: build_engine(cfg, world))
     seed = int(getattr(controller, "seed", cfg.seed))  # a replay brings its recorded seed
-    recorded = getattr(controller, "meta", {}).get("engine")
-    if isinstance(recorded, dict) and (differ := replay_mismatches(recorded, engine.info)):
-        print(f"play.py: note: the replay runs another engine than the recording's, so its frames will differ "
-              f"(the actions and seed are the recording's): {'; '.join(differ)}", file=sys.stderr, flush=True)
+    meta = getattr(controller, "meta", {})
+    recorded = meta.get("engine")
+    differ = replay_mismatches(recorded, engine.info) if isinstance(recorded, dict) else []
+    if "world" in meta and meta["world"] != cfg.world.get("name"):
+        differ.insert(0, f"world: recorded {meta['world']!r}, now {cfg.world.get('name')!r}")
+    if differ:
+        print(f"play.py: note: the replay runs another world or engine than the recording's, so its frames will "
+              f"differ (the actions and seed are the recording's): {'; '.join(differ)}", file=sys.stderr, flush=True)
     recording = Recording(cfg.record.fps, lambda: run_meta(cfg, engine, seed), root=cfg.record.dir)
     window = None
     if window_cfg is not None:
@@ -148,7 +177,7 @@ def run(s: Session) -> int:
                 print(f"recorded {count} frames to {path}", flush=True)
     if interrupt.requested:
         print(f"interrupted after {shown} frames", flush=True)
-        raise SystemExit(130)  # the shell's code for Ctrl-C; the recording is complete
+        raise SystemExit(128 + interrupt.signal)  # the shell's code for that signal; the recording is complete
     return shown
 
 
@@ -159,11 +188,8 @@ def play(cfg: DictConfig) -> int:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with cli_errors("play.py"):  # a mistake in the config or the command line, a missing file
         session = build(cfg)
-    except ValueError as err:  # a mistake in the config or the command line
-        print(f"play.py: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     run(session)
 
 

@@ -3,7 +3,9 @@
 The recording's seed (from DIR/meta.json) is exposed as `seed`; play.py resets the
 engine with it so that, with the same engine and device, the frames come out identical.
 The recording's length is exposed as `num_frames`: the run stops there. Anything
-missing, unreadable or corrupt raises ValueError naming the file and line.
+missing, unreadable or corrupt raises ValueError naming the file and line, and so do an
+empty action log and one whose length disagrees with a closed recording's meta.json (a
+recording cut off by a crash, never closed, replays the actions it has).
 """
 from __future__ import annotations
 
@@ -77,6 +79,12 @@ class ReplayController(ActionSequence):
         self.cfg = cfg
         self.meta = read_meta(path)
         self.script = read_actions(path)
+        if not self.script:
+            raise ValueError(f"recording {cfg.path!r} has no actions ({path / 'actions.jsonl'} is empty)")
+        recorded = self.meta.get("num_frames")
+        if self.meta.get("complete") is True and recorded != len(self.script):
+            raise ValueError(f"{path / 'actions.jsonl'} holds {len(self.script)} actions, but {path / 'meta.json'} "
+                             f"says the recording has {recorded!r} frames: one of the files was cut short or changed")
         seed = self.meta.get("seed")
         if not isinstance(seed, int):
             raise ValueError(f"{path / 'meta.json'}: expected an integer 'seed', got {seed!r}")

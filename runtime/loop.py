@@ -226,29 +226,35 @@ def run_headless(engine: Any, controller: Any, seed: int, max_frames: int | None
 
 
 class GracefulInterrupt:
-    """Context manager: the first SIGINT sets `requested`; a second raises KeyboardInterrupt.
+    """Context manager: the first SIGINT or SIGTERM (Ctrl-C, `kill`, `timeout`) sets
+    `requested` and `signal` (its number), so the run stops between frames and closes its
+    recording; a second one raises KeyboardInterrupt.
 
     Only installs itself on the main thread (signal handlers live there).
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signal = signal.SIGINT.value
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = int(signum)
 
     def __enter__(self) -> "GracefulInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
     def __call__(self) -> bool:
         return self.requested

@@ -161,7 +161,7 @@ class Window:
         if self.recording is not None and self.recording.active:
             path = self.recording.recorder.path
             count = self.recording.stop()
-            self.say(f"saved {count} frames to {path}")
+            self.say(f"recorded {count} frames to {path}")
 
     def say(self, message: str, seconds: float = 3.0) -> None:
         self.message = message

@@ -120,6 +120,17 @@ def test_replay_errors_name_path_and_line(tmp_path):
     (rec / "actions.jsonl").write_text('{"frame": 0, "action_id": 99}\n')
     with pytest.raises(ValueError, match=r"actions\.jsonl:1"):
         ReplayController(ReplayConfig(path=str(rec)))
+    (rec / "actions.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"no actions.*actions\.jsonl is empty"):
+        ReplayController(ReplayConfig(path=str(rec)))
+    # a closed recording whose action log is shorter than its meta.json says
+    (rec / "meta.json").write_text(json.dumps({"seed": 7, "num_frames": 2, "complete": True}))
+    (rec / "actions.jsonl").write_text('{"frame": 0, "action_id": 4}\n')
+    with pytest.raises(ValueError, match=r"holds 1 actions, but .*meta\.json says the recording has 2 frames"):
+        ReplayController(ReplayConfig(path=str(rec)))
+    # one a crash left open (complete: false) replays what it has
+    (rec / "meta.json").write_text(json.dumps({"seed": 7, "num_frames": 0, "complete": False}))
+    assert ReplayController(ReplayConfig(path=str(rec))).num_frames == 1
     (rec / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"meta\.json"):
         ReplayController(ReplayConfig(path=str(rec)))

@@ -87,10 +87,13 @@ def test_replay_uses_the_recorded_seed(tmp_path: Path):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_sigint_leaves_a_playable_recording(tmp_path: Path):
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["sigint", "sigterm"])
+def test_a_stop_signal_leaves_a_playable_recording(tmp_path: Path, sig, group):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) and `kill` / `timeout`
+    (SIGTERM to the process): the run stops between frames, closes its recording and exits
+    with the shell's code for the signal."""
     rec = tmp_path / "rec"
     env = dict(os.environ)
-    # Like Ctrl-C in a terminal: the signal goes to the whole process group.
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "play.py"), "window=headless", "controller=scripted",
          f"controller.script={SCRIPT}", "controller.loop=true", "max_frames=1000000",
@@ -104,17 +107,21 @@ def test_sigint_leaves_a_playable_recording(tmp_path: Path):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     lines = _lines(rec)
     frames = read_video(rec / "video.mp4")
     assert len(lines) >= 40
     assert len(frames) == len(lines)
-    assert json.loads((rec / "meta.json").read_text())["num_frames"] == len(lines)
+    meta = json.loads((rec / "meta.json").read_text())
+    assert meta["num_frames"] == len(lines) and meta["complete"] is True
 
 
 def _lines_raw(rec: Path) -> list[str]:
@@ -175,11 +182,13 @@ def test_replay_on_another_engine_says_what_differs(tmp_path: Path):
                      "max_frames=5", f"record.path={rec}"], cwd=tmp_path).returncode == 0
     meta = json.loads((rec / "meta.json").read_text())
     meta["engine"].update(kind="neural", checkpoint_sha256="0" * 64, sampler_steps=2)
+    meta["world"] = "overworld_snow"
     (rec / "meta.json").write_text(json.dumps(meta))
     result = run_play(["engine=simulator", "window=headless", "controller=replay", f"controller.path={rec}"],
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "note: the replay runs another engine" in result.stderr
+    assert "note: the replay runs another world or engine" in result.stderr
+    assert "world: recorded 'overworld_snow', now 'overworld'" in result.stderr
     assert "kind: recorded 'neural', now 'simulator'" in result.stderr
     assert "checkpoint_sha256: recorded '" + "0" * 64 + "', now None" in result.stderr
     assert "sampler_steps" not in result.stderr  # the simulator has no sampler: not compared
@@ -193,3 +202,26 @@ def test_replay_mismatches_compare_what_both_sides_name():
     assert replay_mismatches(recorded, now) == ["device: recorded 'cuda:0', now 'cpu'", "sampler_steps: recorded 2, now 1",
                                                 "sampler_times: recorded [1.0, 0.25], now [1.0]"]
     assert replay_mismatches(recorded, dict(recorded)) == []
+
+
+def test_a_recording_is_never_overwritten_by_mistake(tmp_path: Path):
+    """record.path must be new or empty: not the recording being replayed, not a file, not
+    another recording (unless record.overwrite=true), and a refused run leaves it intact."""
+    rec = tmp_path / "rec"
+    base = ["engine=simulator", "window=headless", "controller=scripted", "controller.script=R*4", "max_frames=4"]
+    assert run_play([*base, f"record.path={rec}"], cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in rec.iterdir()}
+    for args, needle in [
+        (["controller=replay", f"controller.path={rec}", f"record.path={rec}"], "is the recording being replayed"),
+        (["controller=replay", f"controller.path={rec}", f"record.path={rec}", "record.overwrite=true"],
+         "is the recording being replayed"),
+        ([*base, f"record.path={rec}"], "is not empty"),
+        ([*base, f"record.path={rec / 'meta.json'}"], "is a file"),
+    ]:
+        result = run_play(["engine=simulator", "window=headless", *args], cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert needle in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert {p.name: p.read_bytes() for p in rec.iterdir()} == before
+    result = run_play([*base, "controller.script=L*4", f"record.path={rec}", "record.overwrite=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["action"] for line in (rec / "actions.jsonl").read_text().splitlines()] == ["left"] * 4
