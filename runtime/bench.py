@@ -372,15 +372,17 @@ def run(cfg: DictConfig, out: Path | None = None, source: tuple | None = None) -
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.out))
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json (and its lockstep ratios)
-        result = json.loads(Path(str(cfg.bench.plot_from)).read_text())
+        with cli_errors("runtime.bench"):
+            result = json.loads(Path(str(cfg.bench.plot_from)).read_text())
         if result.get("lockstep"):
             print(json.dumps({"lockstep_ratios": lockstep_ratios(result)}), flush=True)
+        out.mkdir(parents=True, exist_ok=True)
     else:
         with cli_errors("runtime.bench"):  # bad settings, a missing or corrupt checkpoint: one line, exit 2
             check(cfg)
             source = build_source(cfg)
+        out.mkdir(parents=True, exist_ok=True)
         result = run(cfg, out, source)
     plot(result, out)
     print(f"wrote plots{'' if cfg.bench.plot_from else ' and bench.json'} to {out}")
