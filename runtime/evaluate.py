@@ -28,6 +28,10 @@ On world seeds and action scripts never used in training (training seeds start a
     rollout_psnr_oracle_seen_H
                   frame H with its seen part taken from the oracle and the rest from the
                   model: the most the model's own new ground allows at frame H
+    map_blind_psnr_unseen_H
+                  with `blind_maps` > 0, the new places of frame H guessed without the
+                  map: the pixel mean of the same walk on that many other maps of the
+                  world config (`blind_frames`); a reference for `rollout_psnr_unseen_H`
     idle_next_psnr_creatures_move / _still
                   next-frame prediction while the player stands still (only creatures
                   and water change), on the frames where creatures take a step and on
@@ -189,6 +193,19 @@ def oracle_frames(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndar
     return torch.stack(runs).mean(0).round().to(torch.uint8)
 
 
+BLIND_SEED = 7 * 10**7  # the other maps of `blind_frames`: far from the evaluation's and training's seeds
+
+
+def blind_frames(world_cfg: OverworldConfig, actions: np.ndarray, maps: int) -> torch.Tensor:
+    """Frames 1..T (B, T, H, W, 3) uint8 guessed without the map: for each sequence, the
+    pixel mean of the same walk on `maps` other maps of the same world config (world seeds
+    BLIND_SEED, BLIND_SEED + 1, ...; the same for every sequence). What a guess that knows
+    the tiles and the walk, and nothing of this map, draws for a place."""
+    n = actions.shape[0]
+    total = sum(simulate(world_cfg, [BLIND_SEED + k] * n, actions)[0][:, 1:].double() for k in range(maps))
+    return (total / maps).round().to(torch.uint8)
+
+
 def nan_mean(x: torch.Tensor) -> float | None:
     """The mean of the finite entries (None, JSON null, if there are none)."""
     x = x[~torch.isnan(x)]
@@ -243,6 +260,8 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     split = {name: (region_psnr(frames, truth[:, 1:], seen), region_psnr(frames, truth[:, 1:], ~seen))
              for name, frames in split.items()}
     best_seen = psnr_u8(torch.where(seen[..., None], guess, gen), truth[:, 1:]).mean(0)
+    maps = int(ev.get("blind_maps", 0))
+    blind = region_psnr(blind_frames(world_cfg, actions, maps), truth[:, 1:], ~seen) if maps > 0 else None
     for h in horizons:
         res[f"unseen_fraction_{h}"] = float(unseen[h - 1])
         res[f"oracle_directions_psnr_{h}"] = float(oracle[h - 1])
@@ -251,6 +270,8 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
             res[f"{name}_seen_{h}"] = nan_mean(on_seen[:, h - 1])
             res[f"{name}_unseen_{h}"] = nan_mean(on_unseen[:, h - 1])
         res[f"rollout_psnr_oracle_seen_{h}"] = float(best_seen[h - 1])
+        if blind is not None:
+            res[f"map_blind_psnr_unseen_{h}"] = nan_mean(blind[:, h - 1])
         res[f"rollout_psnr_{h}"] = float(per_frame[h - 1])
         res.update(per_seed(f"rollout_psnr_{h}", per_seq_frame[:, h - 1]))
         res.update(per_seed(f"rollout_psnr_mean_{h}", per_seq_frame[:, :h].mean(1)))
@@ -606,7 +627,7 @@ def check(cfg: DictConfig) -> None:
     config_int(cfg.seed, "seed")
     for key, minimum in (("sequences", 1), ("seed_offset", 0), ("action_seed", 0), ("next_frames", 1),
                          ("revisit_steps", 1), ("revisit_pause", 0), ("walk_frames", 0), ("compare_frames", 0),
-                         ("compare_head", 0), ("motion_frames", 0)):
+                         ("compare_head", 0), ("motion_frames", 0), ("blind_maps", 0)):
         config_int(ev.get(key, 0), f"eval.{key}", minimum=minimum)
     horizons = check_type(ev.horizons, list[int], "eval.horizons")
     if not horizons or min(horizons) < 1:

@@ -27,7 +27,7 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
         "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8", "walk_stall_fraction", "walk_tile_psnr",
         "sim_walk_tile_psnr", "walk_psnr", "rollout_psnr_seen_8", "oracle_directions_psnr_seen_8",
-        "rollout_psnr_oracle_seen_8"]
+        "rollout_psnr_oracle_seen_8", "map_blind_psnr_unseen_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -324,6 +324,24 @@ def test_the_seen_mask_and_region_psnr_split_a_frame_into_shown_and_new_places()
     assert on_unseen.max() < 20
     pos[:, 1] = 0  # standing still: nothing is new
     assert torch.isnan(region_psnr(gen, truth, ~seen_mask(pos, 8))).all()
+
+
+def test_the_map_blind_guess_knows_the_walk_and_not_the_map():
+    """The guess for a sequence depends on its walk, not on its world seed; one other map
+    is that map's own frames."""
+    from controllers.random_agent import explore_actions
+    from runtime.evaluate import BLIND_SEED, blind_frames, simulate
+    from worlds.overworld import load_config
+
+    world = load_config("overworld")
+    actions = explore_actions(np.random.default_rng(0), 2, 6)
+    twice = np.concatenate([actions[:1], actions[:1]])  # one walk, two sequences
+    guess = blind_frames(world, twice, 3)
+    assert torch.equal(guess[0], guess[1])
+    truth = simulate(world, [0, 1], twice)[0][:, 1:]
+    assert not torch.equal(truth[0], truth[1])  # two maps, one guess
+    assert not torch.equal(blind_frames(world, actions, 3)[1], guess[1])  # another walk, another guess
+    assert torch.equal(blind_frames(world, actions, 1), simulate(world, [BLIND_SEED] * 2, actions)[0][:, 1:])
 
 
 def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
