@@ -81,6 +81,18 @@ def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -
                          "pass record.overwrite=true to replace what is there")
 
 
+def check_record_dir(root: Any) -> None:
+    """record.dir (where the window's recordings go) must be a directory or creatable as one:
+    found at start-up, not when F5 is pressed in the middle of a game."""
+    if not isinstance(root, str) or not root:
+        raise ValueError(f"record.dir must be a directory path, got {root!r}")
+    p = Path(root)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"record.dir {root!r} cannot be a directory: {str(p)!r} is a file")
+
+
 def frame_limit(cfg: DictConfig, controller: Any) -> int | None:
     """max_frames, capped by what the controller has to give (a replay's length)."""
     limit = cfg.max_frames
@@ -126,6 +138,7 @@ def build(cfg: DictConfig) -> Session:
     controller = build_controller(cfg)
     check_record_path(cfg.record.path, cfg.record.get("overwrite", False),
                       cfg.controller.get("path") if cfg.controller.get("kind") == "replay" else None)
+    check_record_dir(cfg.record.dir)
     if window_cfg is None and controller.needs_window:
         raise ValueError(f"controller={cfg.controller.kind} needs a window; use window=pygame or "
                          "controller=scripted|random|replay with window=headless")

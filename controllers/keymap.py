@@ -54,8 +54,26 @@ def check_disjoint(a: Keymap, a_where: str, b: Keymap, b_where: str) -> None:
         raise ValueError(f"keys {clash} are bound in both {a_where} and {b_where}; pick other keys")
 
 
+def known_key(name: str) -> bool | None:
+    """Is `name` a key name SDL knows? None when pygame is not installed (not checked:
+    without pygame there is no window to press keys in)."""
+    try:
+        import pygame
+    except ImportError:
+        return None
+    try:
+        pygame.key.key_code(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _normalize(key: object, where: str, name: str) -> str:
     if not isinstance(key, str) or not key:
         raise ValueError(f"{where}.{name}: key names must be non-empty strings, got {key!r}")
     # A single character keeps its case ("?" vs "/"); multi-letter SDL names are lower-case.
-    return key if len(key) == 1 and not key.isalpha() else key.lower()
+    key = key if len(key) == 1 and not key.isalpha() else key.lower()
+    if known_key(key) is False:
+        raise ValueError(f"{where}.{name}: unknown key name {key!r}; expected an SDL key name such as 'escape', "
+                         "'right', 'f12', 'space', 'left shift', or one character")
+    return key

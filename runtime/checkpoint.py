@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ def save_checkpoint(path: str | Path, model: WorldModel, info: dict | None = Non
     meta = {"format": FORMAT, "model_config": json.dumps(model.cfg.to_dict()), "info": json.dumps(info or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as any file the user makes (the writer leaves it private)
     tmp.replace(path)
 
 

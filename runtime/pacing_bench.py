@@ -66,20 +66,21 @@ def main(argv: list[str]) -> dict[str, float]:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     from controllers import build_controller
-    from runtime.configs import compose_config, strict_dataclass
+    from runtime.configs import cli_errors, compose_config, strict_dataclass
     from runtime.engine import build_engine
     from runtime.loop import build_off_main_thread
     from runtime.window import Window, WindowConfig
     from worlds import build_world
 
-    args = parse_args(argv)
-    seconds, warmup = args.seconds, args.warmup
-    cfg = compose_config("config", DEFAULTS + args.overrides)
-    if cfg.window.kind != "pygame":
-        raise ValueError(f"the pacing benchmark needs window=pygame, got window.kind={cfg.window.kind!r}")
-    window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")
-    engine = build_off_main_thread(lambda: build_engine(cfg, build_world(cfg.world)))  # as play.py does
-    controller = build_controller(cfg)
+    with cli_errors("runtime.pacing_bench"):  # bad arguments or settings, a missing checkpoint: one line, exit 2
+        args = parse_args(argv)
+        seconds, warmup = args.seconds, args.warmup
+        cfg = compose_config("config", DEFAULTS + args.overrides)
+        if cfg.window.kind != "pygame":
+            raise ValueError(f"the pacing benchmark needs window=pygame, got window.kind={cfg.window.kind!r}")
+        window_cfg = strict_dataclass(WindowConfig, cfg.window, "window (pygame)")
+        engine = build_off_main_thread(lambda: build_engine(cfg, build_world(cfg.world)))  # as play.py does
+        controller = build_controller(cfg)
 
     times: list[float] = []  # when each tick was presented
     new_frames: list[tuple[float, float]] = []  # (when, step latency ms) of each newly shown generated frame

@@ -15,11 +15,30 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
+from runtime.checkpoint import read_metadata
+from runtime.configs import check_type, cli_errors, config_int
 from runtime.engine import build_engine
+from runtime.factory import resolve_path
 from worlds import build_world
+from worlds.overworld import load_config
+
+
+def check(cfg: DictConfig) -> None:
+    """The picture's settings, before anything runs: ValueError naming the bad one."""
+    sc = cfg.showcase
+    actions = parse_script(str(sc.script))
+    shots = check_type(sc.frames, list[int], "showcase.frames")
+    if not shots or min(shots) < 0 or max(shots) > len(actions):
+        raise ValueError(f"showcase.frames={shots!r}; expected frame indices from 0 to the script's length "
+                         f"({len(actions)} actions)")
+    for name in check_type(sc.worlds, list[str], "showcase.worlds"):
+        load_config(name)
+    config_int(sc.scale, "showcase.scale", minimum=1)
+    config_int(cfg.seed, "seed")
 
 
 def render(cfg: DictConfig) -> np.ndarray:
+    check(cfg)
     sc = cfg.showcase
     actions = parse_script(str(sc.script))
     shots = [int(i) for i in sc.frames]
@@ -48,6 +67,10 @@ def render(cfg: DictConfig) -> np.ndarray:
 
 @hydra.main(config_path="../conf", config_name="showcase", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    with cli_errors("runtime.showcase"):  # bad settings, a missing checkpoint: one line, exit 2
+        check(cfg)
+        if cfg.engine.kind == "neural":  # the checkpoint is there and readable
+            read_metadata(resolve_path(str(cfg.engine.checkpoint)))
     img = render(cfg)
     Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
     imageio.imwrite(str(cfg.out), img)

@@ -2,7 +2,7 @@
 
 Times one self-attention call of a 64-token query block over a filled dense cache, dense
 (`CachedSelfAttention`) against AnnSA (`AnnSelfAttention`, selection included) for each
-ANN backend (and `pooled`: AnnSA's mean-pooled block scores), at 25% density, in bf16 on the CPU (or `--device cuda`). Then one
+ANN backend of `--anns` (default quant, lsh and exact; add `pooled` for AnnSA's mean-pooled block scores), at 25% density, in bf16 on the CPU (or `--device cuda`). Then one
 cross-attention call of a two-frame pass (2 x 64 queries) over prompts of each size,
 dense against AnnCA (`AnnCrossAttention`, selection included). Prints tables of
 milliseconds per call. Attention-only figures: not end to end.

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
 from runtime.checkpoint import save_checkpoint
+from runtime.configs import check_type, cli_errors
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_uint8, to_unit
 from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
@@ -315,6 +316,22 @@ def check_train_settings(tc: DictConfig) -> None:
         except (TypeError, ValueError):
             raise ValueError(f"train.distill.times={times!r}; expected the teacher's sampler times, values in (0, 1], "
                              "e.g. [1.0, 0.25]") from None
+    for key in ("lr", "weight_decay", "grad_clip", "ema", "context_noise_max"):
+        number(f"train.{key}", tc[key])
+    if integer("train.warmup", tc.warmup) < 0:
+        raise ValueError(f"train.warmup={tc.warmup!r}; expected an integer >= 0")
+    for key in ("bf16", "compile", "progress", "overwrite"):
+        check_type(tc.get(key, False), bool, f"train.{key}")
+    if tc.attention not in ("flex", "sdpa"):
+        raise ValueError(f"train.attention={tc.attention!r}; expected 'flex' or 'sdpa'")
+    worlds = check_type(tc.worlds, list[str], "train.worlds")
+    if not worlds:
+        raise ValueError("train.worlds=[]; expected at least one world config name, e.g. [overworld]")
+    for name in worlds:
+        load_config(name)
+    for key, path in (("train.init", tc.get("init")), ("train.distill.teacher", dc.get("teacher"))):
+        if path and not Path(str(path)).is_file():
+            raise ValueError(f"{key}={str(path)!r}: no such checkpoint file")
     if not number("train.time_limit_s", tc.time_limit_s) > 0:
         raise ValueError(f"train.time_limit_s={tc.time_limit_s!r}; expected a number of seconds > 0")
     if tc.get("init_blocks") is not None:
@@ -351,8 +368,24 @@ def profile_stop(prof, device, n: int, path: Path, progress) -> None:
     (progress.write if progress is not None else print)("\n".join(lines))
 
 
-def train(cfg: DictConfig) -> dict:
+def check_run(cfg: DictConfig) -> None:
+    """The settings, the device and the output directory, before anything starts: `out`
+    must not hold an earlier run (its checkpoint and log) unless train.overwrite=true."""
     check_train_settings(cfg.train)
+    device = check_type(cfg.device, str, "device")
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device={device!r}; expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or device=auto")
+    out = Path(str(cfg.out))
+    held = [n for n in ("model.safetensors", "log.jsonl") if (out / n).exists()]
+    if held and not cfg.train.get("overwrite", False) and int(os.environ.get("RANK", "0")) == 0:
+        raise ValueError(f"out={str(out)!r} holds an earlier run ({', '.join(held)}); choose a new directory, or pass "
+                         "train.overwrite=true to replace it")
+
+
+def train(cfg: DictConfig) -> dict:
+    check_run(cfg)
     rank, world, device = setup_distributed(str(cfg.device))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -573,6 +606,8 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    with cli_errors("runtime.train"):  # bad settings, missing files, an earlier run in `out`: one line, exit 2
+        check_run(cfg)
     train(cfg)
 
 

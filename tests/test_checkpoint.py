@@ -60,6 +60,9 @@ def test_round_trip_equals_the_bf16_rounded_model(tmp_path):
     info = {"world_family": "overworld", "step": 12, "metrics": {"tf_psnr": 20.5}}
     save_checkpoint(path, model, info)
     assert path.is_file() and not path.with_suffix(".safetensors.tmp").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user makes
 
     loaded, got_info = load_checkpoint(path)
     assert got_info == info

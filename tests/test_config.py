@@ -78,6 +78,9 @@ def test_unknown_sub_config_keys_and_bad_values_fail_in_play():
         (["window=headless", "controller=random", "controller.seed=abc"], "controller.seed must be an integer or null"),
         (["window=headless", "controller=scripted", "engine.chunk_size=abc"], "engine.chunk_size must be an integer >= 1"),
         (["window=headless", "controller=scripted", "engine.threads=0"], "engine.threads must be null or an integer >= 1"),
+        (["window=pygame", "window.keys.quit=[esc]"], "window.keys.quit: unknown key name 'esc'"),
+        (["window=headless", "controller=scripted", f"record.dir={REPO / 'README.md' / 'sub'}"],
+         "record.dir"),
     ]:
         with pytest.raises(ValueError, match=needle):
             play.play(compose(overrides))

@@ -72,6 +72,9 @@ def test_keyboard_place_fires_once_per_press_and_taps_are_not_lost():
 def test_keymap_errors():
     with pytest.raises(ValueError, match="'jump'"):
         KeyboardController(KeyboardConfig(keymap={"jump": ["space"]}))
+    with pytest.raises(ValueError, match="controller.keymap.up: unknown key name 'esc'"):
+        Keymap({"up": ["esc"]}, allowed=["up"], where="controller.keymap")
+    assert Keymap({"up": ["escape", "left shift", "?"]}, allowed=["up"], where="w").lookup("escape") == "up"
     with pytest.raises(ValueError, match="'w'.*both"):
         Keymap({"up": ["w"], "down": ["w"]}, allowed=["up", "down"], where="controller.keymap")
     moves = Keymap({"up": ["w"]}, allowed=["up"], where="controller.keymap")
