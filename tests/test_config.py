@@ -186,3 +186,16 @@ def test_the_sampler_on_a_gpu_takes_its_gpu_steps_and_times():
             SamplerConfig(**bad)
     with pytest.raises(ValueError, match="gpu_stepz"):
         SamplerConfig.from_dict({"steps": 1, "gpu_stepz": 2})
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("showcase.frames=[0,100]", "showcase.frames=[0, 100]; expected frame indices from 0 to the script's length"),
+    ("showcase.worlds=[nowhere]", "world config 'nowhere' not found"),
+    ("showcase.scale=0", "showcase.scale must be an integer >= 1, got 0"),
+])
+def test_the_showcase_checks_its_settings_before_drawing(override, needle):
+    from runtime.showcase import check
+
+    with pytest.raises(ValueError) as err:
+        check(compose([override], config_name="showcase"))
+    assert needle in str(err.value)
