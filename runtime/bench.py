@@ -108,6 +108,9 @@ class RandomLatents:
         return rng.integers(0, 256, (m.frame_size, m.frame_size, m.channels), dtype=np.uint8)
 
 
+CPU_RANDOM_LIMIT = 300e6  # random-weight models larger than this run only on a GPU (the Wan shape: about 850M)
+
+
 def build_source(cfg):
     """(world, model, device, dtype) for `bench.source`."""
     source = str(cfg.bench.get("source", "checkpoint"))
@@ -118,6 +121,11 @@ def build_source(cfg):
     if source == "random":
         mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.engine.dtype))
+        blocks = 12 * mcfg.depth * mcfg.width ** 2  # about the blocks' parameters
+        if device.type == "cpu" and blocks > CPU_RANDOM_LIMIT:
+            raise ValueError(f"bench.source=random with a model of about {blocks / 1e6:.0f}M parameters (width "
+                             f"{mcfg.width}, depth {mcfg.depth}) needs a GPU: on a CPU a frame takes tens of seconds; "
+                             "pass model=tiny for a run on the CPU")
         apply_cpu_settings(cfg.engine, device)
         torch.manual_seed(int(cfg.seed))
         model = WorldModel(mcfg).to(device=device, dtype=dtype).eval().requires_grad_(False)

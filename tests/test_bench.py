@@ -79,6 +79,13 @@ def test_bad_settings_fail_before_any_config_runs(override, needle):
     assert needle in str(err.value)
 
 
+def test_the_wan_shape_on_a_cpu_is_refused_before_its_weights_are_made():
+    from runtime.bench import build_source
+
+    with pytest.raises(ValueError, match="about 849M parameters .* needs a GPU.*model=tiny"):
+        build_source(compose(["device=cpu"], config_name="bench_wan"))
+
+
 def test_progress_is_saved_while_a_config_runs(tmp_path):
     from runtime.bench import build_source, run_configs
 
