@@ -76,9 +76,20 @@ def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -
     if p.exists() and not p.is_dir():
         raise ValueError(f"record.path {path!r} is a file; expected a directory for video.mp4, actions.jsonl and "
                          "meta.json")
+    check_creatable(path, "record.path")
     if p.is_dir() and not overwrite and (held := sorted(q.name for q in p.iterdir())):
         raise ValueError(f"record.path {path!r} is not empty (it holds {held[:5]}); choose a new directory, or "
                          "pass record.overwrite=true to replace what is there")
+
+
+def check_creatable(path: str, key: str) -> None:
+    """`path` is a directory or can be made one: no file stands where one of its parents
+    would be."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"{key} {path!r} cannot be a directory: {str(p)!r} is a file")
 
 
 def check_record_dir(root: Any) -> None:
@@ -86,11 +97,7 @@ def check_record_dir(root: Any) -> None:
     found at start-up, not when F5 is pressed in the middle of a game."""
     if not isinstance(root, str) or not root:
         raise ValueError(f"record.dir must be a directory path, got {root!r}")
-    p = Path(root)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise ValueError(f"record.dir {root!r} cannot be a directory: {str(p)!r} is a file")
+    check_creatable(root, "record.dir")
 
 
 def frame_limit(cfg: DictConfig, controller: Any) -> int | None:

@@ -30,7 +30,7 @@ def _default_keymap() -> dict[str, list[str]]:
 @dataclass
 class KeyboardConfig:
     kind: str = "keyboard"
-    keymap: dict[str, list[str]] = field(default_factory=_default_keymap)
+    keymap: dict[str, list[str] | str] = field(default_factory=_default_keymap)
 
 
 class KeyboardController:

@@ -7,6 +7,7 @@ callers translate an event into its key name and typed character first.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Mapping
 
 
@@ -54,18 +55,20 @@ def check_disjoint(a: Keymap, a_where: str, b: Keymap, b_where: str) -> None:
         raise ValueError(f"keys {clash} are bound in both {a_where} and {b_where}; pick other keys")
 
 
-def known_key(name: str) -> bool | None:
-    """Is `name` a key name SDL knows? None when pygame is not installed (not checked:
-    without pygame there is no window to press keys in)."""
+def sdl_name(name: str) -> str | None:
+    """The name pygame gives the key called `name` (the one a key event reports: "keypad
+    1" is "[1]"); "" for a name SDL does not know; None when pygame is not installed (not
+    checked: without pygame there is no window to press keys in)."""
     try:
         import pygame
     except ImportError:
         return None
-    try:
-        pygame.key.key_code(name)
-    except ValueError:
-        return False
-    return True
+    with warnings.catch_warnings():  # the names need no pygame.init()
+        warnings.simplefilter("ignore")
+        try:
+            return pygame.key.name(pygame.key.key_code(name))
+        except ValueError:
+            return ""
 
 
 def _normalize(key: object, where: str, name: str) -> str:
@@ -73,7 +76,10 @@ def _normalize(key: object, where: str, name: str) -> str:
         raise ValueError(f"{where}.{name}: key names must be non-empty strings, got {key!r}")
     # A single character keeps its case ("?" vs "/"); multi-letter SDL names are lower-case.
     key = key if len(key) == 1 and not key.isalpha() else key.lower()
-    if known_key(key) is False:
+    if len(key) == 1:
+        return key  # matched against the typed character too
+    known = sdl_name(key)
+    if known == "":
         raise ValueError(f"{where}.{name}: unknown key name {key!r}; expected an SDL key name such as 'escape', "
                          "'right', 'f12', 'space', 'left shift', or one character")
-    return key
+    return key if known is None else known.lower()

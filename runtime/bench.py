@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
 from runtime.configs import check_type, cli_errors, config_int
-from runtime.evaluate import attention_cfg
+from runtime.evaluate import attention_cfg, check_attention
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)
 from runtime.model import ModelConfig, WorldModel
@@ -328,7 +328,7 @@ def check(cfg: DictConfig) -> None:
     config_int(b.warmup, "bench.warmup", minimum=0)
     check_type(b.max_chunk_ms, float, "bench.max_chunk_ms")
     for name in check_type(b.attentions, list[str], "bench.attentions"):
-        AttentionConfig.from_dict(attention_cfg(name))
+        check_attention(name, "bench.attentions")
     parse_script(str(b.script))
 
 

@@ -27,10 +27,21 @@ def save_checkpoint(path: str | Path, model: WorldModel, info: dict | None = Non
     meta = {"format": FORMAT, "model_config": json.dumps(model.cfg.to_dict()), "info": json.dumps(info or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as any file the user makes (the writer leaves it private)
+    os.chmod(tmp, 0o666 & ~process_umask())  # as any file the user makes (the writer leaves it private)
     tmp.replace(path)
+
+
+def process_umask() -> int:
+    """This process's umask, read without setting it (setting it, even back, would leave
+    other threads a moment with another one); 0o022 where the system does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def file_sha256(path: str | Path) -> str:

@@ -79,6 +79,10 @@ def check_type(value: Any, tp: Any, name: str) -> Any:
 
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
+    if (tp is dict or typing.get_origin(tp) is dict) and isinstance(value, dict) and typing.get_args(tp):
+        for key, item in value.items():  # a mapping's entries are named on their own
+            check_type(item, typing.get_args(tp)[1], f"{name}.{key}")
+        return value
     if not _matches(value, tp):
         raise ValueError(f"{name} must be {describe(tp)}, got {value!r}")
     return value

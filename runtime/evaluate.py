@@ -30,8 +30,9 @@ On world seeds and action scripts never used in training (training seeds start a
                   model: the most the model's own new ground allows at frame H
     map_blind_psnr_unseen_H
                   with `blind_maps` > 0, the new places of frame H guessed without the
-                  map: the pixel mean of the same walk on that many other maps of the
-                  world config (`blind_frames`); a reference for `rollout_psnr_unseen_H`
+                  map: the pixel mean over that many other maps of the world config of
+                  the view moved as this walk's view moved (`blind_frames`); a reference
+                  for `rollout_psnr_unseen_H`
     idle_next_psnr_creatures_move / _still
                   next-frame prediction while the player stands still (only creatures
                   and water change), on the frames where creatures take a step and on
@@ -196,14 +197,25 @@ def oracle_frames(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndar
 BLIND_SEED = 7 * 10**7  # the other maps of `blind_frames`: far from the evaluation's and training's seeds
 
 
-def blind_frames(world_cfg: OverworldConfig, actions: np.ndarray, maps: int) -> torch.Tensor:
+def blind_frames(world_cfg: OverworldConfig, pos: np.ndarray, maps: int) -> torch.Tensor:
     """Frames 1..T (B, T, H, W, 3) uint8 guessed without the map: for each sequence, the
-    pixel mean of the same walk on `maps` other maps of the same world config (world seeds
-    BLIND_SEED, BLIND_SEED + 1, ...; the same for every sequence). What a guess that knows
-    the tiles and the walk, and nothing of this map, draws for a place."""
-    n = actions.shape[0]
-    total = sum(simulate(world_cfg, [BLIND_SEED + k] * n, actions)[0][:, 1:].double() for k in range(maps))
-    return (total / maps).round().to(torch.uint8)
+    pixel mean over `maps` other maps of the same world config (world seeds BLIND_SEED,
+    BLIND_SEED + 1, ...; the same for every sequence) of the view moved from the spawn as
+    the sequence's view moved (`pos` (B, T+1, 2), the player's positions). What a guess
+    that knows the tiles and the walk, and nothing of this map, draws for a place."""
+    n, steps = pos.shape[0], pos.shape[1] - 1
+    total = None
+    for k in range(maps):
+        w = BatchOverworld(world_cfg, n)
+        w.reset([BLIND_SEED + k] * n)
+        idle = np.full(n, IDLE)
+        frames = []
+        for t in range(1, steps + 1):
+            w.step(idle)  # water and creatures go on; the player stands, and the view is moved
+            frames.append(w.render_view_moved(pos[:, t] - pos[:, 0]))
+        run = np.stack(frames, 1).astype(np.uint16)  # 255 * maps fits while maps <= 257
+        total = run if total is None else total + run
+    return torch.from_numpy(np.round(total / maps).astype(np.uint8))
 
 
 def nan_mean(x: torch.Tensor) -> float | None:
@@ -261,7 +273,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
              for name, frames in split.items()}
     best_seen = psnr_u8(torch.where(seen[..., None], guess, gen), truth[:, 1:]).mean(0)
     maps = int(ev.get("blind_maps", 0))
-    blind = region_psnr(blind_frames(world_cfg, actions, maps), truth[:, 1:], ~seen) if maps > 0 else None
+    blind = region_psnr(blind_frames(world_cfg, pos, maps), truth[:, 1:], ~seen) if maps > 0 else None
     for h in horizons:
         res[f"unseen_fraction_{h}"] = float(unseen[h - 1])
         res[f"oracle_directions_psnr_{h}"] = float(oracle[h - 1])
@@ -548,6 +560,15 @@ def attention_cfg(spec: str):
     return node
 
 
+def check_attention(spec: str, where: str) -> None:
+    """An attention spec of a list setting (`where`) is a valid config, or ValueError naming
+    the entry."""
+    try:
+        AttentionConfig.from_dict(attention_cfg(spec))
+    except ValueError as err:
+        raise ValueError(f"{where} entry {spec!r}: {err}") from None
+
+
 def compare_attention(model, cfg, world_cfg: OverworldConfig) -> dict:
     """Each attention config against the dense rollout with the same seeds and actions."""
     ev = cfg.eval
@@ -629,11 +650,13 @@ def check(cfg: DictConfig) -> None:
                          ("revisit_steps", 1), ("revisit_pause", 0), ("walk_frames", 0), ("compare_frames", 0),
                          ("compare_head", 0), ("motion_frames", 0), ("blind_maps", 0)):
         config_int(ev.get(key, 0), f"eval.{key}", minimum=minimum)
+    if ev.get("blind_maps", 0) > 257:
+        raise ValueError(f"eval.blind_maps={ev.blind_maps}; expected at most 257")
     horizons = check_type(ev.horizons, list[int], "eval.horizons")
     if not horizons or min(horizons) < 1:
         raise ValueError(f"eval.horizons must be a non-empty list of integers >= 1, got {horizons!r}")
     for spec in check_type(ev.attentions, list[str], "eval.attentions"):
-        AttentionConfig.from_dict(attention_cfg(spec))
+        check_attention(spec, "eval.attentions")
 
 
 def run(cfg: DictConfig, loaded=None) -> dict:

@@ -23,6 +23,9 @@ from worlds import build_world
 from worlds.overworld import load_config
 
 
+WORLDS = Path(__file__).resolve().parent.parent / "conf" / "world"
+
+
 def check(cfg: DictConfig) -> None:
     """The picture's settings, before anything runs: ValueError naming the bad one."""
     sc = cfg.showcase
@@ -32,7 +35,7 @@ def check(cfg: DictConfig) -> None:
         raise ValueError(f"showcase.frames={shots!r}; expected frame indices from 0 to the script's length "
                          f"({len(actions)} actions)")
     for name in check_type(sc.worlds, list[str], "showcase.worlds"):
-        load_config(name)
+        load_config(WORLDS / f"{name}.yaml")  # as render reads it: a preset's name
     config_int(sc.scale, "showcase.scale", minimum=1)
     config_int(cfg.seed, "seed")
 
@@ -44,7 +47,7 @@ def render(cfg: DictConfig) -> np.ndarray:
     shots = [int(i) for i in sc.frames]
     rows = []
     for name in sc.worlds:
-        world_cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "world" / f"{name}.yaml")
+        world_cfg = OmegaConf.load(WORLDS / f"{name}.yaml")
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         sub.world = world_cfg
         sim = build_world(world_cfg)

@@ -51,7 +51,7 @@ class WindowConfig:
     queue_size: int = 3  # frames between producer and presenter (at least one chunk)
     hud: bool = True
     title: str = "neural game engine"
-    keys: dict[str, list[str]] = field(default_factory=_default_keys)
+    keys: dict[str, list[str] | str] = field(default_factory=_default_keys)
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale, int) or self.scale < 1:

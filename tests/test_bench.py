@@ -68,7 +68,8 @@ def test_an_unknown_source_is_rejected(tmp_path):
     ("bench.warmup=-1", "bench.warmup must be an integer >= 0, got -1"),
     ("bench.max_chunk_ms=fast", "bench.max_chunk_ms must be a number, got 'fast'"),
     ("bench.attentions=[dense,fastr]", "unknown attention config 'fastr'"),
-    ("bench.attentions=[dense,'window:window_frames=2.5']", "attention.window_frames must be an integer, got 2.5"),
+    ("bench.attentions=[dense,'window:window_frames=2.5']",
+     "bench.attentions entry 'window:window_frames=2.5': attention.window_frames must be an integer, got 2.5"),
 ])
 def test_bad_settings_fail_before_any_config_runs(override, needle):
     """A bad setting, even of the last config, is reported before the first one runs."""

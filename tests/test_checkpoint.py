@@ -60,7 +60,7 @@ def test_round_trip_equals_the_bf16_rounded_model(tmp_path):
     info = {"world_family": "overworld", "step": 12, "metrics": {"tf_psnr": 20.5}}
     save_checkpoint(path, model, info)
     assert path.is_file() and not path.with_suffix(".safetensors.tmp").exists()
-    umask = os.umask(0)
+    umask = os.umask(0o022)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user makes
 

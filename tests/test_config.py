@@ -80,7 +80,9 @@ def test_unknown_sub_config_keys_and_bad_values_fail_in_play():
         (["window=headless", "controller=scripted", "engine.threads=0"], "engine.threads must be null or an integer >= 1"),
         (["window=pygame", "window.keys.quit=[esc]"], "window.keys.quit: unknown key name 'esc'"),
         (["window=headless", "controller=scripted", f"record.dir={REPO / 'README.md' / 'sub'}"],
-         "record.dir"),
+         "record.dir '" + str(REPO / "README.md" / "sub") + "' cannot be a directory"),
+        (["window=headless", "controller=scripted", f"record.path={REPO / 'README.md' / 'sub'}"],
+         "record.path '" + str(REPO / "README.md" / "sub") + "' cannot be a directory"),
     ]:
         with pytest.raises(ValueError, match=needle):
             play.play(compose(overrides))
@@ -190,7 +192,7 @@ def test_the_sampler_on_a_gpu_takes_its_gpu_steps_and_times():
 
 @pytest.mark.parametrize("override, needle", [
     ("showcase.frames=[0,100]", "showcase.frames=[0, 100]; expected frame indices from 0 to the script's length"),
-    ("showcase.worlds=[nowhere]", "world config 'nowhere' not found"),
+    ("showcase.worlds=[nowhere]", "nowhere.yaml' not found"),
     ("showcase.scale=0", "showcase.scale must be an integer >= 1, got 0"),
 ])
 def test_the_showcase_checks_its_settings_before_drawing(override, needle):

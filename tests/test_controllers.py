@@ -75,6 +75,12 @@ def test_keymap_errors():
     with pytest.raises(ValueError, match="controller.keymap.up: unknown key name 'esc'"):
         Keymap({"up": ["esc"]}, allowed=["up"], where="controller.keymap")
     assert Keymap({"up": ["escape", "left shift", "?"]}, allowed=["up"], where="w").lookup("escape") == "up"
+    one = build_controller(compose(["controller=keyboard", "controller.keymap.place=return"]))  # one key, a string
+    assert one.keymap.lookup("return") == "place"
+    with pytest.raises(ValueError, match=r"controller.keymap.place must be a list \(each item a string\) or a string, got 5"):
+        build_controller(compose(["controller=keyboard", "controller.keymap.place=5"]))
+    keypad = Keymap({"up": "keypad 1"}, allowed=["up"], where="w")  # pygame's own name for it
+    assert keypad.lookup("[1]") == "up" and keypad.keys == {"[1]"}
     with pytest.raises(ValueError, match="'w'.*both"):
         Keymap({"up": ["w"], "down": ["w"]}, allowed=["up", "down"], where="controller.keymap")
     moves = Keymap({"up": ["w"]}, allowed=["up"], where="controller.keymap")

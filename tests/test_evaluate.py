@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from runtime.checkpoint import save_checkpoint
 from runtime.engine import to_unit
 from runtime.evaluate import psnr_u8, run, ssim_u8
+from worlds.actions import IDLE
 from runtime.model import ModelConfig, WorldModel
 
 TINY = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
@@ -327,21 +328,44 @@ def test_the_seen_mask_and_region_psnr_split_a_frame_into_shown_and_new_places()
 
 
 def test_the_map_blind_guess_knows_the_walk_and_not_the_map():
-    """The guess for a sequence depends on its walk, not on its world seed; one other map
-    is that map's own frames."""
-    from controllers.random_agent import explore_actions
+    """The guess moves its view as the walk's view moved, on other maps: two sequences with
+    the same positions get the same guess whatever their own maps; another walk, another
+    guess; one other map, standing still, is that map's own frames."""
+    from dataclasses import replace
+
     from runtime.evaluate import BLIND_SEED, blind_frames, simulate
     from worlds.overworld import load_config
 
-    world = load_config("overworld")
-    actions = explore_actions(np.random.default_rng(0), 2, 6)
-    twice = np.concatenate([actions[:1], actions[:1]])  # one walk, two sequences
-    guess = blind_frames(world, twice, 3)
-    assert torch.equal(guess[0], guess[1])
-    truth = simulate(world, [0, 1], twice)[0][:, 1:]
-    assert not torch.equal(truth[0], truth[1])  # two maps, one guess
-    assert not torch.equal(blind_frames(world, actions, 3)[1], guess[1])  # another walk, another guess
-    assert torch.equal(blind_frames(world, actions, 1), simulate(world, [BLIND_SEED] * 2, actions)[0][:, 1:])
+    world = replace(load_config("overworld"), num_creatures=0)
+    pos = np.zeros((2, 4, 2), dtype=np.int64)
+    pos[:, 1:, 1] = [2, 4, 6]  # both walk right, 2 pixels a frame
+    guess = blind_frames(world, pos, 3)
+    assert guess.shape == (2, 3, world.view, world.view, 3) and torch.equal(guess[0], guess[1])
+    other = pos.copy()
+    other[1, 1:, 1] = 0
+    assert not torch.equal(blind_frames(world, other, 3)[1], guess[1])
+    still = np.zeros((1, 4, 2), dtype=np.int64)
+    idle = np.full((1, 3), IDLE)
+    assert torch.equal(blind_frames(world, still, 1), simulate(world, [BLIND_SEED], idle)[0][:, 1:])
+
+
+def test_a_moved_view_shows_the_map_shifted():
+    """render_view_moved: a view moved one tile right shows the ground one tile further on
+    (away from the player's sprite), and leaves the world's state alone."""
+    from dataclasses import replace
+
+    from worlds.overworld import BatchOverworld, load_config
+
+    world = replace(load_config("overworld"), num_creatures=0)
+    w = BatchOverworld(world, 1)
+    frame = w.reset([5])
+    t, v = world.tile, world.view
+    moved = w.render_view_moved(np.array([[0, t]]))
+    assert np.array_equal(moved[0, :t, : v - t], frame[0, :t, t:])  # the top row of tiles, shifted
+    assert not np.array_equal(moved, frame)
+    assert np.array_equal(w.render(), frame)
+    far = w.render_view_moved(np.array([[10**6, -(10**6)]]))  # kept on the map
+    assert far.shape == frame.shape
 
 
 def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():

@@ -142,6 +142,19 @@ class BatchOverworld:
         finally:
             self._creatures.pos = kept
 
+    def render_view_moved(self, offset: np.ndarray) -> np.ndarray:
+        """The current frames with the view (and the player in its middle) moved `offset`
+        (B, 2) pixels (y, x) from where it is, kept on the padded map; the state is left as
+        it was. (What-if renders for evaluation: another map seen along this walk.)"""
+        kept = self._pos
+        span = self.cfg.view // self.cfg.tile + 1
+        top = (self._maps.shape[1] - span) * self.cfg.tile + self._player_view  # the last view on the map
+        self._pos = np.clip(kept + np.asarray(offset, dtype=kept.dtype), self._player_view, top)
+        try:
+            return self.render()
+        finally:
+            self._pos = kept
+
     def point_creatures(self, direction: int) -> None:
         """Point every creature in `direction` (an index into creatures.COMPASS: 0 up,
         1 right, 2 down, 3 left), as if each had been spawned facing it. (What-if runs for
