@@ -73,10 +73,7 @@ def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -
     if replaying is not None and p.exists() and p.resolve() == Path(replaying).resolve():
         raise ValueError(f"record.path {path!r} is the recording being replayed (controller.path): recording there "
                          "would overwrite it; choose another directory")
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"record.path {path!r} is a file; expected a directory for video.mp4, actions.jsonl and "
-                         "meta.json")
-    check_creatable(path, "record.path")
+    check_creatable(path, "record.path")  # not a file, nor under one
     if p.is_dir() and not overwrite and (held := sorted(q.name for q in p.iterdir())):
         raise ValueError(f"record.path {path!r} is not empty (it holds {held[:5]}); choose a new directory, or "
                          "pass record.overwrite=true to replace what is there")
@@ -197,7 +194,7 @@ def run(s: Session) -> int:
                 print(f"recorded {count} frames to {path}", flush=True)
     if interrupt.requested:
         print(f"interrupted after {shown} frames", flush=True)
-        raise SystemExit(128 + interrupt.signal)  # the shell's code for that signal; the recording is complete
+        raise SystemExit(128 + interrupt.signum)  # the shell's code for that signal; the recording is complete
     return shown
 
 

@@ -47,7 +47,6 @@ from runtime.evaluate import attention_cfg, check_attention
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)
 from runtime.model import ModelConfig, WorldModel
-from runtime.sparse import AttentionConfig
 from worlds import build_world
 
 

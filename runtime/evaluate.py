@@ -98,7 +98,7 @@ from controllers.random_agent import explore_actions
 from runtime.configs import check_type, cli_errors, config_int
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
-from runtime.metrics import psnr
+from runtime.metrics import psnr, psnr_of_mse
 from runtime.sparse import AttentionConfig
 from runtime.tempcache import TempCache
 from worlds.actions import DOWN, IDLE, LEFT, RIGHT, UP
@@ -182,7 +182,7 @@ def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cap: float
     se = ((a.float() - b.float()) / 255.0).pow(2).mean(-1)
     n = mask.sum((-2, -1))
     mse = (se * mask).sum((-2, -1)) / n.clamp_min(1)
-    return torch.where(n > 0, (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).clamp(max=cap), float("nan"))
+    return torch.where(n > 0, psnr_of_mse(mse, cap), float("nan"))
 
 
 def oracle_frames(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray) -> torch.Tensor:

@@ -227,7 +227,7 @@ def run_headless(engine: Any, controller: Any, seed: int, max_frames: int | None
 
 class GracefulInterrupt:
     """Context manager: the first SIGINT or SIGTERM (Ctrl-C, `kill`, `timeout`) sets
-    `requested` and `signal` (its number), so the run stops between frames and closes its
+    `requested` and `signum` (its number), so the run stops between frames and closes its
     recording; a second one raises KeyboardInterrupt.
 
     Only installs itself on the main thread (signal handlers live there).
@@ -237,14 +237,14 @@ class GracefulInterrupt:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal = signal.SIGINT.value
+        self.signum = signal.SIGINT.value
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.signal = int(signum)
+        self.signum = int(signum)
 
     def __enter__(self) -> "GracefulInterrupt":
         if threading.current_thread() is threading.main_thread():

@@ -8,5 +8,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor, cap: float = 60.0, value_range: float
     """Per-image PSNR in dB over the last three dimensions, capped: (..., X, Y, Z) -> (...).
 
     `value_range` is the span of the pixel values: 2 for [-1, 1] images, 255 for uint8."""
-    mse = ((a.float() - b.float()) / value_range).pow(2).flatten(-3).mean(-1)
+    return psnr_of_mse(((a.float() - b.float()) / value_range).pow(2).flatten(-3).mean(-1), cap)
+
+
+def psnr_of_mse(mse: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
+    """PSNR in dB of mean squared errors of values in a unit range, capped."""
     return (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).clamp(max=cap)

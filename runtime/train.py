@@ -38,6 +38,7 @@ from runtime.checkpoint import save_checkpoint
 from runtime.configs import check_type, cli_errors
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_uint8, to_unit
+from runtime.factory import resolve_device
 from runtime.metrics import psnr  # [-1, 1] frames (..., C, H, W)
 from runtime.model import ModelConfig, WorldModel, add_motion_head, take_blocks, widen_prev_frames
 from runtime.sampler import FlowSampler, SamplerConfig
@@ -372,11 +373,7 @@ def check_run(cfg: DictConfig) -> None:
     """The settings, the device and the output directory, before anything starts: `out`
     must not hold an earlier run (its checkpoint and log) unless train.overwrite=true."""
     check_train_settings(cfg.train)
-    device = check_type(cfg.device, str, "device")
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device={device!r}; expected auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; use device=cpu or device=auto")
+    resolve_device(cfg.device)  # a known device that this machine has
     out = Path(str(cfg.out))
     held = [n for n in ("model.safetensors", "log.jsonl") if (out / n).exists()]
     if held and not cfg.train.get("overwrite", False) and int(os.environ.get("RANK", "0")) == 0:
