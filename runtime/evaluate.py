@@ -14,10 +14,26 @@ On world seeds and action scripts never used in training (training seeds start a
                   rollout is given) never showed
     oracle_directions_psnr_H / _mean_H
                   the best guess about what no single frame shows, the direction each
-                  creature starts walking in (drawn from the seed): the mean of four
-                  simulations of the same walk with every creature starting up, right,
-                  down or left. It knows everything else (the map included), so in mean
-                  squared error no model given one frame can do better
+                  creature starts walking in (drawn from the seed): the mean over every
+                  way the creatures may start, exact (`direction_oracle`). It knows
+                  everything else (the map included), so in mean squared error no model
+                  given one frame can do better. `oracle_directions_expected_psnr_*` is
+                  its score in expectation over the ways rather than for the way the
+                  seed drew
+    sampled_directions_psnr_H / _mean_H
+                  with `direction_draws` > 0: a faithful generator (frames drawn from the
+                  world's own odds: sharp creatures that walk one way) that knows
+                  everything but those directions, each creature's drawn at random,
+                  averaged over the draws. `rollout_psnr_sampled_seen_H` is frame H with
+                  the seen part (below) from such a draw and the rest from the model
+    *_pooled_H    `rollout_psnr`, `oracle_directions_psnr` and its expected score as the
+                  PSNR of the squared error averaged over the sequences, where the other
+                  keys average each sequence's PSNR; `faithful_bound_psnr_pooled_H`:
+                  a faithful generator's expected squared error is twice its uncertainty
+                  (a draw and the truth are independent draws of it), so no faithful
+                  generator given frame 0 scores above this in expectation on pooled
+                  error (an average of PSNRs has no such bound: it favours scores that
+                  vary from sequence to sequence)
     *_seen_H / *_unseen_H
                   `rollout_psnr` and `oracle_directions_psnr` at frame H over the pixels
                   that show places frame 0 showed, and over the others (PSNR of the mean
@@ -86,7 +102,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import numpy as np
@@ -185,13 +203,87 @@ def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cap: float
     return torch.where(n > 0, psnr_of_mse(mse, cap), float("nan"))
 
 
-def oracle_frames(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray) -> torch.Tensor:
-    """Frames 1..T (B, T, H, W, 3) uint8 as the direction oracle predicts them: the mean of
-    the four simulations with every creature starting in each direction (see the docstring).
-    Each run turns every creature the same way; for creatures apart from one another that
-    is the same as averaging each one's four directions on its own."""
-    runs = [simulate(world_cfg, seeds, actions, creature_direction=d)[0][:, 1:].float() for d in range(4)]
-    return torch.stack(runs).mean(0).round().to(torch.uint8)
+@dataclass
+class DirectionOracle:
+    """What `direction_oracle` finds for frames 1..T of a walk."""
+
+    frames: torch.Tensor   # (B, T, H, W, 3) float32 in [0, 255]: the mean over the creatures' ways
+    spread: torch.Tensor   # (B, T) float32: its expected squared error, pixels in [0, 1]
+    sampled: torch.Tensor  # (S, D, B, T): the S scores `score` gives D drawn frames (see direction_oracle)
+
+    def expected_psnr(self, factor: float = 1.0, cap: float = 60.0) -> torch.Tensor:
+        """(B, T) PSNR of `factor` times the expected squared error (1: the oracle's own)."""
+        return psnr_of_mse(factor * self.spread, cap)
+
+
+def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray, draws: int = 0,
+                     seed: int = 0, score: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> DirectionOracle:
+    """The direction oracle (see the module docstring) for frames 1..T of this walk, and
+    `draws` faithful draws of them, scored as they are made: `score(t, frames)` gets frame
+    t + 1 of each draw, (D, B, H, W, 3) uint8, and returns (S, D, B) scores.
+
+    Each creature's first direction is one of four, equally likely and drawn apart from
+    everything else; a creature's path depends on its own direction only (nothing it meets
+    moves), so four runs with every creature pointed one way give each creature's four
+    paths. Their drawing order makes the mixture exact: creature k covers what is drawn
+    below it, and its direction is independent of theirs, so the mean (and the mean
+    square) of a pixel over all 4**K ways is the mean over k's four of its cover or, where
+    it does not cover, the mean below. The spread is the mean's expected squared error:
+    the frames' variance about it over the ways. In expectation no predictor given frame 0
+    and the walk has a smaller squared error than the mean.
+
+    A generator whose frames are draws from the world's own odds given what it is shown
+    (a faithful one: sharp creatures that walk somewhere) pays twice its uncertainty in
+    expected squared error, so at least twice the spread. A draw here picks each
+    creature's direction at random (generator seeded by `seed`) and composes that world's
+    frames: the score of a faithful generator that knows everything but the directions."""
+    worlds = [BatchOverworld(world_cfg, len(seeds)) for _ in range(4)]
+    for d, w in enumerate(worlds):
+        w.reset(seeds)
+        w.point_creatures(d)
+    pick = np.random.default_rng([seed, 4]).integers(0, 4, size=(draws, len(seeds), world_cfg.num_creatures))
+    means, spreads, sampled = [], [], []
+    for t in range(actions.shape[1]):
+        layers = []
+        for w in worlds:
+            w.step(actions[:, t])
+            layers.append(w.render_layers())
+        first = layers[0]  # the ground and the player are the same in every run
+        m1 = torch.from_numpy(first.ground).double()
+        m2 = m1.square()
+        drawn = [first.ground.copy() for _ in range(draws)]
+        for k in range(first.creatures.shape[1]):
+            cover = [torch.from_numpy(x.creature_cover[:, k, ..., None]) for x in layers]
+            image = [torch.from_numpy(x.creatures[:, k]).double() for x in layers]
+            m1, m2 = (sum(torch.where(c, i, m1) for c, i in zip(cover, image)) / 4,
+                      sum(torch.where(c, i.square(), m2) for c, i in zip(cover, image)) / 4)
+            if draws:
+                hits = np.stack([x.creature_cover[:, k] for x in layers])  # (4, B, V, V)
+                owns = np.stack([x.creatures[:, k] for x in layers])
+                for r, frame in enumerate(drawn):
+                    way = (pick[r, :, k], np.arange(len(seeds)))  # each sequence's direction for creature k
+                    drawn[r] = np.where(hits[way][..., None], owns[way], frame)
+        top = torch.from_numpy(first.player_cover[..., None])
+        player = torch.from_numpy(first.player).double()
+        m1, m2 = torch.where(top, player, m1), torch.where(top, player.square(), m2)
+        means.append(m1.float())
+        spreads.append(((m2 - m1.square()).clamp_min(0) / 255.0**2).flatten(1).mean(1).float())
+        if draws and score is not None:
+            frames = np.stack([np.where(first.player_cover[..., None], first.player, f) for f in drawn])
+            sampled.append(score(t, torch.from_numpy(frames)))
+    return DirectionOracle(torch.stack(means, 1), torch.stack(spreads, 1),
+                           torch.stack(sampled, -1) if sampled else torch.zeros(0, draws, len(seeds), actions.shape[1]))
+
+
+def frame_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3) pairs of frames in [0, 255] -> mean squared error per frame (...), pixels in [0, 1]."""
+    return ((a.float() - b.float()) / 255.0).pow(2).flatten(-3).mean(-1)
+
+
+def pooled_psnr(mse: torch.Tensor) -> torch.Tensor:
+    """(B, T) squared errors -> (T,) PSNR of their mean over the sequences: the score of
+    the pooled error, where the average PSNR is the mean of each sequence's score."""
+    return psnr_of_mse(mse.mean(0))
 
 
 BLIND_SEED = 7 * 10**7  # the other maps of `blind_frames`: far from the evaluation's and training's seeds
@@ -213,7 +305,7 @@ def blind_frames(world_cfg: OverworldConfig, pos: np.ndarray, maps: int) -> torc
         for t in range(1, steps + 1):
             w.step(idle)  # water and creatures go on; the player stands, and the view is moved
             frames.append(w.render_view_moved(pos[:, t] - pos[:, 0]))
-        run = np.stack(frames, 1).astype(np.uint16)  # 255 * maps fits while maps <= 257
+        run = np.stack(frames, 1).astype(np.uint32)
         total = run if total is None else total + run
     return torch.from_numpy(np.round(total / maps).astype(np.uint8))
 
@@ -263,21 +355,42 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     per_frame = per_seq_frame.mean(0)  # (T,)
     ssim_frame = ssim_u8(gen, truth[:, 1:]).mean(0)
     copy = psnr_u8(truth[:, :1].expand_as(truth[:, 1:]), truth[:, 1:]).mean(0)
-    seen = seen_mask(pos, truth.shape[2])
     unseen = unseen_fraction(pos, truth.shape[2])
-    guess = oracle_frames(world_cfg, seeds, actions)
+    seen = seen_mask(pos, truth.shape[2])
+
+    def faithful(t: int, frames: torch.Tensor) -> torch.Tensor:  # a draw, and its seen part with the model's new ground
+        target = truth[:, t + 1].expand_as(frames)
+        spliced = torch.where(seen[:, t, ..., None], frames, gen[:, t])
+        return torch.stack([psnr_u8(frames, target), psnr_u8(spliced, target)])
+
+    directions = direction_oracle(world_cfg, seeds, actions, int(ev.get("direction_draws", 0)), int(cfg.seed), faithful)
+    guess = directions.frames
     oracle = psnr_u8(guess, truth[:, 1:]).mean(0)
+    oracle_expected = directions.expected_psnr().mean(0)
+    sampled = directions.sampled.mean((1, 2)) if directions.sampled.numel() else None  # (2, T)
+    pooled = {"rollout_psnr_pooled": pooled_psnr(frame_mse(gen, truth[:, 1:])),
+              "oracle_directions_psnr_pooled": pooled_psnr(frame_mse(guess, truth[:, 1:])),
+              "oracle_directions_expected_psnr_pooled": pooled_psnr(directions.spread),
+              "faithful_bound_psnr_pooled": pooled_psnr(2 * directions.spread)}
     # where the error comes from: places frame 0 showed and places it did not
     split = {"rollout_psnr": gen, "oracle_directions_psnr": guess}
     split = {name: (region_psnr(frames, truth[:, 1:], seen), region_psnr(frames, truth[:, 1:], ~seen))
              for name, frames in split.items()}
-    best_seen = psnr_u8(torch.where(seen[..., None], guess, gen), truth[:, 1:]).mean(0)
+    best_seen = psnr_u8(torch.where(seen[..., None], guess, gen.float()), truth[:, 1:]).mean(0)
     maps = int(ev.get("blind_maps", 0))
     blind = region_psnr(blind_frames(world_cfg, pos, maps), truth[:, 1:], ~seen) if maps > 0 else None
     for h in horizons:
         res[f"unseen_fraction_{h}"] = float(unseen[h - 1])
         res[f"oracle_directions_psnr_{h}"] = float(oracle[h - 1])
         res[f"oracle_directions_psnr_mean_{h}"] = float(oracle[:h].mean())
+        res[f"oracle_directions_expected_psnr_{h}"] = float(oracle_expected[h - 1])
+        res[f"oracle_directions_expected_psnr_mean_{h}"] = float(oracle_expected[:h].mean())
+        if sampled is not None:
+            res[f"sampled_directions_psnr_{h}"] = float(sampled[0, h - 1])
+            res[f"sampled_directions_psnr_mean_{h}"] = float(sampled[0, :h].mean())
+            res[f"rollout_psnr_sampled_seen_{h}"] = float(sampled[1, h - 1])
+        for name, scores in pooled.items():
+            res[f"{name}_{h}"] = float(scores[h - 1])
         for name, (on_seen, on_unseen) in split.items():
             res[f"{name}_seen_{h}"] = nan_mean(on_seen[:, h - 1])
             res[f"{name}_unseen_{h}"] = nan_mean(on_unseen[:, h - 1])
@@ -648,10 +761,8 @@ def check(cfg: DictConfig) -> None:
     config_int(cfg.seed, "seed")
     for key, minimum in (("sequences", 1), ("seed_offset", 0), ("action_seed", 0), ("next_frames", 1),
                          ("revisit_steps", 1), ("revisit_pause", 0), ("walk_frames", 0), ("compare_frames", 0),
-                         ("compare_head", 0), ("motion_frames", 0), ("blind_maps", 0)):
+                         ("compare_head", 0), ("motion_frames", 0), ("blind_maps", 0), ("direction_draws", 0)):
         config_int(ev.get(key, 0), f"eval.{key}", minimum=minimum)
-    if ev.get("blind_maps", 0) > 257:
-        raise ValueError(f"eval.blind_maps={ev.blind_maps}; expected at most 257")
     horizons = check_type(ev.horizons, list[int], "eval.horizons")
     if not horizons or min(horizons) < 1:
         raise ValueError(f"eval.horizons must be a non-empty list of integers >= 1, got {horizons!r}")

@@ -28,7 +28,9 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
         "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8", "walk_stall_fraction", "walk_tile_psnr",
         "sim_walk_tile_psnr", "walk_psnr", "rollout_psnr_seen_8", "oracle_directions_psnr_seen_8",
-        "rollout_psnr_oracle_seen_8", "map_blind_psnr_unseen_8"]
+        "rollout_psnr_oracle_seen_8", "map_blind_psnr_unseen_8", "oracle_directions_expected_psnr_8",
+        "sampled_directions_psnr_8", "sampled_directions_psnr_mean_8", "rollout_psnr_sampled_seen_8",
+        "rollout_psnr_pooled_8", "oracle_directions_psnr_pooled_8", "faithful_bound_psnr_pooled_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,6 +214,7 @@ def test_checkpoint_for_another_world_is_rejected(tmp_path):
     ("eval.horizons=[16,0]", "eval.horizons must be a non-empty list of integers >= 1, got [16, 0]"),
     ("eval.horizons=[a]", "eval.horizons must be a list (each item an integer), got ['a']"),
     ("eval.walk_frames=-1", "eval.walk_frames must be an integer >= 0, got -1"),
+    ("eval.direction_draws=-2", "eval.direction_draws must be an integer >= 0, got -2"),
     ("eval.attentions=[fastr]", "unknown attention config 'fastr'"),
     ("seed=x", "seed must be an integer, got 'x'"),
 ])
@@ -374,7 +377,7 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     from dataclasses import replace
 
     from controllers.random_agent import explore_actions
-    from runtime.evaluate import oracle_frames, simulate
+    from runtime.evaluate import direction_oracle, simulate
     from worlds.overworld import load_config
 
     world = load_config("overworld")
@@ -382,15 +385,87 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     for creatures in (0, 4):
         wc = replace(world, num_creatures=creatures)
         truth, _, _ = simulate(wc, [0, 1], actions)
-        oracle = psnr_u8(oracle_frames(wc, [0, 1], actions), truth[:, 1:]).mean(0)
+        oracle = direction_oracle(wc, [0, 1], actions)
+        score = psnr_u8(oracle.frames, truth[:, 1:]).mean(0)
         if creatures == 0:
-            assert oracle.tolist() == [60.0] * 6
+            assert score.tolist() == [60.0] * 6 and oracle.spread.abs().max() == 0
         else:
-            assert oracle[0] == 60.0 and (oracle[1:] < 60).all()
+            assert score[0] == 60.0 and (score[1:] < 60).all()
+            assert (oracle.spread[:, 0] == 0).all() and (oracle.spread[:, 1:] > 0).all()
     ways = [simulate(world, [0], actions[:1], creature_direction=d)[0] for d in range(4)]
     assert all(not torch.equal(ways[i][:, 2:], ways[j][:, 2:]) for i in range(4) for j in range(i))
     with pytest.raises(ValueError, match="direction=4; expected 0, 1, 2 or 3"):
         simulate(world, [0], actions[:1], creature_direction=4)
+    with pytest.raises(ValueError, match=r"direction has shape \(3,\); expected one, \(4,\) or \(1, 4\)"):
+        simulate(world, [0], actions[:1], creature_direction=np.array([0, 1, 2]))
+
+
+def test_the_layers_compose_to_the_frames():
+    """Ground, creatures one by one and the player, drawn in order, are render's frames;
+    each creature covers its own box only."""
+    from controllers.random_agent import explore_actions
+    from worlds.overworld import BatchOverworld, load_config
+
+    world = load_config("overworld")
+    w = BatchOverworld(world, 3)
+    w.reset([0, 1, 2])
+    actions = explore_actions(np.random.default_rng(1), 3, 12)
+    for t in range(12):
+        frames = w.step(actions[:, t])
+        layers = w.render_layers()
+        assert np.array_equal(layers.compose(), frames)
+        ys, xs = np.nonzero(layers.creature_cover[0, 0])
+        if len(ys):
+            top = w.creature_view_pos[0, 0]
+            assert ys.min() >= top[0] and ys.max() < top[0] + world.tile
+            assert xs.min() >= top[1] and xs.max() < top[1] + world.tile
+
+
+def test_the_direction_oracle_is_the_mean_over_every_way_and_its_draws_are_worlds():
+    """With two creatures near each other, the oracle's mean and spread are the mean and
+    variance over all 16 ways the two may start (simulated one by one); a faithful draw is
+    such a way's frames; and a draw against the truth, both at random, is off by twice the
+    spread on average (the identity behind the faithful bound)."""
+    from dataclasses import replace
+
+    from controllers.random_agent import explore_actions
+    from runtime.evaluate import direction_oracle, frame_mse, simulate
+    from worlds.overworld import load_config
+
+    wc = replace(load_config("overworld"), num_creatures=2, creature_period=1)
+    seeds, steps = [3, 21], 10  # seed 21's creatures cross each other's paths
+    actions = explore_actions(np.random.default_rng(2), 2, steps)
+    ways = [(a, b) for a in range(4) for b in range(4)]
+    runs = torch.stack([simulate(wc, seeds, actions, creature_direction=np.array(way))[0][:, 1:].double() for way in ways])
+    assert len({r.sum().item() for r in runs}) > 4  # the ways differ
+    aligned = torch.stack([runs[ways.index((d, d))] for d in range(4)]).mean(0)
+    assert not torch.allclose(aligned, runs.mean(0), atol=1)  # where they cross, four runs are not all the ways
+    drawn = []
+
+    def keep(t, frames):
+        drawn.append(frames)
+        return torch.zeros(1, *frames.shape[:2])
+
+    oracle = direction_oracle(wc, seeds, actions, draws=3, seed=5, score=keep)
+    assert torch.allclose(oracle.frames.double(), runs.mean(0), atol=1e-3)
+    variance = ((runs - runs.mean(0)) / 255.0).pow(2).flatten(3).mean(-1).mean(0)  # (B, T)
+    assert torch.allclose(oracle.spread.double(), variance, rtol=1e-4, atol=1e-9)
+    pick = np.random.default_rng([5, 4]).integers(0, 4, size=(3, 2, 2))  # the draws' own generator
+    for r in range(3):
+        for b in range(2):
+            way = ways.index(tuple(pick[r, b]))
+            assert torch.equal(torch.stack([f[r, b] for f in drawn]).double(), runs[way, b])
+    pairs = torch.stack([frame_mse(runs[i], runs[j]) for i in range(16) for j in range(16)]).mean(0)
+    assert torch.allclose(pairs.double(), 2 * variance, rtol=1e-4, atol=1e-9)
+    assert oracle.sampled.shape == (1, 3, 2, steps)
+
+
+def test_pooled_psnr_scores_the_mean_error():
+    from runtime.evaluate import pooled_psnr
+
+    mse = torch.tensor([[0.01], [0.0001]])
+    assert pooled_psnr(mse).item() == pytest.approx(10 * math.log10(1 / 0.00505))
+    assert psnr_u8(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3)).item() == 60.0
 
 
 # ----------------------------------------------------------------------------- walks

@@ -15,6 +15,7 @@ Only `reset` loops over worlds (map generation); stepping and rendering do not.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Sequence
 
@@ -32,6 +33,25 @@ from worlds.overworld.tiles import (
 from worlds.overworld.tileset import build_atlas, check_atlas, sprite_mask
 
 _MOVES = np.array(MOVES, dtype=np.int64)  # (NUM_ACTIONS, 2) (dy, dx)
+
+
+@dataclass
+class Layers:
+    """A batch of frames taken apart (`BatchOverworld.render_layers`): each layer is drawn
+    over the ones before it where it covers."""
+
+    ground: np.ndarray          # (B, V, V, 3) uint8: the terrain (markers and water included)
+    creatures: np.ndarray       # (B, K, V, V, 3) uint8: each creature alone, in drawing order
+    creature_cover: np.ndarray  # (B, K, V, V) bool: where each creature covers what is below
+    player: np.ndarray          # (B, V, V, 3) uint8: the player, drawn last
+    player_cover: np.ndarray    # (B, V, V) bool
+
+    def compose(self) -> np.ndarray:
+        """The frames (B, V, V, 3) uint8: the layers drawn in order, as `render` draws them."""
+        frames = self.ground.copy()
+        for k in range(self.creatures.shape[1]):
+            frames = np.where(self.creature_cover[:, k, ..., None], self.creatures[:, k], frames)
+        return np.where(self.player_cover[..., None], self.player, frames)
 
 
 class BatchOverworld:
@@ -131,6 +151,26 @@ class BatchOverworld:
         frames[:, p, p] = np.where(self._opaque[:, PLAYER, ..., None], atlas[:, PLAYER], frames[:, p, p])
         return frames
 
+    def render_layers(self) -> Layers:
+        """The current frames taken apart into what `render` draws, one over the other:
+        the ground, each creature alone and the player (`Layers`; `Layers.compose` gives
+        `render`'s frames back). (For evaluation: frames mixed from other states.)"""
+        b, view, k = self.batch_size, self.cfg.view, self.cfg.num_creatures
+        cam = self._pos - self._player_view
+        atlas = self._drawn[(self.frame_index // self.cfg.water_period) % 2]
+        images = np.zeros((b, k, view, view, 3), dtype=np.uint8)
+        covers = np.zeros((b, k, view, view), dtype=bool)
+        for i in range(k):
+            top_left = self._creatures.pos[:, i] - cam
+            draw_sprites(images[:, i], atlas[:, CREATURE], self._opaque[:, CREATURE], top_left)
+            draw_sprites(covers[:, i], self._opaque[:, CREATURE], self._opaque[:, CREATURE], top_left)
+        p = slice(self._player_view, self._player_view + self.cfg.tile)
+        player = np.zeros((b, view, view, 3), dtype=np.uint8)
+        player_cover = np.zeros((b, view, view), dtype=bool)
+        player[:, p, p] = atlas[:, PLAYER]
+        player_cover[:, p, p] = self._opaque[:, PLAYER]
+        return Layers(render_terrain(self._maps, atlas, cam, view), images, covers, player, player_cover)
+
     def render_creature_moved(self, k: int, offset: np.ndarray) -> np.ndarray:
         """The current frames with creature k drawn `offset` (B, 2) pixels (y, x) from where
         it is; the state is left as it was. (What-if renders for evaluation.)"""
@@ -155,14 +195,19 @@ class BatchOverworld:
         finally:
             self._pos = kept
 
-    def point_creatures(self, direction: int) -> None:
-        """Point every creature in `direction` (an index into creatures.COMPASS: 0 up,
-        1 right, 2 down, 3 left), as if each had been spawned facing it. (What-if runs for
-        evaluation: a creature's first direction is drawn from the seed and no single
-        frame shows it.)"""
-        if direction not in range(4):
+    def point_creatures(self, direction: int | np.ndarray) -> None:
+        """Point the creatures in `direction` (an index into creatures.COMPASS: 0 up,
+        1 right, 2 down, 3 left), as if each had been spawned facing it: one for all, or
+        one per creature ((K,) or (B, K)). (What-if runs for evaluation: a creature's first
+        direction is drawn from the seed and no single frame shows it.)"""
+        d = np.asarray(direction)
+        if not np.issubdtype(d.dtype, np.integer) or d.size == 0 or d.min() < 0 or d.max() > 3:
             raise ValueError(f"direction={direction!r}; expected 0, 1, 2 or 3 (up, right, down, left)")
-        self._creatures.direction[:] = direction
+        try:
+            self._creatures.direction[:] = np.broadcast_to(d, self._creatures.direction.shape)
+        except ValueError:
+            raise ValueError(f"direction has shape {d.shape}; expected one, ({self.cfg.num_creatures},) "
+                             f"or ({self.batch_size}, {self.cfg.num_creatures})") from None
 
     # ------------------------------------------------------------ properties
     @property
