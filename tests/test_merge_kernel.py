@@ -23,6 +23,14 @@ from runtime.tempcache import TempCache, _put, _sorted_means, eviction_priority_
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+@pytest.fixture(autouse=True)
+def kernels_back_on():
+    """Tests switch the kernels off to compare against the PyTorch paths; they are back
+    on after each test, whether it passed or not."""
+    yield
+    merge_kernel.ENABLED = True
+
+
 def test_eviction_order_is_the_stamp_order_in_int32():
     """Empty slots first in slot order, then the oldest stamp, ties by slot, sinks never:
     the order of the former int64 key stamp * cap + slot, now in int32 with capped ages."""
