@@ -1,4 +1,4 @@
-"""Play, record and replay a world: the Hydra entry point (DESIGN.md section 5).
+"""Play, record and replay a world: the Hydra entry point.
 
     python play.py                                     # keyboard, pygame window
     python play.py window=headless controller=scripted controller.script="R*30 D*30" \
@@ -12,7 +12,11 @@ naming the bad value at start-up.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while the modules load (torch takes seconds): a quiet exit, code 130
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from controllers import build_controller
-from runtime.configs import cli_errors, config_int, strict_dataclass
+from runtime.configs import check_creatable, cli_errors, config_int, interruptible, strict_dataclass
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
@@ -60,6 +64,28 @@ def replay_mismatches(recorded: dict[str, Any], info: dict[str, Any]) -> list[st
             if key in recorded and key in info and recorded[key] != info[key]]
 
 
+def config_mismatches(recorded: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """The settings that decide a replay's frames (the world's; for the neural engine also
+    the attention's and the sampler's) where the recording's config (meta.json's `config`)
+    and this run's differ, as "KEY: recorded X, now Y" (a key only one side has included)."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    groups = ["world"] + (["attention", "sampler"] if cfg.engine.get("kind") == "neural" else [])
+    out: list[str] = []
+    for group in groups:
+        if isinstance(recorded.get(group), dict):
+            out += [f"{key}: recorded {a!r}, now {b!r}" for key, a, b in differences(recorded[group], now.get(group), group)
+                    if key != "world.name"]  # the world's name is said on its own
+    return out
+
+
+def differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) wherever two nested mappings differ (None for a
+    key one side lacks)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [(prefix, a, b)]
+    return [d for key in sorted(set(a) | set(b), key=str) for d in differences(a.get(key), b.get(key), f"{prefix}.{key}")]
+
+
 def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -> None:
     """record.path must be a new or empty directory (or record.overwrite=true), and never
     the recording being replayed: a recording is not lost to a mistyped command."""
@@ -73,20 +99,10 @@ def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -
     if replaying is not None and p.exists() and p.resolve() == Path(replaying).resolve():
         raise ValueError(f"record.path {path!r} is the recording being replayed (controller.path): recording there "
                          "would overwrite it; choose another directory")
-    check_creatable(path, "record.path")  # not a file, nor under one
+    check_creatable(path, "record.path")  # not a file, nor under one, and writable
     if p.is_dir() and not overwrite and (held := sorted(q.name for q in p.iterdir())):
         raise ValueError(f"record.path {path!r} is not empty (it holds {held[:5]}); choose a new directory, or "
                          "pass record.overwrite=true to replace what is there")
-
-
-def check_creatable(path: str, key: str) -> None:
-    """`path` is a directory or can be made one: no file stands where one of its parents
-    would be."""
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise ValueError(f"{key} {path!r} cannot be a directory: {str(p)!r} is a file")
 
 
 def check_record_dir(root: Any) -> None:
@@ -95,6 +111,16 @@ def check_record_dir(root: Any) -> None:
     if not isinstance(root, str) or not root:
         raise ValueError(f"record.dir must be a directory path, got {root!r}")
     check_creatable(root, "record.dir")
+
+
+def seed_given() -> Any:
+    """The seed given on the command line (`seed=N`), or None if none was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    given = [o.split("=", 1)[1] for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") == "seed"]
+    return given[-1] if given else None
 
 
 def frame_limit(cfg: DictConfig, controller: Any) -> int | None:
@@ -161,6 +187,13 @@ def build(cfg: DictConfig) -> Session:
     differ = replay_mismatches(recorded, engine.info) if isinstance(recorded, dict) else []
     if "world" in meta and meta["world"] != cfg.world.get("name"):
         differ.insert(0, f"world: recorded {meta['world']!r}, now {cfg.world.get('name')!r}")
+    if isinstance(meta.get("config"), dict):
+        more = config_mismatches(meta["config"], cfg)
+        differ += more[:8] + ([f"and {len(more) - 8} more settings"] if len(more) > 8 else [])
+    given = seed_given()
+    if meta and given is not None and given != str(seed):
+        print(f"play.py: note: seed={given} is not used: a replay plays the recording's seed, {seed}",
+              file=sys.stderr, flush=True)
     if differ:
         print(f"play.py: note: the replay runs another world or engine than the recording's, so its frames will "
               f"differ (the actions and seed are the recording's): {'; '.join(differ)}", file=sys.stderr, flush=True)
@@ -205,10 +238,12 @@ def play(cfg: DictConfig) -> int:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with cli_errors("play.py"):  # a mistake in the config or the command line, a missing file
-        session = build(cfg)
-    run(session)
+    # a mistake in the config or the command line, a missing or unwritable file: one line,
+    # exit 2; Ctrl-C or SIGTERM while starting: one line (once playing, `run` stops cleanly)
+    with interruptible("play.py"), cli_errors("play.py"):
+        run(build(cfg))
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     main()

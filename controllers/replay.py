@@ -6,6 +6,11 @@ The recording's length is exposed as `num_frames`: the run stops there. Anything
 missing, unreadable or corrupt raises ValueError naming the file and line, and so do an
 empty action log and one whose length disagrees with a closed recording's meta.json (a
 recording cut off by a crash, never closed, replays the actions it has).
+
+actions.jsonl holds one JSON object a line, {"frame": N, "action": NAME, "action_id": ID}
+with frames 0, 1, 2... in order; a row may give the name, the id or both (both must
+agree). Blank (whitespace-only) lines are skipped wherever they are, so an editor's
+trailing newline does no harm; the frame numbers still catch a row that went missing.
 """
 from __future__ import annotations
 
@@ -34,11 +39,32 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {meta_path}: {err}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    # the fields replay relies on: the seed, whether the recording was closed, its length
+    seed = meta.get("seed")
+    if not _is_int(seed):
+        got = "nothing" if "seed" not in meta else repr(seed)
+        raise ValueError(f"{meta_path}: 'seed' must be an integer, got {got}")
+    if "complete" in meta and not isinstance(meta["complete"], bool):
+        raise ValueError(f"{meta_path}: 'complete' must be true or false, got {meta['complete']!r}")
+    if "num_frames" in meta:
+        num_frames = meta["num_frames"]
+        if not _is_int(num_frames) or num_frames < 0:
+            raise ValueError(f"{meta_path}: 'num_frames' must be an integer >= 0, got {num_frames!r}")
+    elif meta.get("complete") is True:
+        raise ValueError(f"{meta_path}: 'num_frames' must be an integer >= 0 (the length of a closed "
+                         f"recording, complete: true), got nothing")
     return meta
 
 
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_actions(path: Path) -> list[int]:
-    """The action id of every recorded frame, in order."""
+    """The action id of every recorded frame, in order. Blank lines are skipped; a row
+    must give its frame number in sequence and an action name, an action_id or both,
+    agreeing (ValueError naming the file and line otherwise)."""
     actions_path = path / "actions.jsonl"
     try:
         lines = actions_path.read_text().splitlines()
@@ -48,6 +74,8 @@ def read_actions(path: Path) -> list[int]:
         raise ValueError(f"cannot read {actions_path}: {err}") from None
     actions = []
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         where = f"{actions_path}:{number}"
         try:
             row = json.loads(line)
@@ -55,14 +83,23 @@ def read_actions(path: Path) -> list[int]:
             raise ValueError(f"{where}: not a JSON object ({err}): {line[:80]!r}") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {line[:80]!r}")
-        if row.get("frame") != len(actions):
-            raise ValueError(f"{where}: expected frame {len(actions)}, got {row.get('frame')!r}")
-        action_id = row.get("action_id")
-        if action_id is None and row.get("action") in ACTIONS:
-            action_id = ACTIONS.index(row["action"])
-        if not isinstance(action_id, int) or not 0 <= action_id < NUM_ACTIONS:
-            raise ValueError(f"{where}: expected action_id in 0..{NUM_ACTIONS - 1} or an action "
+        frame = row.get("frame")
+        if not _is_int(frame) or frame != len(actions):
+            raise ValueError(f"{where}: expected frame {len(actions)}, got {frame!r}")
+        if "action" not in row and "action_id" not in row:
+            raise ValueError(f"{where}: expected an action_id in 0..{NUM_ACTIONS - 1} or an action "
                              f"name in {list(ACTIONS)}, got {line[:80]!r}")
+        action_id = row.get("action_id")
+        if "action_id" in row and (not _is_int(action_id) or not 0 <= action_id < NUM_ACTIONS):
+            raise ValueError(f"{where}: action_id must be an integer in 0..{NUM_ACTIONS - 1}, got {action_id!r}")
+        name = row.get("action")
+        if "action" in row and name not in ACTIONS:
+            raise ValueError(f"{where}: unknown action name {name!r}; expected one of {list(ACTIONS)}")
+        if "action" in row:
+            if "action_id" in row and action_id != ACTIONS.index(name):
+                raise ValueError(f"{where}: action {name!r} and action_id {action_id} disagree ({name!r} is "
+                                 f"action_id {ACTIONS.index(name)}, {action_id} is {ACTIONS[action_id]!r})")
+            action_id = ACTIONS.index(name)
         actions.append(action_id)
     return actions
 
@@ -80,14 +117,12 @@ class ReplayController(ActionSequence):
         self.meta = read_meta(path)
         self.script = read_actions(path)
         if not self.script:
-            raise ValueError(f"recording {cfg.path!r} has no actions ({path / 'actions.jsonl'} is empty)")
+            raise ValueError(f"recording {cfg.path!r} has no actions ({path / 'actions.jsonl'} is empty or blank)")
+        # read_meta checked the types: seed an integer, num_frames one >= 0 (present when complete is true)
         recorded = self.meta.get("num_frames")
         if self.meta.get("complete") is True and recorded != len(self.script):
             raise ValueError(f"{path / 'actions.jsonl'} holds {len(self.script)} actions, but {path / 'meta.json'} "
                              f"says the recording has {recorded!r} frames: one of the files was cut short or changed")
-        seed = self.meta.get("seed")
-        if not isinstance(seed, int):
-            raise ValueError(f"{path / 'meta.json'}: expected an integer 'seed', got {seed!r}")
-        self.seed: int = seed
+        self.seed: int = self.meta["seed"]
         self.num_frames: int | None = len(self.script)
         self.reset()

@@ -1,4 +1,4 @@
-"""Actions from a script: `R*30 D*30 P L*4 I*10` (DESIGN.md section 5).
+"""Actions from a script: `R*30 D*30 P L*4 I*10`. The script grammar is in the README.
 
 Tokens are separated by whitespace; each is one action letter (I idle, U up, D down,
 L left, R right, P place), optionally followed by `*COUNT` (default 1). When the script

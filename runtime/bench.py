@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
-from runtime.configs import check_type, cli_errors, config_int
+from runtime.configs import check_creatable, check_engine, check_type, cli_errors, config_int, interruptible
 from runtime.evaluate import attention_cfg, check_attention
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)
@@ -224,19 +224,27 @@ def run_configs(model, cfg, names: list[str], world, actions: list[int], device,
 
     desc = names[0] if len(names) == 1 else "lockstep"
     bar = tqdm(total=len(actions), desc=desc, dynamic_ncols=True, disable=not bool(cfg.bench.progress), leave=False)
-    for i, a in enumerate(actions):
-        live = [r for r in runs.values() if r.active]
-        if not live:
-            break
-        turn = i % len(live)
-        for r in live[turn:] + live[:turn]:
-            r.step(i, a)
-            if not r.active:
-                release(device)
-        bar.update(1)
-        if on_progress is not None and (i + 1) % 200 == 0:
+    try:
+        for i, a in enumerate(actions):
+            live = [r for r in runs.values() if r.active]
+            if not live:
+                break
+            turn = i % len(live)
+            for r in live[turn:] + live[:turn]:
+                r.step(i, a)
+                if not r.active:
+                    release(device)
+            bar.update(1)
+            if on_progress is not None and (i + 1) % 200 == 0:
+                for n, r in runs.items():
+                    on_progress(n, r.rows, r.stopped)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was measured, then stop
+        bar.close()
+        if on_progress is not None:
             for n, r in runs.items():
-                on_progress(n, r.rows, r.stopped)
+                if r.rows:
+                    on_progress(n, r.rows, r.stopped or {"frame": r.rows[-1]["frame"], "reason": "interrupted"})
+        raise
     bar.close()
     return {n: r.finish() for n, r in runs.items()}
 
@@ -322,7 +330,11 @@ def check(cfg: DictConfig) -> None:
     """The bench's settings, checked before anything runs (a bad attention name must not
     wait for the configs before it): ValueError naming the bad one."""
     b = cfg.bench
+    check_engine(cfg)
     config_int(cfg.seed, "seed")
+    for key in ("progress", "lockstep"):
+        check_type(b.get(key, False), bool, f"bench.{key}")
+    check_creatable(str(cfg.out), "out")
     config_int(b.frames, "bench.frames", minimum=1)
     config_int(b.warmup, "bench.warmup", minimum=0)
     check_type(b.max_chunk_ms, float, "bench.max_chunk_ms")
@@ -345,6 +357,8 @@ def run(cfg: DictConfig, out: Path | None = None, source: tuple | None = None) -
               "cpu_attention": cpu_attention_kernel() if device.type == "cpu" else None,
               "frames": int(b.frames), "lockstep": bool(b.get("lockstep", False)),
               **sampler_record(cfg, device), "source": str(b.get("source", "checkpoint")),
+              "world": str(cfg.world.get("name")) if "world" in cfg else None, "seed": int(cfg.seed),
+              "checkpoint": str(cfg.engine.checkpoint) if str(b.get("source", "checkpoint")) == "checkpoint" else None,
               "model": model.cfg.to_dict(), "params_m": round(model.num_params() / 1e6, 2), "configs": {}, "summary": {}}
     t0 = time.time()
     partial: dict[str, dict] = {}  # configs still running, as far as they got
@@ -376,22 +390,36 @@ def run(cfg: DictConfig, out: Path | None = None, source: tuple | None = None) -
     return result
 
 
+def read_bench(path: str) -> dict:
+    """An earlier bench.json (for `bench.plot_from`): ValueError naming the file if it is
+    not one."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"bench.plot_from {path!r} is not JSON ({err})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("configs"), dict):
+        raise ValueError(f"bench.plot_from {path!r} is not a bench.json (it has no 'configs')")
+    return result
+
+
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.out))
-    if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json (and its lockstep ratios)
-        with cli_errors("runtime.bench"):
-            result = json.loads(Path(str(cfg.bench.plot_from)).read_text())
-        if result.get("lockstep"):
-            print(json.dumps({"lockstep_ratios": lockstep_ratios(result)}), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        with cli_errors("runtime.bench"):  # bad settings, a missing or corrupt checkpoint: one line, exit 2
-            check(cfg)
-            source = build_source(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        result = run(cfg, out, source)
-    plot(result, out)
+    with interruptible("runtime.bench", f" (what was measured is in {out / 'bench.json'})"):
+        if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json (and its lockstep ratios)
+            with cli_errors("runtime.bench"):
+                result = read_bench(str(cfg.bench.plot_from))
+                check_creatable(str(out), "out")
+            if result.get("lockstep"):
+                print(json.dumps({"lockstep_ratios": lockstep_ratios(result)}), flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            with cli_errors("runtime.bench"):  # bad settings, a missing or corrupt checkpoint: one line, exit 2
+                check(cfg)
+                source = build_source(cfg)
+            out.mkdir(parents=True, exist_ok=True)
+            result = run(cfg, out, source)
+        plot(result, out)
     print(f"wrote plots{'' if cfg.bench.plot_from else ' and bench.json'} to {out}")
 
 

@@ -8,7 +8,10 @@ exit with status 2 (`cli_errors`), not as a traceback.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
+import threading
 import types
 import typing
 from dataclasses import fields
@@ -119,9 +122,9 @@ def config_int(value: Any, name: str, minimum: int | None = None, optional: bool
     return value
 
 
-# what a tool reports as a usage error: a bad setting, or a file that is missing or unreadable
-USAGE_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
-                PermissionError)
+# what a tool reports as a usage error: a bad setting, or a file that is missing, unreadable
+# or cannot be written (OSError covers a read-only place, a full disk, a missing directory)
+USAGE_ERRORS = (ValueError, OSError)
 
 
 @contextlib.contextmanager
@@ -132,3 +135,62 @@ def cli_errors(prog: str) -> Iterator[None]:
     except USAGE_ERRORS as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def interruptible(prog: str, note: str = "") -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside ends the program with one line, `PROG: interrupted` (and
+    `note`, say where what was done is), and the shell's exit code for the signal (130,
+    143), not a traceback. Cleanup in `finally` blocks on the way runs as usual."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        print(f"{prog}: interrupted{note}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def check_engine(cfg: Any) -> None:
+    """A tool that measures the model (bench, evaluation) needs engine=neural (a config
+    that names no engine kind, such as the random-weight bench's, is the model's)."""
+    kind = cfg.engine.get("kind")
+    if kind not in (None, "neural"):
+        raise ValueError(f"engine={kind} has no model to measure here; expected engine=neural (the default)")
+
+
+def check_creatable(path: str, key: str) -> None:
+    """`path` is a directory or can be made one, and can be written: no file stands where
+    it or one of its parents would be, the nearest existing one is writable, and it is not
+    a link to nowhere. ValueError naming `key` otherwise (found at start-up, not when the
+    first file is written)."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise ValueError(f"{key} {path!r} is a link to {os.readlink(p)!r}, which does not exist")
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"{key} {path!r} cannot be a directory: {str(p)!r} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{key} {path!r} cannot be written: {str(p)!r} is not writable")
+
+
+def check_writable_file(path: str, key: str) -> None:
+    """`path` names a file that can be written (made or replaced): not a directory, its
+    directory creatable and writable (check_creatable); ValueError naming `key` otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{key} {path!r} is a directory; expected a file path")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{key} {path!r} cannot be written: it is read-only")
+    check_creatable(str(p.parent), f"{key}'s directory")

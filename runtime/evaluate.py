@@ -113,7 +113,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
-from runtime.configs import check_type, cli_errors, config_int
+from runtime.configs import check_engine, check_type, check_writable_file, cli_errors, config_int, interruptible
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
 from runtime.metrics import psnr, psnr_of_mse
@@ -758,7 +758,12 @@ def motion_split(model, cfg, world_cfg: OverworldConfig) -> dict:
 def check(cfg: DictConfig) -> None:
     """The evaluation's settings, checked before anything runs: ValueError naming the bad one."""
     ev = cfg.eval
+    check_engine(cfg)
     config_int(cfg.seed, "seed")
+    for key in ("quality", "stats_recall"):
+        check_type(ev.get(key, True), bool, f"eval.{key}")
+    if cfg.get("out"):
+        check_writable_file(str(cfg.out), "out")
     for key, minimum in (("sequences", 1), ("seed_offset", 0), ("action_seed", 0), ("next_frames", 1),
                          ("revisit_steps", 1), ("revisit_pause", 0), ("walk_frames", 0), ("compare_frames", 0),
                          ("compare_head", 0), ("motion_frames", 0), ("blind_maps", 0), ("direction_draws", 0)):
@@ -792,14 +797,13 @@ def run(cfg: DictConfig, loaded=None) -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with cli_errors("runtime.evaluate"):  # bad settings, a missing or corrupt checkpoint: one line, exit 2
-        check(cfg)
+    with interruptible("runtime.evaluate"), cli_errors("runtime.evaluate"):
+        check(cfg)  # bad settings, a missing or corrupt checkpoint, an unwritable out: one line, exit 2
         loaded = load_model(cfg, OverworldConfig.from_dict(cfg.world))
-    res = run(cfg, loaded)
-    text = json.dumps(res, indent=2)
-    if cfg.out:
-        Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
-        Path(str(cfg.out)).write_text(text + "\n")
+        res = run(cfg, loaded)
+        if cfg.out:
+            Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
+            Path(str(cfg.out)).write_text(json.dumps(res, indent=2) + "\n")
     summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, (list, dict))}
     for name, r in res.get("attention_configs", {}).items():
         summary[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()

@@ -1,6 +1,6 @@
 """The frame loop: a producer thread that generates, a fixed clock that presents.
 
-Generation and presentation are decoupled (DESIGN.md section 3, step 4):
+Generation and presentation are decoupled:
 - `Producer` runs on its own thread. When there is room for a whole chunk in the
   bounded frame queue it asks the controller for the chunk's actions (as late as
   possible, so input latency stays low), calls `engine.step`, and queues the frames.

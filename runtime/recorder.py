@@ -11,7 +11,10 @@ A recording is always left playable: `close()` finishes the MP4 even after an
 exception, and the ffmpeg encoder runs in its own process group, so a Ctrl-C from the
 terminal reaches only this process, which stops between frames (see
 `runtime.loop.GracefulInterrupt`) and closes the file. The video and the action log
-always hold the same number of frames.
+always hold the same number of frames. The one exception is a disk that fills up: the
+MP4 cannot be finished without room, but the action log, written line by line, keeps
+every recorded frame's action, and a replay plays it (meta.json then still says
+`complete: false`).
 """
 from __future__ import annotations
 
@@ -73,8 +76,12 @@ class Recorder:
 
     def _write_meta(self) -> None:
         tmp = self.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
-        tmp.replace(self.path / "meta.json")
+        try:
+            tmp.write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
+            tmp.replace(self.path / "meta.json")
+        except OSError:  # a full disk: the last meta.json stays, no half-written one is left
+            tmp.unlink(missing_ok=True)
+            raise
 
     def __enter__(self) -> "Recorder":
         return self

@@ -147,9 +147,13 @@ class Window:
             elif self.recording.active:
                 self._stop_recording()
             else:
-                self.producer.request_reset()  # a recording is a play-through from the seed
-                path = self.recording.start()
-                self.say(f"recording to {path}")
+                try:
+                    path = self.recording.start()
+                except OSError as err:  # record.dir became unwritable, or the disk is full: play on
+                    self.say(f"cannot record: {err}", seconds=5.0)
+                else:
+                    self.producer.request_reset()  # a recording is a play-through from the seed
+                    self.say(f"recording to {path}")
         elif name == "hud":
             self.show_hud = not self.show_hud
         elif name == "help":
@@ -244,7 +248,11 @@ class Window:
         path = folder / f"screenshot-{stamp}-frame{max(self.current.index, 0):06d}.png"
         frame = np.repeat(np.repeat(self.current.frame, self.cfg.scale, 0), self.cfg.scale, 1)
         surface = self.pg.image.frombuffer(np.ascontiguousarray(frame).tobytes(), self.size, "RGB")
-        self.pg.image.save(surface, os.fspath(path))
+        try:
+            self.pg.image.save(surface, os.fspath(path))
+        except (OSError, self.pg.error) as err:  # a read-only or full place: say so and play on
+            self.say(f"screenshot not saved: {err}", seconds=5.0)
+            return None
         self.say(f"screenshot saved to {path}")
         return path
 

@@ -68,6 +68,9 @@ def test_an_unknown_source_is_rejected(tmp_path):
     ("bench.warmup=-1", "bench.warmup must be an integer >= 0, got -1"),
     ("bench.max_chunk_ms=fast", "bench.max_chunk_ms must be a number, got 'fast'"),
     ("bench.attentions=[dense,fastr]", "unknown attention config 'fastr'"),
+    ("bench.lockstep=maybe", "bench.lockstep must be true or false, got 'maybe'"),
+    ("bench.progress=1", "bench.progress must be true or false, got 1"),
+    ("out=README.md/x", "out 'README.md/x' cannot be a directory: 'README.md' is a file"),
     ("bench.attentions=[dense,'window:window_frames=2.5']",
      "bench.attentions entry 'window:window_frames=2.5': attention.window_frames must be an integer, got 2.5"),
 ])
@@ -78,6 +81,48 @@ def test_bad_settings_fail_before_any_config_runs(override, needle):
     with pytest.raises(ValueError) as err:
         check(tiny_random([override]))
     assert needle in str(err.value)
+
+
+def test_the_simulator_has_no_model_to_bench():
+    from runtime.bench import check
+
+    with pytest.raises(ValueError, match="engine=simulator has no model to measure here; expected engine=neural"):
+        check(compose(["engine=simulator"], config_name="bench"))
+
+
+def test_plot_from_names_a_file_that_is_not_a_bench_json(tmp_path):
+    from runtime.bench import read_bench
+
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "eval.json").write_text('{"next_psnr": 40}')
+    with pytest.raises(ValueError, match=r"bench.plot_from '.*notes.txt' is not JSON"):
+        read_bench(str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match=r"bench.plot_from '.*eval.json' is not a bench.json \(it has no 'configs'\)"):
+        read_bench(str(tmp_path / "eval.json"))
+
+
+def test_an_interrupted_config_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) in the middle of a config: its rows so far are handed to the
+    progress callback, stopped at the last frame measured, reason "interrupted", and the
+    interrupt goes on up."""
+    from runtime import bench
+    from runtime.bench import build_source, run_configs
+
+    cfg = tiny_random(["bench.frames=50", "bench.attentions=[window]"])
+    world, model, device, _ = build_source(cfg)
+    step = bench.ConfigRun.step
+
+    def interrupted_at_7(self, i, a):
+        if i == 7:
+            raise KeyboardInterrupt
+        step(self, i, a)
+
+    monkeypatch.setattr(bench.ConfigRun, "step", interrupted_at_7)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        run_configs(model, cfg, ["window"], world, [0] * 50, device,
+                    on_progress=lambda name, rows, stopped: seen.append((name, len(rows), stopped)))
+    assert seen == [("window", 7, {"frame": 7, "reason": "interrupted"})]
 
 
 def test_the_wan_shape_on_a_cpu_is_refused_before_its_weights_are_made():

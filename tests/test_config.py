@@ -201,3 +201,27 @@ def test_the_showcase_checks_its_settings_before_drawing(override, needle):
     with pytest.raises(ValueError) as err:
         check(compose([override], config_name="showcase"))
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_tool_says_so_in_one_line(tmp_path, signum, code):
+    """Ctrl-C or SIGTERM inside `interruptible`: one line on stderr, the shell's exit code
+    for the signal, cleanup in `finally` done, no traceback."""
+    import subprocess
+    import sys
+
+    program = (
+        "import os, signal\n"
+        "from runtime.configs import interruptible\n"
+        "with interruptible('tool', ' (partial results in out/)'):\n"
+        "    try:\n"
+        f"        os.kill(os.getpid(), signal.{signum})\n"
+        "        import time; time.sleep(30)\n"
+        "    finally:\n"
+        "        print('cleaned up', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == code, result.stderr
+    assert result.stderr.strip() == "tool: interrupted (partial results in out/)"
+    assert result.stdout.strip() == "cleaned up"

@@ -11,7 +11,7 @@ from controllers.keyboard import KeyboardConfig, KeyboardController
 from controllers.keymap import Keymap, check_disjoint
 from controllers.replay import ReplayConfig, ReplayController
 from controllers.scripted import ScriptedConfig, ScriptedController, parse_script
-from worlds.actions import DOWN, IDLE, LEFT, PLACE, RIGHT, UP
+from worlds.actions import ACTIONS, DOWN, IDLE, LEFT, PLACE, RIGHT, UP
 
 
 def test_script_grammar():
@@ -101,7 +101,7 @@ def test_default_keymaps_do_not_clash():
 def _write_recording(path, actions, seed=7):
     path.mkdir()
     (path / "meta.json").write_text(json.dumps({"seed": seed, "num_frames": len(actions)}))
-    lines = [json.dumps({"frame": i, "action": "x", "action_id": a}) for i, a in enumerate(actions)]
+    lines = [json.dumps({"frame": i, "action": ACTIONS[a], "action_id": a}) for i, a in enumerate(actions)]
     (path / "actions.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -145,6 +145,74 @@ def test_replay_errors_name_path_and_line(tmp_path):
         ReplayController(ReplayConfig(path=str(rec)))
     (rec / "meta.json").unlink()
     with pytest.raises(ValueError, match=r"meta\.json"):
+        ReplayController(ReplayConfig(path=str(rec)))
+
+
+
+def _replay_rows(tmp_path, *rows):
+    """A two-frame recording whose action log is `rows` (JSON text, one a line); the controller."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rec = tmp_path / "rec"
+    _write_recording(rec, [RIGHT, UP])
+    (rec / "actions.jsonl").write_text("".join(row + "\n" for row in rows))
+    return ReplayController(ReplayConfig(path=str(rec)))
+
+
+def test_replay_rejects_a_name_and_id_that_disagree(tmp_path):
+    with pytest.raises(ValueError, match=r"actions\.jsonl:2: action 'down' and action_id 1 disagree"):
+        _replay_rows(tmp_path, '{"frame": 0, "action": "right", "action_id": 4}',
+                     '{"frame": 1, "action": "down", "action_id": 1}')
+
+
+@pytest.mark.parametrize("row", ['{"frame": 0, "action": "jump", "action_id": 1}', '{"frame": 0, "action": "jump"}',
+                                 '{"frame": 0, "action": 2, "action_id": 2}'])
+def test_replay_rejects_an_unknown_action_name(tmp_path, row):
+    bad = repr(json.loads(row)["action"])
+    with pytest.raises(ValueError, match=rf"actions\.jsonl:1: unknown action name {bad}; expected one of "
+                                         rf"\['idle', 'up', 'down', 'left', 'right', 'place'\]"):
+        _replay_rows(tmp_path, row)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"frame": 0, "action_id": true}'], r"actions\.jsonl:1: action_id must be an integer in 0\.\.5, got True"),
+    (['{"frame": 0, "action_id": false}'], r"actions\.jsonl:1: action_id must be an integer in 0\.\.5, got False"),
+    (['{"frame": 0, "action_id": 1.0}'], r"actions\.jsonl:1: action_id must be an integer in 0\.\.5, got 1\.0"),
+    (['{"frame": 0, "action_id": 4}', '{"frame": true, "action_id": 1}'], r"actions\.jsonl:2: expected frame 1, got True"),
+])
+def test_replay_rejects_bools_as_integers(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        _replay_rows(tmp_path, *rows)
+
+
+def test_replay_skips_blank_lines(tmp_path):
+    # trailing blank lines (an editor's), whitespace-only ones and blank lines between rows are skipped
+    c = _replay_rows(tmp_path, '', '{"frame": 0, "action_id": 4}', '  \t', '{"frame": 1, "action": "up"}', '', '   ')
+    assert c.num_frames == 2 and c.actions(3) == [RIGHT, UP, IDLE]
+    # line numbers stay those of the file, and a missing row is still caught by its frame number
+    with pytest.raises(ValueError, match=r"actions\.jsonl:3: expected frame 1, got 2"):
+        _replay_rows(tmp_path / "gap", '{"frame": 0, "action_id": 4}', '', '{"frame": 2, "action_id": 1}')
+    with pytest.raises(ValueError, match=r"no actions.*actions\.jsonl is empty or blank"):
+        _replay_rows(tmp_path / "blank", '', '  ')
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"seed": 7, "num_frames": "lots", "complete": True}, r"'num_frames' must be an integer >= 0, got 'lots'"),
+    ({"seed": 7, "num_frames": -2, "complete": True}, r"'num_frames' must be an integer >= 0, got -2"),
+    ({"seed": 7, "num_frames": True, "complete": True}, r"'num_frames' must be an integer >= 0, got True"),
+    ({"seed": 7, "num_frames": 2.0, "complete": True}, r"'num_frames' must be an integer >= 0, got 2\.0"),
+    ({"seed": 7, "num_frames": "lots", "complete": False}, r"'num_frames' must be an integer >= 0, got 'lots'"),
+    ({"seed": 7, "complete": True}, r"'num_frames' must be an integer >= 0 .*got nothing"),
+    ({"seed": "7", "num_frames": 2}, r"'seed' must be an integer, got '7'"),
+    ({"seed": True, "num_frames": 2}, r"'seed' must be an integer, got True"),
+    ({"num_frames": 2}, r"'seed' must be an integer, got nothing"),
+    ({"seed": 7, "num_frames": 2, "complete": "yes"}, r"'complete' must be true or false, got 'yes'"),
+    ({"seed": 7, "num_frames": 2, "complete": 1}, r"'complete' must be true or false, got 1"),
+])
+def test_replay_checks_meta_fields(tmp_path, meta, message):
+    rec = tmp_path / "rec"
+    _write_recording(rec, [RIGHT, UP])
+    (rec / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"rec[/\\]meta\.json: " + message):
         ReplayController(ReplayConfig(path=str(rec)))
 
 

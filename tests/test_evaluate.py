@@ -215,6 +215,10 @@ def test_checkpoint_for_another_world_is_rejected(tmp_path):
     ("eval.horizons=[a]", "eval.horizons must be a list (each item an integer), got ['a']"),
     ("eval.walk_frames=-1", "eval.walk_frames must be an integer >= 0, got -1"),
     ("eval.direction_draws=-2", "eval.direction_draws must be an integer >= 0, got -2"),
+    ("eval.quality=maybe", "eval.quality must be true or false, got 'maybe'"),
+    ("engine=simulator", "engine=simulator has no model to measure here; expected engine=neural"),
+    ("out=README.md/e.json", "out's directory 'README.md' cannot be a directory: 'README.md' is a file"),
+    ("out=docs", "out 'docs' is a directory; expected a file path"),
     ("eval.attentions=[fastr]", "unknown attention config 'fastr'"),
     ("seed=x", "seed must be an integer, got 'x'"),
 ])

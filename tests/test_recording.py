@@ -194,6 +194,38 @@ def test_replay_on_another_engine_says_what_differs(tmp_path: Path):
     assert "sampler_steps" not in result.stderr  # the simulator has no sampler: not compared
 
 
+def test_replay_names_the_world_settings_that_differ_and_a_seed_it_does_not_use(tmp_path: Path):
+    """The same world name with other settings (here fewer creatures and another grass
+    colour) is named key by key; a seed given with a replay is said to be unused."""
+    rec = tmp_path / "rec"
+    base = ["engine=simulator", "window=headless"]
+    assert run_play([*base, "controller=scripted", "controller.script=R*3", "max_frames=3", "seed=4",
+                     "world.num_creatures=0", 'world.tileset.grass.base="#000000"', f"record.path={rec}"],
+                    cwd=tmp_path).returncode == 0
+    result = run_play([*base, "controller=replay", f"controller.path={rec}", "seed=5"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "world.num_creatures: recorded 0, now 4" in result.stderr
+    assert "world.tileset.grass.base: recorded '#000000', now '#5aa83c'" in result.stderr
+    assert "world: recorded" not in result.stderr  # the same name
+    assert "seed=5 is not used: a replay plays the recording's seed, 4" in result.stderr
+    quiet = run_play([*base, "controller=replay", f"controller.path={rec}", "world.num_creatures=0",
+                      'world.tileset.grass.base="#000000"'], cwd=tmp_path)
+    assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
+
+
+def test_a_place_that_cannot_be_written_is_refused_at_start_up(tmp_path: Path):
+    """A record.path or record.dir that is a link to nowhere, or under a file, is one line
+    and exit code 2 before anything runs (and no traceback)."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    (tmp_path / "file").write_text("x")
+    base = ["engine=simulator", "window=headless", "controller=scripted", "max_frames=2"]
+    for arg, needle in [(f"record.path={tmp_path / 'dangling'}", "is a link to"),
+                        (f"record.dir={tmp_path / 'dangling'}", "is a link to"),
+                        (f"record.dir={tmp_path / 'file' / 'recs'}", "is a file")]:
+        result = run_play([*base, arg], cwd=tmp_path)
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_replay_mismatches_compare_what_both_sides_name():
     from play import replay_mismatches
 
@@ -225,3 +257,23 @@ def test_a_recording_is_never_overwritten_by_mistake(tmp_path: Path):
     result = run_play([*base, "controller.script=L*4", f"record.path={rec}", "record.overwrite=true"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["action"] for line in (rec / "actions.jsonl").read_text().splitlines()] == ["left"] * 4
+
+
+def test_meta_that_cannot_be_written_leaves_the_last_one_and_no_half_file(tmp_path: Path, monkeypatch):
+    """A full disk while meta.json is rewritten: the error goes up, the meta.json written
+    before stays as it was, and no meta.json.tmp is left behind."""
+    rec = Recorder(tmp_path / "rec", 30, {"seed": 1})
+    before = (tmp_path / "rec" / "meta.json").read_text()
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        if self.name == "meta.json.tmp":
+            real(self, text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        rec.close()
+    assert (tmp_path / "rec" / "meta.json").read_text() == before
+    assert not (tmp_path / "rec" / "meta.json.tmp").exists()

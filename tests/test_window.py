@@ -142,6 +142,29 @@ def test_recording_from_the_window(tmp_path):
     assert [r["action_id"] for r in rows] == script.actions(len(rows))  # from a fresh reset
 
 
+def test_a_recording_or_screenshot_that_cannot_be_written_is_said_and_play_goes_on(tmp_path, monkeypatch):
+    """F5 where the recordings' place cannot be written (a file stands there), and F12 when
+    the picture cannot be saved: the window says so, and frames keep coming."""
+    window = make_window(tmp_path, controller="scripted")
+    (tmp_path / "recordings").write_text("a file where the recordings would go")
+    window.start()
+    try:
+        frames_after(window, 3)
+        epoch = window.producer.epoch
+        window.command("record")
+        assert not window.recording.active and window.message.startswith("cannot record: ")
+        assert window.producer.epoch == epoch  # nothing was reset for a recording that did not start
+
+        def refuse(surface, path):
+            raise pygame.error(f"Couldn't open {path}")
+
+        monkeypatch.setattr(pygame.image, "save", refuse)
+        assert window.screenshot() is None and window.message.startswith("screenshot not saved: Couldn't open")
+        frames_after(window, 3)
+    finally:
+        window.close()
+
+
 def test_max_frames_stops_the_window(tmp_path):
     window = make_window(tmp_path, controller="scripted", fps=1000)
     window.max_frames = 10

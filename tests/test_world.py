@@ -256,6 +256,7 @@ def test_world_configs_load_and_have_different_tile_sets():
         ({"scroll": 3}, "scroll"),
         ({"tile": 12}, "tile"),
         ({"map_size": 8}, "map_size"),
+        ({"map_size": 100000}, r"world.map_size must be an integer in 32..2048, got 100000"),
         ({"num_creatures": -1}, "num_creatures"),
         ({"water_period": 0}, "water_period"),
         ({"family": "dungeon"}, "family"),

@@ -1,7 +1,7 @@
 """The action vocabulary shared by worlds, controllers, recordings and the model.
 
 Actions are small integers; the one-letter names are the script grammar
-(DESIGN.md section 5) and the full names appear in recordings.
+(README, "Script grammar") and the full names appear in recordings.
 """
 from __future__ import annotations
 

@@ -85,11 +85,16 @@ def _exact_keys(given: Mapping[str, Any], expected: list[str], what: str) -> Non
         raise ValueError(f"missing {what} {missing}")
 
 
-def _positive_int(d: Mapping[str, Any], key: str, minimum: int = 1) -> int:
+def _positive_int(d: Mapping[str, Any], key: str, minimum: int = 1, maximum: int | None = None) -> int:
     value = d[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"world.{key} must be an integer >= {minimum}, got {value!r}")
+    if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+            or (maximum is not None and value > maximum)):
+        span = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"world.{key} must be an integer {span}, got {value!r}")
     return value
+
+
+MAX_MAP_SIZE = 2048  # tiles a side: a map's noise fields then take about 100 MB to generate
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ class OverworldConfig:
         scroll = _positive_int(d, "scroll")
         if tile % scroll:
             raise ValueError(f"world.scroll must divide world.tile={tile}, got {scroll}")
-        map_size = _positive_int(d, "map_size", minimum=32)
+        map_size = _positive_int(d, "map_size", minimum=32, maximum=MAX_MAP_SIZE)
 
         tileset = d["tileset"]
         if not isinstance(tileset, Mapping):
