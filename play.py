@@ -27,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from controllers import build_controller
-from runtime.configs import check_creatable, cli_errors, config_int, interruptible, strict_dataclass
+from runtime.configs import check_config_files, check_creatable, cli_errors, config_int, interruptible, strict_dataclass
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
@@ -246,4 +246,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
+    check_config_files("play.py", sys.argv[1:])
     main()

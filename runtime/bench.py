@@ -31,6 +31,7 @@ import gc
 import json
 import platform
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
-from runtime.configs import check_creatable, check_engine, check_type, cli_errors, config_int, interruptible
+from runtime.configs import check_config_files, check_creatable, check_engine, check_type, cli_errors, config_int, interruptible
 from runtime.evaluate import attention_cfg, check_attention
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)
@@ -424,4 +425,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_config_files("runtime.bench", sys.argv[1:])
     main()

@@ -137,6 +137,29 @@ def cli_errors(prog: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def check_config_files(prog: str, argv: list[str]) -> None:
+    """Before Hydra reads them: each config file a `GROUP=OPTION` argument picks
+    (conf/GROUP/OPTION.yaml, say a world of one's own) parses as YAML; otherwise one line,
+    `PROG: error: FILE, line L, column C: PROBLEM`, and exit 2 (Hydra would print the
+    parser's traceback)."""
+    import yaml
+
+    for arg in argv:
+        group, sep, option = arg.lstrip("+~").partition("=")
+        path = CONF / group / f"{option}.yaml"
+        if not sep or not group.isidentifier() or not option or not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            print(f"{prog}: error: {path}{where}: {problem} (a YAML syntax error; note that an unquoted # "
+                  "starts a comment: quote colours)", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised wherever the program is, as Ctrl-C raises KeyboardInterrupt."""
 

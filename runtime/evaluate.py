@@ -101,6 +101,7 @@ sequences. SSIM uses an 11x11 Gaussian window (sigma 1.5) on each RGB channel, a
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
-from runtime.configs import check_engine, check_type, check_writable_file, cli_errors, config_int, interruptible
+from runtime.configs import check_config_files, check_engine, check_type, check_writable_file, cli_errors, config_int, interruptible
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
 from runtime.metrics import psnr, psnr_of_mse
@@ -815,4 +816,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_config_files("runtime.evaluate", sys.argv[1:])
     main()

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
 from runtime.checkpoint import save_checkpoint
-from runtime.configs import check_type, cli_errors
+from runtime.configs import check_config_files, check_type, cli_errors
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_uint8, to_unit
 from runtime.factory import resolve_device
@@ -609,4 +610,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_config_files("runtime.train", sys.argv[1:])
     main()

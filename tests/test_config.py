@@ -225,3 +225,21 @@ def test_an_interrupted_tool_says_so_in_one_line(tmp_path, signum, code):
     assert result.returncode == code, result.stderr
     assert result.stderr.strip() == "tool: interrupted (partial results in out/)"
     assert result.stdout.strip() == "cleaned up"
+
+
+def test_a_config_file_with_a_yaml_mistake_is_one_line(tmp_path, monkeypatch, capsys):
+    """A world file of one's own with a YAML syntax error (an unquoted colour in a flow
+    mapping) is named with its line and column, before Hydra would print a traceback;
+    files that parse, and arguments that are not GROUP=OPTION, pass."""
+    from runtime import configs
+
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "mine.yaml").write_text("name: mine\ntileset:\n  grass: {pattern: tufts, base: #5aa83c}\n")
+    (tmp_path / "world" / "fine.yaml").write_text("name: fine\n")
+    monkeypatch.setattr(configs, "CONF", tmp_path)
+    configs.check_config_files("play.py", ["world=fine", "seed=3", "world.view=64", "max_frames=2"])
+    with pytest.raises(SystemExit) as stop:
+        configs.check_config_files("play.py", ["engine=simulator", "world=mine"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"play.py: error: {tmp_path / 'world' / 'mine.yaml'}, line 4, column 1: ")
