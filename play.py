@@ -15,7 +15,8 @@ import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while the modules load (torch takes seconds): a quiet exit, code 130
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while the modules load (torch takes seconds): a quiet exit, code 130
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from controllers import build_controller
-from runtime.configs import check_config_files, check_creatable, cli_errors, config_int, interruptible, strict_dataclass
+from runtime.configs import (check_config_files, check_creatable, cli_errors, config_int, interruptible,
+                             storage_errors, strict_dataclass)
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
@@ -66,15 +68,16 @@ def replay_mismatches(recorded: dict[str, Any], info: dict[str, Any]) -> list[st
 
 def config_mismatches(recorded: dict[str, Any], cfg: DictConfig) -> list[str]:
     """The settings that decide a replay's frames (the world's; for the neural engine also
-    the attention's and the sampler's) where the recording's config (meta.json's `config`)
-    and this run's differ, as "KEY: recorded X, now Y" (a key only one side has included)."""
+    the attention's) where the recording's config (meta.json's `config`) and this run's
+    differ, as "KEY: recorded X, now Y" (a key only one side has included). The names of
+    both and the sampler that ran are compared by `replay_mismatches` and the world check."""
     now = OmegaConf.to_container(cfg, resolve=True)
-    groups = ["world"] + (["attention", "sampler"] if cfg.engine.get("kind") == "neural" else [])
+    groups = ["world"] + (["attention"] if cfg.engine.get("kind") == "neural" else [])
     out: list[str] = []
     for group in groups:
         if isinstance(recorded.get(group), dict):
             out += [f"{key}: recorded {a!r}, now {b!r}" for key, a, b in differences(recorded[group], now.get(group), group)
-                    if key != "world.name"]  # the world's name is said on its own
+                    if key not in ("world.name", "attention.name")]  # said on their own
     return out
 
 
@@ -105,12 +108,13 @@ def check_record_path(path: str | None, overwrite: Any, replaying: str | None) -
                          "pass record.overwrite=true to replace what is there")
 
 
-def check_record_dir(root: Any) -> None:
-    """record.dir (where the window's recordings go) must be a directory or creatable as one:
-    found at start-up, not when F5 is pressed in the middle of a game."""
+def check_record_dir(root: Any, writable: bool) -> None:
+    """record.dir (where the window's recordings go) must be a directory or creatable as one,
+    and writable where F5 can record (`writable`): found at start-up, not when F5 is pressed
+    in the middle of a game."""
     if not isinstance(root, str) or not root:
         raise ValueError(f"record.dir must be a directory path, got {root!r}")
-    check_creatable(root, "record.dir")
+    check_creatable(root, "record.dir", writable)
 
 
 def seed_given() -> Any:
@@ -168,7 +172,7 @@ def build(cfg: DictConfig) -> Session:
     controller = build_controller(cfg)
     check_record_path(cfg.record.path, cfg.record.get("overwrite", False),
                       cfg.controller.get("path") if cfg.controller.get("kind") == "replay" else None)
-    check_record_dir(cfg.record.dir)
+    check_record_dir(cfg.record.dir, writable=window_cfg is not None)
     if window_cfg is None and controller.needs_window:
         raise ValueError(f"controller={cfg.controller.kind} needs a window; use window=pygame or "
                          "controller=scripted|random|replay with window=headless")
@@ -239,12 +243,18 @@ def play(cfg: DictConfig) -> int:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # a mistake in the config or the command line, a missing or unwritable file: one line,
-    # exit 2; Ctrl-C or SIGTERM while starting: one line (once playing, `run` stops cleanly)
-    with interruptible("play.py"), cli_errors("play.py"):
-        run(build(cfg))
+    # exit 2; Ctrl-C or SIGTERM while starting: one line (once playing, `run` stops cleanly);
+    # the disk filling up or turning read-only while playing: one line, the recording closed
+    with interruptible("play.py"):
+        with cli_errors("play.py"):
+            session = build(cfg)
+        with storage_errors("play.py"):
+            run(session)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     check_config_files("play.py", sys.argv[1:])
-    main()
+    with interruptible("play.py"):  # also while Hydra composes the config
+        main()

@@ -61,10 +61,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def read_actions(path: Path) -> list[int]:
+def read_actions(path: Path, cut_tail_ok: bool = False) -> list[int]:
     """The action id of every recorded frame, in order. Blank lines are skipped; a row
     must give its frame number in sequence and an action name, an action_id or both,
-    agreeing (ValueError naming the file and line otherwise)."""
+    agreeing (ValueError naming the file and line otherwise). With `cut_tail_ok` (a
+    recording that was never closed: a crash, a full disk) a last line cut off in the
+    middle is dropped rather than an error."""
     actions_path = path / "actions.jsonl"
     try:
         lines = actions_path.read_text().splitlines()
@@ -73,6 +75,7 @@ def read_actions(path: Path) -> list[int]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {actions_path}: {err}") from None
     actions = []
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -80,6 +83,8 @@ def read_actions(path: Path) -> list[int]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
+            if cut_tail_ok and number == last:
+                break
             raise ValueError(f"{where}: not a JSON object ({err}): {line[:80]!r}") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {line[:80]!r}")
@@ -115,7 +120,7 @@ class ReplayController(ActionSequence):
             raise ValueError(f"controller.path {cfg.path!r} is not a directory with a recording")
         self.cfg = cfg
         self.meta = read_meta(path)
-        self.script = read_actions(path)
+        self.script = read_actions(path, cut_tail_ok=self.meta.get("complete") is not True)
         if not self.script:
             raise ValueError(f"recording {cfg.path!r} has no actions ({path / 'actions.jsonl'} is empty or blank)")
         # read_meta checked the types: seed an integer, num_frames one >= 0 (present when complete is true)

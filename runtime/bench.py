@@ -43,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
-from runtime.configs import check_config_files, check_creatable, check_engine, check_type, cli_errors, config_int, interruptible
+from runtime.configs import (check_config_files, check_creatable, check_engine, check_type, cli_errors, config_int,
+                             interruptible, storage_errors)
 from runtime.evaluate import attention_cfg, check_attention
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)
@@ -396,8 +397,10 @@ def read_bench(path: str) -> dict:
     not one."""
     try:
         result = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"bench.plot_from {path!r} is not JSON ({err})") from None
+    except OSError as err:
+        raise ValueError(f"bench.plot_from {path!r} cannot be read: {err.strerror or err}") from None
     if not isinstance(result, dict) or not isinstance(result.get("configs"), dict):
         raise ValueError(f"bench.plot_from {path!r} is not a bench.json (it has no 'configs')")
     return result
@@ -406,7 +409,14 @@ def read_bench(path: str) -> dict:
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = Path(str(cfg.out))
-    with interruptible("runtime.bench", f" (what was measured is in {out / 'bench.json'})"):
+    started = time.time()
+
+    def saved() -> str:  # where an interrupted run left what it measured, if it wrote anything
+        path = out / "bench.json"
+        fresh = not cfg.bench.plot_from and path.is_file() and path.stat().st_mtime >= started
+        return f" (what was measured is in {path})" if fresh else ""
+
+    with interruptible("runtime.bench", saved), storage_errors("runtime.bench"):
         if cfg.bench.plot_from:  # re-draw the plots of an earlier bench.json (and its lockstep ratios)
             with cli_errors("runtime.bench"):
                 result = read_bench(str(cfg.bench.plot_from))

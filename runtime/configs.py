@@ -8,6 +8,7 @@ exit with status 2 (`cli_errors`), not as a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -122,9 +123,15 @@ def config_int(value: Any, name: str, minimum: int | None = None, optional: bool
     return value
 
 
-# what a tool reports as a usage error: a bad setting, or a file that is missing, unreadable
-# or cannot be written (OSError covers a read-only place, a full disk, a missing directory)
+# what a tool reports as a usage error while it starts: a bad setting, or a file that is
+# missing, unreadable or cannot be written (OSError covers a read-only place, a missing
+# directory); `cli_errors` wraps only the start (settings, files, loading), so a bug
+# further on still shows its traceback
 USAGE_ERRORS = (ValueError, OSError)
+
+# what the machine can do to a running tool's output: a full disk or quota, a place made
+# read-only or forbidden (`storage_errors`)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @contextlib.contextmanager
@@ -155,9 +162,26 @@ def check_config_files(prog: str, argv: list[str]) -> None:
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err)
+            context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+            if context and start is not None:  # where the construct that went wrong began
+                problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
             print(f"{prog}: error: {path}{where}: {problem} (a YAML syntax error; note that an unquoted # "
                   "starts a comment: quote colours)", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def storage_errors(prog: str) -> Iterator[None]:
+    """An OSError of the storage (STORAGE_ERRNOS: the disk filled, the place became
+    read-only) raised inside, once a tool runs: one line, `PROG: error: MESSAGE`, exit 2.
+    Any other error keeps its traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -165,10 +189,11 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def interruptible(prog: str, note: str = "") -> Iterator[None]:
+def interruptible(prog: str, note: Callable[[], str] = lambda: "") -> Iterator[None]:
     """Ctrl-C or SIGTERM inside ends the program with one line, `PROG: interrupted` (and
-    `note`, say where what was done is), and the shell's exit code for the signal (130,
-    143), not a traceback. Cleanup in `finally` blocks on the way runs as usual."""
+    what `note()` says then, such as where what was done is), and the shell's exit code
+    for the signal (130, 143), not a traceback. Cleanup in `finally` blocks on the way
+    runs as usual."""
     def terminate(signum, frame):
         raise Terminated()
 
@@ -177,10 +202,10 @@ def interruptible(prog: str, note: str = "") -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as err:
-        print(f"{prog}: interrupted{note}", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted{note()}", file=sys.stderr, flush=True)
         raise SystemExit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)) from None
     finally:
-        if main:
+        if main and previous is not None:  # None: a handler from outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -192,19 +217,21 @@ def check_engine(cfg: Any) -> None:
         raise ValueError(f"engine={kind} has no model to measure here; expected engine=neural (the default)")
 
 
-def check_creatable(path: str, key: str) -> None:
-    """`path` is a directory or can be made one, and can be written: no file stands where
-    it or one of its parents would be, the nearest existing one is writable, and it is not
-    a link to nowhere. ValueError naming `key` otherwise (found at start-up, not when the
-    first file is written)."""
+def check_creatable(path: str, key: str, writable: bool = True) -> None:
+    """`path` is a directory or can be made one (and, if `writable`, written): nothing but
+    a directory stands where it or one of its parents would be, no link on the way leads
+    nowhere, and the nearest existing one is writable. ValueError naming `key` otherwise
+    (found at start-up, not when the first file is written)."""
     p = Path(path)
-    if p.is_symlink() and not p.exists():
-        raise ValueError(f"{key} {path!r} is a link to {os.readlink(p)!r}, which does not exist")
     while not p.exists() and p != p.parent:
+        if p.is_symlink():
+            raise ValueError(f"{key} {path!r} cannot be made: {str(p)!r} is a link to {os.readlink(p)!r}, "
+                             "which does not exist")
         p = p.parent
     if not p.is_dir():
-        raise ValueError(f"{key} {path!r} cannot be a directory: {str(p)!r} is a file")
-    if not os.access(p, os.W_OK | os.X_OK):
+        what = "a file" if p.is_file() else "not a directory"
+        raise ValueError(f"{key} {path!r} cannot be a directory: {str(p)!r} is {what}")
+    if writable and not os.access(p, os.W_OK | os.X_OK):
         raise ValueError(f"{key} {path!r} cannot be written: {str(p)!r} is not writable")
 
 
@@ -214,6 +241,8 @@ def check_writable_file(path: str, key: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{key} {path!r} is a directory; expected a file path")
+    if p.is_symlink() and not p.exists():
+        raise ValueError(f"{key} {path!r} is a link to {os.readlink(p)!r}, which does not exist")
     if p.exists() and not os.access(p, os.W_OK):
         raise ValueError(f"{key} {path!r} cannot be written: it is read-only")
     check_creatable(str(p.parent), f"{key}'s directory")

@@ -18,8 +18,8 @@ On world seeds and action scripts never used in training (training seeds start a
                   way the creatures may start, exact (`direction_oracle`). It knows
                   everything else (the map included), so in mean squared error no model
                   given one frame can do better. `oracle_directions_expected_psnr_*` is
-                  its score in expectation over the ways rather than for the way the
-                  seed drew
+                  the PSNR of its expected squared error over the ways, rather than of
+                  its error for the way the seed drew
     sampled_directions_psnr_H / _mean_H
                   with `direction_draws` > 0: a faithful generator (frames drawn from the
                   world's own odds: sharp creatures that walk one way) that knows
@@ -114,10 +114,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
-from runtime.configs import check_config_files, check_engine, check_type, check_writable_file, cli_errors, config_int, interruptible
+from runtime.configs import (check_config_files, check_engine, check_type, check_writable_file, cli_errors, config_int,
+                             interruptible, storage_errors)
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
-from runtime.metrics import psnr, psnr_of_mse
+from runtime.metrics import mse, psnr, psnr_of_mse
 from runtime.sparse import AttentionConfig
 from runtime.tempcache import TempCache
 from worlds.actions import DOWN, IDLE, LEFT, RIGHT, UP
@@ -212,9 +213,10 @@ class DirectionOracle:
     spread: torch.Tensor   # (B, T) float32: its expected squared error, pixels in [0, 1]
     sampled: torch.Tensor  # (S, D, B, T): the S scores `score` gives D drawn frames (see direction_oracle)
 
-    def expected_psnr(self, factor: float = 1.0, cap: float = 60.0) -> torch.Tensor:
-        """(B, T) PSNR of `factor` times the expected squared error (1: the oracle's own)."""
-        return psnr_of_mse(factor * self.spread, cap)
+    def expected_psnr(self, cap: float = 60.0) -> torch.Tensor:
+        """(B, T) PSNR of the mean's expected squared error (not the PSNR it scores in
+        expectation: a mean of logarithms is at least the logarithm of the mean)."""
+        return psnr_of_mse(self.spread, cap)
 
 
 def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray, draws: int = 0,
@@ -242,7 +244,7 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
     for d, w in enumerate(worlds):
         w.reset(seeds)
         w.point_creatures(d)
-    pick = np.random.default_rng([seed, 4]).integers(0, 4, size=(draws, len(seeds), world_cfg.num_creatures))
+    pick = np.random.default_rng([seed % 2**64, 4]).integers(0, 4, size=(draws, len(seeds), world_cfg.num_creatures))
     means, spreads, sampled = [], [], []
     for t in range(actions.shape[1]):
         layers = []
@@ -278,7 +280,7 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
 
 def frame_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., H, W, 3) pairs of frames in [0, 255] -> mean squared error per frame (...), pixels in [0, 1]."""
-    return ((a.float() - b.float()) / 255.0).pow(2).flatten(-3).mean(-1)
+    return mse(a, b, value_range=255.0)
 
 
 def pooled_psnr(mse: torch.Tensor) -> torch.Tensor:
@@ -798,13 +800,19 @@ def run(cfg: DictConfig, loaded=None) -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with interruptible("runtime.evaluate"), cli_errors("runtime.evaluate"):
-        check(cfg)  # bad settings, a missing or corrupt checkpoint, an unwritable out: one line, exit 2
-        loaded = load_model(cfg, OverworldConfig.from_dict(cfg.world))
+    with interruptible("runtime.evaluate"):
+        with cli_errors("runtime.evaluate"):  # bad settings, a missing or corrupt checkpoint, an unwritable out: one line, exit 2
+            check(cfg)
+            loaded = load_model(cfg, OverworldConfig.from_dict(cfg.world))
         res = run(cfg, loaded)
         if cfg.out:
-            Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
-            Path(str(cfg.out)).write_text(json.dumps(res, indent=2) + "\n")
+            with storage_errors("runtime.evaluate"):  # the disk filled meanwhile: the results go to stdout instead
+                try:
+                    Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
+                    Path(str(cfg.out)).write_text(json.dumps(res, indent=2) + "\n")
+                except OSError:
+                    print(json.dumps(res, indent=2), flush=True)
+                    raise
     summary = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items() if not isinstance(v, (list, dict))}
     for name, r in res.get("attention_configs", {}).items():
         summary[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()

@@ -228,7 +228,8 @@ def run_headless(engine: Any, controller: Any, seed: int, max_frames: int | None
 class GracefulInterrupt:
     """Context manager: the first SIGINT or SIGTERM (Ctrl-C, `kill`, `timeout`) sets
     `requested` and `signum` (its number), so the run stops between frames and closes its
-    recording; a second one raises KeyboardInterrupt.
+    recording; a second one raises KeyboardInterrupt (`runtime.configs.Terminated` for
+    SIGTERM, so the exit code still says which signal it was).
 
     Only installs itself on the main thread (signal handlers live there).
     """
@@ -242,7 +243,9 @@ class GracefulInterrupt:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            from runtime.configs import Terminated
+
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested = True
         self.signum = int(signum)
 
@@ -253,7 +256,8 @@ class GracefulInterrupt:
 
     def __exit__(self, *exc: object) -> None:
         for s, previous in self._previous.items():
-            signal.signal(s, previous)
+            if previous is not None:  # None: a handler from outside Python, which cannot be put back
+                signal.signal(s, previous)
         self._previous = {}
 
     def __call__(self) -> bool:

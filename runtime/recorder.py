@@ -45,12 +45,16 @@ class Recorder:
         self.num_frames = 0
         self._write_meta()
         self._actions = open(self.path / "actions.jsonl", "w")
-        # imageio starts ffmpeg in its own process group (a terminal Ctrl-C does not
-        # reach it); quality 9 of 10 is crf 5: near-lossless for pixel art.
-        self._video = imageio.get_writer(
-            self.path / "video.mp4", format="FFMPEG", mode="I", fps=fps, codec="libx264",
-            quality=quality, macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
-        )
+        try:
+            # imageio starts ffmpeg in its own process group (a terminal Ctrl-C does not
+            # reach it); quality 9 of 10 is crf 5: near-lossless for pixel art.
+            self._video = imageio.get_writer(
+                self.path / "video.mp4", format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                quality=quality, macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
+            )
+        except BaseException:
+            self._actions.close()
+            raise
         self.closed = False
 
     def write(self, action: int, frame: np.ndarray) -> None:
@@ -66,12 +70,14 @@ class Recorder:
         if self.closed:
             return
         self.closed = True
+        finished = False
         try:
             self._actions.close()
             self._video.close()
-        finally:
+            finished = True
+        finally:  # a video that could not be finished (a full disk) is not called complete
             self.meta["num_frames"] = self.num_frames
-            self.meta["complete"] = True
+            self.meta["complete"] = finished
             self._write_meta()
 
     def _write_meta(self) -> None:

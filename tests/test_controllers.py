@@ -120,8 +120,8 @@ def test_replay_errors_name_path_and_line(tmp_path):
         ReplayController(ReplayConfig(path=str(tmp_path / "missing")))
     rec = tmp_path / "rec"
     _write_recording(rec, [RIGHT, UP])
-    (rec / "actions.jsonl").write_text('{"frame": 0, "action_id": 4}\n{"frame": 1, "act\n')
-    with pytest.raises(ValueError, match=r"actions\.jsonl:2"):
+    (rec / "actions.jsonl").write_text('{"frame": 0, "action_id": 4}\n{"frame": 1, "act\n{"frame": 2, "action_id": 4}\n')
+    with pytest.raises(ValueError, match=r"actions\.jsonl:2"):  # cut in the middle (a cut last line: below)
         ReplayController(ReplayConfig(path=str(rec)))
     (rec / "actions.jsonl").write_text('{"frame": 0, "action_id": 4}\n{"frame": 5, "action_id": 4}\n')
     with pytest.raises(ValueError, match=r"actions\.jsonl:2.*expected frame 1"):

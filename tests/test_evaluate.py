@@ -30,7 +30,8 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "sim_walk_tile_psnr", "walk_psnr", "rollout_psnr_seen_8", "oracle_directions_psnr_seen_8",
         "rollout_psnr_oracle_seen_8", "map_blind_psnr_unseen_8", "oracle_directions_expected_psnr_8",
         "sampled_directions_psnr_8", "sampled_directions_psnr_mean_8", "rollout_psnr_sampled_seen_8",
-        "rollout_psnr_pooled_8", "oracle_directions_psnr_pooled_8", "faithful_bound_psnr_pooled_8"]
+        "rollout_psnr_pooled_8", "oracle_directions_psnr_pooled_8", "faithful_bound_psnr_pooled_8",
+        "oracle_directions_expected_psnr_pooled_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,6 +137,12 @@ def test_run_on_a_tiny_random_checkpoint(tmp_path):
     # the oracle's seen part is the best guess there: spliced in, the frame scores higher
     assert res["oracle_directions_psnr_seen_8"] > res["rollout_psnr_seen_8"]
     assert res["rollout_psnr_oracle_seen_8"] > res["rollout_psnr_8"]
+    # so is a faithful draw's (the world's own frames, creatures walking some way)
+    assert res["rollout_psnr_sampled_seen_8"] > res["rollout_psnr_8"]
+    assert res["rollout_psnr_8"] < res["sampled_directions_psnr_8"] <= 60
+    # twice the oracle's expected error: 10*log10(2) dB below its PSNR, pooled
+    assert res["faithful_bound_psnr_pooled_8"] == pytest.approx(
+        res["oracle_directions_expected_psnr_pooled_8"] - 10 * math.log10(2), abs=1e-4)
     assert 0 < res["next_psnr"] <= 60 and -1 <= res["next_ssim"] <= 1
     assert res["next_psnr"] != res["copy_last_next_psnr"]  # the random model changes the frames
     for key in ("next_psnr", "rollout_psnr_4", "rollout_psnr_mean_8"):  # one score per seed, their mean the key
@@ -469,7 +476,6 @@ def test_pooled_psnr_scores_the_mean_error():
 
     mse = torch.tensor([[0.01], [0.0001]])
     assert pooled_psnr(mse).item() == pytest.approx(10 * math.log10(1 / 0.00505))
-    assert psnr_u8(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3)).item() == 60.0
 
 
 # ----------------------------------------------------------------------------- walks

@@ -213,13 +213,14 @@ def test_replay_names_the_world_settings_that_differ_and_a_seed_it_does_not_use(
     assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
 
 
-def test_a_place_that_cannot_be_written_is_refused_at_start_up(tmp_path: Path):
-    """A record.path or record.dir that is a link to nowhere, or under a file, is one line
-    and exit code 2 before anything runs (and no traceback)."""
+def test_a_link_to_nowhere_or_a_file_in_the_way_is_refused_at_start_up(tmp_path: Path):
+    """A record.path or record.dir that is (or lies under) a link to nowhere, or under a
+    file, is one line and exit code 2 before anything runs (and no traceback)."""
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
     (tmp_path / "file").write_text("x")
     base = ["engine=simulator", "window=headless", "controller=scripted", "max_frames=2"]
     for arg, needle in [(f"record.path={tmp_path / 'dangling'}", "is a link to"),
+                        (f"record.path={tmp_path / 'dangling' / 'rec'}", "is a link to"),
                         (f"record.dir={tmp_path / 'dangling'}", "is a link to"),
                         (f"record.dir={tmp_path / 'file' / 'recs'}", "is a file")]:
         result = run_play([*base, arg], cwd=tmp_path)
@@ -277,3 +278,32 @@ def test_meta_that_cannot_be_written_leaves_the_last_one_and_no_half_file(tmp_pa
         rec.close()
     assert (tmp_path / "rec" / "meta.json").read_text() == before
     assert not (tmp_path / "rec" / "meta.json.tmp").exists()
+
+
+def test_a_place_that_cannot_be_written_is_refused_where_it_would_be_written(tmp_path: Path, monkeypatch):
+    """An unwritable record.path is refused; record.dir only where F5 can record into it
+    (a window), not for a headless run that never writes there."""
+    import play
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # tmp_path read-only
+    with pytest.raises(ValueError, match=f"record.path '{tmp_path / 'rec'}' cannot be written: '{tmp_path}' is not writable"):
+        play.check_record_path(str(tmp_path / "rec"), False, None)
+    with pytest.raises(ValueError, match="record.dir .* cannot be written"):
+        play.check_record_dir(str(tmp_path / "recs"), writable=True)
+    play.check_record_dir(str(tmp_path / "recs"), writable=False)
+
+
+def test_a_recording_left_by_a_full_disk_replays_without_its_cut_last_line(tmp_path: Path):
+    """Never closed (complete: false), with its last line cut in the middle: the rows before
+    it replay. Closed (complete: true), the same cut is an error."""
+    from controllers.replay import ReplayConfig, ReplayController
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    rows = [json.dumps({"frame": i, "action": "right", "action_id": RIGHT}) for i in range(3)]
+    (rec / "actions.jsonl").write_text("\n".join(rows) + '\n{"frame": 3, "act')
+    (rec / "meta.json").write_text(json.dumps({"seed": 2, "num_frames": 0, "complete": False}))
+    assert ReplayController(ReplayConfig(path=str(rec))).num_frames == 3
+    (rec / "meta.json").write_text(json.dumps({"seed": 2, "num_frames": 3, "complete": True}))
+    with pytest.raises(ValueError, match="actions.jsonl:4: not a JSON object"):
+        ReplayController(ReplayConfig(path=str(rec)))
