@@ -243,18 +243,18 @@ def play(cfg: DictConfig) -> int:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # a mistake in the config or the command line, a missing or unwritable file: one line,
-    # exit 2; Ctrl-C or SIGTERM while starting: one line (once playing, `run` stops cleanly);
-    # the disk filling up or turning read-only while playing: one line, the recording closed
-    with interruptible("play.py"):
-        with cli_errors("play.py"):
-            session = build(cfg)
-        with storage_errors("play.py"):
-            run(session)
+    # exit 2; the disk filling up or turning read-only while playing: one line, the
+    # recording closed (Ctrl-C or SIGTERM while starting: `interruptible` around main;
+    # once playing, `run` stops cleanly)
+    with cli_errors("play.py"):
+        session = build(cfg)
+    with storage_errors("play.py"):
+        run(session)
 
 
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     check_config_files("play.py", sys.argv[1:])
-    with interruptible("play.py"):  # also while Hydra composes the config
+    with interruptible("play.py"):  # from Hydra's compose on
         main()

@@ -346,10 +346,13 @@ def check(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out: Path | None = None, source: tuple | None = None) -> dict:
-    """The bench (`source`: what `build_source` gives, if already built)."""
+    """The bench. `source`: what `build_source` gives, built after `check` passed (as main
+    does); without it, both are done here."""
     b = cfg.bench
-    check(cfg)
-    world, model, device, dtype = build_source(cfg) if source is None else source
+    if source is None:
+        check(cfg)
+        source = build_source(cfg)
+    world, model, device, dtype = source
     script = parse_script(str(b.script))
     actions = [script[i % len(script)] for i in range(int(b.frames))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

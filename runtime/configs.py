@@ -134,14 +134,19 @@ USAGE_ERRORS = (ValueError, OSError)
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+def usage_exit(prog: str, message: object) -> SystemExit:
+    """`PROG: error: MESSAGE` on stderr; the exit (status 2) for the caller to raise."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return SystemExit(2)
+
+
 @contextlib.contextmanager
 def cli_errors(prog: str) -> Iterator[None]:
     """Report a usage error raised inside as `PROG: error: MESSAGE` on stderr and exit 2."""
     try:
         yield
     except USAGE_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise usage_exit(prog, err) from None
 
 
 def check_config_files(prog: str, argv: list[str]) -> None:
@@ -165,9 +170,8 @@ def check_config_files(prog: str, argv: list[str]) -> None:
             context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
             if context and start is not None:  # where the construct that went wrong began
                 problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
-            print(f"{prog}: error: {path}{where}: {problem} (a YAML syntax error; note that an unquoted # "
-                  "starts a comment: quote colours)", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise usage_exit(prog, f"{path}{where}: {problem} (a YAML syntax error; note that an unquoted # "
+                             "starts a comment: quote colours)") from None
 
 
 @contextlib.contextmanager
@@ -180,8 +184,7 @@ def storage_errors(prog: str) -> Iterator[None]:
     except OSError as err:
         if err.errno not in STORAGE_ERRNOS:
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise usage_exit(prog, err) from None
 
 
 class Terminated(KeyboardInterrupt):

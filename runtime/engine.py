@@ -19,6 +19,7 @@ import torch
 
 from runtime.attention import CachedSelfAttention, dense_cross_attn
 from runtime.cache import KVCache
+from runtime.configs import config_int
 from runtime.model import push_frame
 
 
@@ -330,8 +331,6 @@ class NeuralEngine:
 
 def build_engine(cfg, world) -> Engine:
     """Build the engine chosen by `cfg.engine.kind` for an already built world."""
-    from runtime.configs import config_int
-
     kind = cfg.engine.kind
     config_int(cfg.engine.chunk_size, "engine.chunk_size", minimum=1)
     if kind == "simulator":

@@ -779,10 +779,12 @@ def check(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, loaded=None) -> dict:
-    """The evaluation (`loaded`: the model `load_model` gives, if already loaded)."""
-    check(cfg)
+    """The evaluation. `loaded`: the model `load_model` gives, loaded after `check` passed (as
+    main does); without it, both are done here."""
     world_cfg = OverworldConfig.from_dict(cfg.world)
-    loaded = load_model(cfg, world_cfg) if loaded is None else loaded
+    if loaded is None:
+        check(cfg)
+        loaded = load_model(cfg, world_cfg)
     model = loaded.model
     t0 = time.time()
     res = {"checkpoint": str(cfg.engine.checkpoint), "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),

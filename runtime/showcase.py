@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.checkpoint import read_metadata
-from runtime.configs import check_type, cli_errors, config_int
+from runtime.configs import CONF, check_type, cli_errors, config_int
 from runtime.engine import build_engine
 from runtime.factory import resolve_path
 from worlds import build_world
 from worlds.overworld import load_config
 
 
-WORLDS = Path(__file__).resolve().parent.parent / "conf" / "world"
+WORLDS = CONF / "world"
 
 
 def check(cfg: DictConfig) -> None:
@@ -40,8 +40,10 @@ def check(cfg: DictConfig) -> None:
     config_int(cfg.seed, "seed")
 
 
-def render(cfg: DictConfig) -> np.ndarray:
-    check(cfg)
+def render(cfg: DictConfig, checked: bool = False) -> np.ndarray:
+    """The picture (`checked`: `check` already passed, as in main)."""
+    if not checked:
+        check(cfg)
     sc = cfg.showcase
     actions = parse_script(str(sc.script))
     shots = [int(i) for i in sc.frames]
@@ -74,7 +76,7 @@ def main(cfg: DictConfig) -> None:
         check(cfg)
         if cfg.engine.kind == "neural":  # the checkpoint is there and readable
             read_metadata(resolve_path(str(cfg.engine.checkpoint)))
-    img = render(cfg)
+    img = render(cfg, checked=True)
     Path(str(cfg.out)).parent.mkdir(parents=True, exist_ok=True)
     imageio.imwrite(str(cfg.out), img)
     print(f"wrote {cfg.out} ({img.shape[1]}x{img.shape[0]})")

@@ -382,8 +382,10 @@ def check_run(cfg: DictConfig) -> None:
                          "train.overwrite=true to replace it")
 
 
-def train(cfg: DictConfig) -> dict:
-    check_run(cfg)
+def train(cfg: DictConfig, checked: bool = False) -> dict:
+    """Train (`checked`: `check_run` already passed, as in main)."""
+    if not checked:
+        check_run(cfg)
     rank, world, device = setup_distributed(str(cfg.device))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -606,7 +608,7 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     with cli_errors("runtime.train"):  # bad settings, missing files, an earlier run in `out`: one line, exit 2
         check_run(cfg)
-    train(cfg)
+    train(cfg, checked=True)
 
 
 if __name__ == "__main__":

@@ -518,7 +518,7 @@ def test_bad_train_settings_raise(tmp_path, override, needle):
 
 def test_an_earlier_run_in_out_is_kept_unless_overwrite(tmp_path):
     """A second run into the same `out` is refused before anything is written; with
-    train.overwrite=true it replaces the checkpoint."""
+    train.overwrite=true, or into a new directory, it may go ahead."""
     from runtime.train import check_run
 
     out = tmp_path / "run"
