@@ -391,7 +391,7 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
     from runtime.evaluate import direction_oracle, simulate
     from worlds.overworld import load_config
 
-    world = load_config("overworld")
+    world = replace(load_config("overworld"), creature_facing=False)  # a world whose frames hide the heading
     actions = explore_actions(np.random.default_rng(0), 2, 6)
     for creatures in (0, 4):
         wc = replace(world, num_creatures=creatures)

@@ -420,7 +420,7 @@ def test_window_creature_boxes_are_where_creatures_are_drawn():
     """The data's creature positions, turned into focus weights (margin 0), mark each
     window's last frame exactly where creatures are drawn: every pixel that changes when
     the same world is drawn with its creatures moved out of sight lies in a box, and
-    every box in view holds such pixels."""
+    every box wholly in view holds such pixels."""
     from runtime.data import DataConfig, WindowStream
     from runtime.train import focus_weights
     from worlds.overworld import load_config
@@ -446,9 +446,10 @@ def test_window_creature_boxes_are_where_creatures_are_drawn():
                 box = (slice(max(y, 0), max(y + wc.tile, 0)), slice(max(x, 0), max(x + wc.tile, 0)))
                 if inside[b][box].size == 0:
                     continue  # out of view
-                boxes_seen += 1
-                assert drawn[b][box].any()
                 assert inside[b][box].all()
+                if 0 <= y <= wc.view - wc.tile and 0 <= x <= wc.view - wc.tile:  # (a sliver may be transparent)
+                    boxes_seen += 1
+                    assert drawn[b][box].any()
     assert boxes_seen > 0
 
 

@@ -232,6 +232,66 @@ def test_creatures_move_without_entering_blocking_tiles():
     np.testing.assert_array_equal(again.creature_pos, world.creature_pos)
 
 
+
+def creature_sprites_drawn(world: BatchOverworld) -> list[np.ndarray]:
+    """Each creature of world 0 drawn alone on black: (V, V, 3) each."""
+    layers = world.render_layers()
+    return [np.where(layers.creature_cover[0, k, ..., None], layers.creatures[0, k], 0)
+            for k in range(world.cfg.num_creatures)]
+
+
+def test_creatures_face_where_they_walk():
+    """With creature_facing the sprite is the creature tile (which faces up) turned a quarter
+    clockwise per compass step of its heading, from the first frame on, and it turns with the
+    creature (on the tick it turns, before it moves on); without it, the tile as it is."""
+    from dataclasses import replace
+
+    from worlds.overworld.tiles import CREATURE
+
+    cfg = OverworldConfig.from_dict(world_dict())
+    assert cfg.creature_facing
+    world = BatchOverworld(cfg, 1)
+    world.reset([3])
+    tile = world._drawn[0][0, CREATURE]  # (T, T, 3): the creature tile as drawn, unturned
+    turned = 0
+    for t in range(200):
+        heading = world._creatures.direction[0].copy()
+        for k, alone in enumerate(creature_sprites_drawn(world)):
+            y, x = world.creature_view_pos[0, k]
+            if not (0 <= y <= cfg.view - cfg.tile and 0 <= x <= cfg.view - cfg.tile):
+                continue
+            box = alone[y:y + cfg.tile, x:x + cfg.tile]
+            expected = np.rot90(tile, -int(heading[k]))
+            opaque = (expected != TRANSPARENT).any(-1)
+            np.testing.assert_array_equal(box[opaque], expected[opaque])
+        before = world._creatures.direction.copy()
+        world.step(np.array([IDLE]))
+        turned += int((world._creatures.direction != before).sum())
+    assert turned > 0  # the sprites were seen to turn
+    # one frame tells the heading: the four ways a creature may start draw four first frames
+    firsts = []
+    for d in range(4):
+        world.reset([3])
+        world.point_creatures(d)
+        firsts.append(world.render())
+    assert all(not np.array_equal(firsts[i], firsts[j]) for i in range(4) for j in range(i))
+    # without facing, every heading draws the tile unturned: the first frames are one
+    hidden = BatchOverworld(replace(cfg, creature_facing=False), 1)
+    firsts = []
+    for d in range(4):
+        hidden.reset([3])
+        hidden.point_creatures(d)
+        firsts.append(hidden.render())
+    assert all(np.array_equal(firsts[0], f) for f in firsts[1:])
+
+
+def test_creature_facing_defaults_to_false_for_configs_written_before_it():
+    d = world_dict()
+    del d["creature_facing"]
+    assert OverworldConfig.from_dict(d).creature_facing is False
+    with pytest.raises(ValueError, match="world.creature_facing must be true or false, got 'yes'"):
+        OverworldConfig.from_dict(world_dict(creature_facing="yes"))
+
 # ------------------------------------------------------------- configs and tile sets
 def test_world_configs_load_and_have_different_tile_sets():
     atlases = {}

@@ -106,6 +106,11 @@ class BatchOverworld:
         odd[:, WATER_A] = even[:, WATER_B]
         self._drawn = (even, odd)  # what is drawn in each water phase
         self._opaque = sprite_mask(even)  # (B, 16, T, T)
+        # the creature sprite turned to face each compass direction (its tile faces up):
+        # (B, 4, T, T, 3) and (B, 4, T, T); without facing, the tile as it is in all four
+        turns = range(4) if self.cfg.creature_facing else [0] * 4
+        self._creature_sprites = np.stack([np.rot90(even[:, CREATURE], -d, axes=(1, 2)) for d in turns], 1)
+        self._creature_opaque = np.stack([np.rot90(self._opaque[:, CREATURE], -d, axes=(1, 2)) for d in turns], 1)
 
     def step(self, actions: np.ndarray) -> np.ndarray:
         """Apply one action per world; returns the next frames (B, V, V, 3) uint8."""
@@ -146,10 +151,17 @@ class BatchOverworld:
         atlas = self._drawn[(self.frame_index // self.cfg.water_period) % 2]  # (B, 16, T, T, 3)
         frames = render_terrain(self._maps, atlas, cam, view)  # (B, V, V, 3)
         for k in range(self.cfg.num_creatures):
-            draw_sprites(frames, atlas[:, CREATURE], self._opaque[:, CREATURE], self._creatures.pos[:, k] - cam)
+            draw_sprites(frames, *self._creature_sprite(k), self._creatures.pos[:, k] - cam)
         p = slice(self._player_view, self._player_view + self.cfg.tile)
         frames[:, p, p] = np.where(self._opaque[:, PLAYER, ..., None], atlas[:, PLAYER], frames[:, p, p])
         return frames
+
+    def _creature_sprite(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Creature k's sprite in each world, (B, T, T, 3), and where it is opaque, (B, T, T):
+        turned to face where it walks when the world's creatures face their heading."""
+        b = np.arange(self.batch_size)
+        d = self._creatures.direction[:, k]
+        return self._creature_sprites[b, d], self._creature_opaque[b, d]
 
     def render_layers(self) -> Layers:
         """The current frames taken apart into what `render` draws, one over the other:
@@ -162,8 +174,9 @@ class BatchOverworld:
         covers = np.zeros((b, k, view, view), dtype=bool)
         for i in range(k):
             top_left = self._creatures.pos[:, i] - cam
-            draw_sprites(images[:, i], atlas[:, CREATURE], self._opaque[:, CREATURE], top_left)
-            draw_sprites(covers[:, i], self._opaque[:, CREATURE], self._opaque[:, CREATURE], top_left)
+            sprite, opaque = self._creature_sprite(i)
+            draw_sprites(images[:, i], sprite, opaque, top_left)
+            draw_sprites(covers[:, i], opaque, opaque, top_left)
         p = slice(self._player_view, self._player_view + self.cfg.tile)
         player = np.zeros((b, view, view, 3), dtype=np.uint8)
         player_cover = np.zeros((b, view, view), dtype=bool)

@@ -94,6 +94,13 @@ def _positive_int(d: Mapping[str, Any], key: str, minimum: int = 1, maximum: int
     return value
 
 
+def _bool(d: Mapping[str, Any], key: str) -> bool:
+    value = d[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"world.{key} must be true or false, got {value!r}")
+    return value
+
+
 MAX_MAP_SIZE = 2048  # tiles a side: a map's noise fields then take about 100 MB to generate
 
 
@@ -109,6 +116,7 @@ class OverworldConfig:
     scroll: int           # pixels the player moves per move action; divides tile
     num_creatures: int    # wandering creatures spawned near the player
     creature_period: int  # creatures move 1 pixel every this many frames
+    creature_facing: bool  # a creature's sprite turns to face where it walks (its tile faces up)
     water_period: int     # water switches appearance every this many frames
     num_houses: int       # houses the map generator tries to place
     tileset: tuple[TileStyle, ...]  # one style per tile id, in TILE_NAMES order
@@ -130,6 +138,9 @@ class OverworldConfig:
             raise ValueError(f"world config must be a mapping, got {type(d).__name__}")
         d = dict(d)
         d.setdefault("family", "overworld")
+        # configs written before creatures faced their heading (recordings, checkpoints) describe
+        # a world whose creatures did not
+        d.setdefault("creature_facing", False)
         _exact_keys(d, [f.name for f in fields(cls)], "world config key(s)")
 
         if not isinstance(d["name"], str) or not d["name"]:
@@ -161,6 +172,7 @@ class OverworldConfig:
             scroll=scroll,
             num_creatures=_positive_int(d, "num_creatures", minimum=0),
             creature_period=_positive_int(d, "creature_period"),
+            creature_facing=_bool(d, "creature_facing"),
             water_period=_positive_int(d, "water_period"),
             num_houses=_positive_int(d, "num_houses", minimum=0),
             tileset=tuple(TileStyle.from_dict(tileset[n], n) for n in TILE_NAMES),
