@@ -13,9 +13,11 @@ On world seeds and action scripts never used in training (training seeds start a
                   how much of frame H shows places the first frame (all a free-running
                   rollout is given) never showed
     oracle_directions_psnr_H / _mean_H
-                  the best guess about what no single frame shows, the direction each
-                  creature starts walking in (drawn from the seed): the mean over every
-                  way the creatures may start, exact (`direction_oracle`). It knows
+                  the best guess about what no single frame shows in a world whose
+                  creatures do not face their heading (`world.creature_facing=false`), the
+                  direction each creature starts walking in (drawn from the seed): the mean
+                  over every way the creatures may start, exact (`direction_oracle`); where
+                  they face it, frame 0 shows it, and the oracle is the simulation. It knows
                   everything else (the map included), so in mean squared error no model
                   given one frame can do better. `oracle_directions_expected_psnr_*` is
                   the PSNR of its expected squared error over the ways, rather than of
@@ -239,12 +241,17 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
     (a faithful one: sharp creatures that walk somewhere) pays twice its uncertainty in
     expected squared error, so at least twice the spread. A draw here picks each
     creature's direction at random (generator seeded by `seed`) and composes that world's
-    frames: the score of a faithful generator that knows everything but the directions."""
-    worlds = [BatchOverworld(world_cfg, len(seeds)) for _ in range(4)]
+    frames: the score of a faithful generator that knows everything but the directions.
+
+    Where creatures face their heading (`creature_facing`), frame 0 shows each direction:
+    the one way is the seed's, the oracle is the simulation (spread 0) and so is every draw."""
+    ways = 1 if world_cfg.creature_facing else 4
+    worlds = [BatchOverworld(world_cfg, len(seeds)) for _ in range(ways)]
     for d, w in enumerate(worlds):
         w.reset(seeds)
-        w.point_creatures(d)
-    pick = np.random.default_rng([seed % 2**64, 4]).integers(0, 4, size=(draws, len(seeds), world_cfg.num_creatures))
+        if ways > 1:
+            w.point_creatures(d)
+    pick = np.random.default_rng([seed % 2**64, 4]).integers(0, ways, size=(draws, len(seeds), world_cfg.num_creatures))
     means, spreads, sampled = [], [], []
     for t in range(actions.shape[1]):
         layers = []
@@ -258,10 +265,10 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
         for k in range(first.creatures.shape[1]):
             cover = [torch.from_numpy(x.creature_cover[:, k, ..., None]) for x in layers]
             image = [torch.from_numpy(x.creatures[:, k]).double() for x in layers]
-            m1, m2 = (sum(torch.where(c, i, m1) for c, i in zip(cover, image)) / 4,
-                      sum(torch.where(c, i.square(), m2) for c, i in zip(cover, image)) / 4)
+            m1, m2 = (sum(torch.where(c, i, m1) for c, i in zip(cover, image)) / ways,
+                      sum(torch.where(c, i.square(), m2) for c, i in zip(cover, image)) / ways)
             if draws:
-                hits = np.stack([x.creature_cover[:, k] for x in layers])  # (4, B, V, V)
+                hits = np.stack([x.creature_cover[:, k] for x in layers])  # (ways, B, V, V)
                 owns = np.stack([x.creatures[:, k] for x in layers])
                 for r, frame in enumerate(drawn):
                     way = (pick[r, :, k], np.arange(len(seeds)))  # each sequence's direction for creature k

@@ -126,7 +126,8 @@ def test_per_seed_scores_and_the_standard_error_of_their_mean():
 
 def test_run_on_a_tiny_random_checkpoint(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors", randomise=True)
-    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL]))
+    # a world whose frames hide the creatures' heading, where the oracle is a mean over ways
+    res = run(compose_eval([f"engine.checkpoint={ckpt}", *SMALL_EVAL, "world.creature_facing=false"]))
     for key in KEYS:
         assert key in res, key
         assert isinstance(res[key], float) and math.isfinite(res[key]), (key, res[key])
@@ -411,6 +412,27 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
         simulate(world, [0], actions[:1], creature_direction=np.array([0, 1, 2]))
 
 
+
+def test_where_creatures_face_their_heading_the_oracle_is_the_simulation():
+    """Frame 0 shows every creature's heading: one way, the seed's, so the oracle's frames
+    are the truth, its spread is zero and a faithful draw is the truth too."""
+    from controllers.random_agent import explore_actions
+    from runtime.evaluate import direction_oracle, simulate
+    from worlds.overworld import load_config
+
+    world = load_config("overworld")
+    assert world.creature_facing
+    actions = explore_actions(np.random.default_rng(0), 2, 6)
+    truth, _, _ = simulate(world, [0, 1], actions)
+
+    def score(t, frames):  # (D, B, H, W, 3) -> (1, D, B)
+        return psnr_u8(frames, truth[:, t + 1].expand_as(frames))[None]
+
+    oracle = direction_oracle(world, [0, 1], actions, draws=3, score=score)
+    assert torch.equal(oracle.frames, truth[:, 1:].float())
+    assert oracle.spread.abs().max() == 0
+    assert (oracle.sampled == 60.0).all() and oracle.sampled.shape == (1, 3, 2, 6)
+
 def test_the_layers_compose_to_the_frames():
     """Ground, creatures one by one and the player, drawn in order, are render's frames;
     each creature covers its own box only."""
@@ -446,7 +468,7 @@ def test_the_direction_oracle_is_the_mean_over_every_way_and_its_draws_are_world
     from runtime.evaluate import direction_oracle, frame_mse, simulate
     from worlds.overworld import load_config
 
-    wc = replace(load_config("overworld"), num_creatures=2, creature_period=1)
+    wc = replace(load_config("overworld"), num_creatures=2, creature_period=1, creature_facing=False)
     seeds, steps = [3, 21], 10  # seed 21's creatures cross each other's paths
     actions = explore_actions(np.random.default_rng(2), 2, steps)
     ways = [(a, b) for a in range(4) for b in range(4)]
