@@ -83,13 +83,18 @@ def peak_mb(device: torch.device) -> float:
 
 def commit_id() -> str:
     """The commit of this source tree, or "unknown" when it is not a git checkout of its own
-    (an exported copy inside another repository must not report that repository's HEAD)."""
+    (an exported copy inside another repository must not report that repository's HEAD);
+    "+changes" after it when tracked files differ from that commit (the figures are then
+    not that commit's alone)."""
     root = Path(__file__).resolve().parent.parent
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True).stdout.strip()
         if not top or Path(top).resolve() != root:
             return "unknown"
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True).stdout.strip()
+        return f"{head}+changes" if head and changed else head
     except OSError:
         return "unknown"
 

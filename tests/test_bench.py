@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import compose
@@ -373,3 +374,33 @@ def test_the_bench_records_the_cpu_attention_kernel_it_ran(tmp_path):
             assert res["cpu_attention"] == kernel == cpu_attention_kernel()
     finally:
         set_cpu_attention(before)
+
+
+def test_the_commit_recorded_says_when_the_tree_differs_from_it(tmp_path):
+    """commit_id: the short HEAD of the checkout holding the code, with "+changes" while a
+    tracked file differs from it; untracked files do not count."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    (tmp_path / "runtime").mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "runtime" / "bench.py", tmp_path / "runtime" / "bench.py")
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "runtime/bench.py")
+    git("commit", "-q", "-m", "one")
+    spec = importlib.util.spec_from_file_location("bench_copy", tmp_path / "runtime" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert module.commit_id() == head
+    with open(tmp_path / "runtime" / "bench.py", "a") as f:
+        f.write("# changed\n")
+    assert module.commit_id() == f"{head}+changes"
