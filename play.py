@@ -35,6 +35,7 @@ from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
 from worlds import build_world
 from worlds.actions import ACTIONS
+from worlds.overworld.config import OMITTED_MEANS
 
 WINDOW_KINDS = ("pygame", "headless")
 
@@ -75,8 +76,10 @@ def config_mismatches(recorded: dict[str, Any], cfg: DictConfig) -> list[str]:
     groups = ["world"] + (["attention"] if cfg.engine.get("kind") == "neural" else [])
     out: list[str] = []
     for group in groups:
-        if isinstance(recorded.get(group), dict):
-            out += [f"{key}: recorded {a!r}, now {b!r}" for key, a, b in differences(recorded[group], now.get(group), group)
+        if isinstance(then := recorded.get(group), dict):
+            if group == "world":  # a recording made before a world key existed played it as left out
+                then = {**OMITTED_MEANS, **then}
+            out += [f"{key}: recorded {a!r}, now {b!r}" for key, a, b in differences(then, now.get(group), group)
                     if key not in ("world.name", "attention.name")]  # said on their own
     return out
 

@@ -213,6 +213,30 @@ def test_replay_names_the_world_settings_that_differ_and_a_seed_it_does_not_use(
     assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
 
 
+
+def test_a_recording_from_before_creatures_faced_their_heading_says_so(tmp_path: Path):
+    """A recording whose world config has no creature_facing (made before the key existed)
+    was played without it: replayed in today's world, that is named as the difference, and
+    replaying with world.creature_facing=false is quiet and gives the recorded frames."""
+    import json
+
+    import imageio.v3 as iio
+
+    rec, again = tmp_path / "rec", tmp_path / "again"
+    base = ["engine=simulator", "window=headless"]
+    assert run_play([*base, "controller=scripted", "controller.script=R*4", "max_frames=8", "seed=3",
+                     "world.creature_facing=false", f"record.path={rec}"], cwd=tmp_path).returncode == 0
+    meta = json.loads((rec / "meta.json").read_text())
+    del meta["config"]["world"]["creature_facing"]
+    (rec / "meta.json").write_text(json.dumps(meta))
+    result = run_play([*base, "controller=replay", f"controller.path={rec}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "world.creature_facing: recorded False, now True" in result.stderr
+    quiet = run_play([*base, "controller=replay", f"controller.path={rec}", "world.creature_facing=false",
+                      f"record.path={again}"], cwd=tmp_path)
+    assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
+    assert (iio.imread(rec / "video.mp4") == iio.imread(again / "video.mp4")).all()
+
 def test_a_link_to_nowhere_or_a_file_in_the_way_is_refused_at_start_up(tmp_path: Path):
     """A record.path or record.dir that is (or lies under) a link to nowhere, or under a
     file, is one line and exit code 2 before anything runs (and no traceback)."""

@@ -101,6 +101,10 @@ def _bool(d: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+# What a world config that leaves these keys out means: configs written before creatures
+# faced their heading (recordings, checkpoints) describe a world whose creatures did not.
+OMITTED_MEANS: dict[str, Any] = {"family": "overworld", "creature_facing": False}
+
 MAX_MAP_SIZE = 2048  # tiles a side: a map's noise fields then take about 100 MB to generate
 
 
@@ -136,11 +140,7 @@ class OverworldConfig:
             d = OmegaConf.to_container(d, resolve=True)
         if not isinstance(d, Mapping):
             raise ValueError(f"world config must be a mapping, got {type(d).__name__}")
-        d = dict(d)
-        d.setdefault("family", "overworld")
-        # configs written before creatures faced their heading (recordings, checkpoints) describe
-        # a world whose creatures did not
-        d.setdefault("creature_facing", False)
+        d = {**OMITTED_MEANS, **d}
         _exact_keys(d, [f.name for f in fields(cls)], "world config key(s)")
 
         if not isinstance(d["name"], str) or not d["name"]:
