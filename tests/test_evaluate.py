@@ -412,7 +412,6 @@ def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
         simulate(world, [0], actions[:1], creature_direction=np.array([0, 1, 2]))
 
 
-
 def test_where_creatures_face_their_heading_the_oracle_is_the_simulation():
     """Frame 0 shows every creature's heading: one way, the seed's, so the oracle's frames
     are the truth, its spread is zero and a faithful draw is the truth too."""
@@ -432,6 +431,7 @@ def test_where_creatures_face_their_heading_the_oracle_is_the_simulation():
     assert torch.equal(oracle.frames, truth[:, 1:].float())
     assert oracle.spread.abs().max() == 0
     assert (oracle.sampled == 60.0).all() and oracle.sampled.shape == (1, 3, 2, 6)
+
 
 def test_the_layers_compose_to_the_frames():
     """Ground, creatures one by one and the player, drawn in order, are render's frames;

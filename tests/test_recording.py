@@ -213,7 +213,6 @@ def test_replay_names_the_world_settings_that_differ_and_a_seed_it_does_not_use(
     assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
 
 
-
 def test_a_recording_from_before_creatures_faced_their_heading_says_so(tmp_path: Path):
     """A recording whose world config has no creature_facing (made before the key existed)
     was played without it: replayed in today's world, that is named as the difference, and
@@ -236,6 +235,7 @@ def test_a_recording_from_before_creatures_faced_their_heading_says_so(tmp_path:
                       f"record.path={again}"], cwd=tmp_path)
     assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
     assert (iio.imread(rec / "video.mp4") == iio.imread(again / "video.mp4")).all()
+
 
 def test_a_link_to_nowhere_or_a_file_in_the_way_is_refused_at_start_up(tmp_path: Path):
     """A record.path or record.dir that is (or lies under) a link to nowhere, or under a

@@ -232,7 +232,6 @@ def test_creatures_move_without_entering_blocking_tiles():
     np.testing.assert_array_equal(again.creature_pos, world.creature_pos)
 
 
-
 def creature_sprites_drawn(world: BatchOverworld) -> list[np.ndarray]:
     """Each creature of world 0 drawn alone on black: (V, V, 3) each."""
     layers = world.render_layers()
@@ -253,8 +252,8 @@ def test_creatures_face_where_they_walk():
     world = BatchOverworld(cfg, 1)
     world.reset([3])
     tile = world._drawn[0][0, CREATURE]  # (T, T, 3): the creature tile as drawn, unturned
-    turned = 0
-    for t in range(200):
+    turned = checked = 0
+    for _ in range(200):
         heading = world._creatures.direction[0].copy()
         for k, alone in enumerate(creature_sprites_drawn(world)):
             y, x = world.creature_view_pos[0, k]
@@ -264,10 +263,11 @@ def test_creatures_face_where_they_walk():
             expected = np.rot90(tile, -int(heading[k]))
             opaque = (expected != TRANSPARENT).any(-1)
             np.testing.assert_array_equal(box[opaque], expected[opaque])
+            checked += 1
         before = world._creatures.direction.copy()
         world.step(np.array([IDLE]))
         turned += int((world._creatures.direction != before).sum())
-    assert turned > 0  # the sprites were seen to turn
+    assert checked > 0 and turned > 0  # sprites were seen, and seen to turn
     # one frame tells the heading: the four ways a creature may start draw four first frames
     firsts = []
     for d in range(4):
@@ -291,6 +291,7 @@ def test_creature_facing_defaults_to_false_for_configs_written_before_it():
     assert OverworldConfig.from_dict(d).creature_facing is False
     with pytest.raises(ValueError, match="world.creature_facing must be true or false, got 'yes'"):
         OverworldConfig.from_dict(world_dict(creature_facing="yes"))
+
 
 # ------------------------------------------------------------- configs and tile sets
 def test_world_configs_load_and_have_different_tile_sets():
