@@ -33,9 +33,8 @@ from runtime.configs import (check_config_files, check_creatable, cli_errors, co
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording
-from worlds import build_world
+from worlds import build_world, world_settings
 from worlds.actions import ACTIONS
-from worlds.overworld.config import OMITTED_MEANS
 
 WINDOW_KINDS = ("pygame", "headless")
 
@@ -76,10 +75,11 @@ def config_mismatches(recorded: dict[str, Any], cfg: DictConfig) -> list[str]:
     groups = ["world"] + (["attention"] if cfg.engine.get("kind") == "neural" else [])
     out: list[str] = []
     for group in groups:
-        if isinstance(then := recorded.get(group), dict):
-            if group == "world":  # a recording made before a world key existed played it as left out
-                then = {**OMITTED_MEANS, **then}
-            out += [f"{key}: recorded {a!r}, now {b!r}" for key, a, b in differences(then, now.get(group), group)
+        then, current = recorded.get(group), now.get(group)
+        if isinstance(then, dict):
+            if group == "world" and isinstance(current, dict):  # keys left out, as the world reads them
+                then, current = world_settings(then), world_settings(current)
+            out += [f"{key}: recorded {a!r}, now {b!r}" for key, a, b in differences(then, current, group)
                     if key not in ("world.name", "attention.name")]  # said on their own
     return out
 

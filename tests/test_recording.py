@@ -235,6 +235,8 @@ def test_a_recording_from_before_creatures_faced_their_heading_says_so(tmp_path:
                       f"record.path={again}"], cwd=tmp_path)
     assert quiet.returncode == 0 and "note:" not in quiet.stderr, quiet.stderr
     assert (iio.imread(rec / "video.mp4") == iio.imread(again / "video.mp4")).all()
+    left_out = run_play([*base, "controller=replay", f"controller.path={rec}", "~world.creature_facing"], cwd=tmp_path)
+    assert left_out.returncode == 0 and "note:" not in left_out.stderr, left_out.stderr  # the same world
 
 
 def test_a_link_to_nowhere_or_a_file_in_the_way_is_refused_at_start_up(tmp_path: Path):

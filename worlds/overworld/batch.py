@@ -212,7 +212,8 @@ class BatchOverworld:
         """Point the creatures in `direction` (an index into creatures.COMPASS: 0 up,
         1 right, 2 down, 3 left), as if each had been spawned facing it: one for all, or
         one per creature ((K,) or (B, K)). (What-if runs for evaluation: a creature's first
-        direction is drawn from the seed and no single frame shows it.)"""
+        direction is drawn from the seed, and in a world whose creatures do not face their
+        heading no single frame shows it.)"""
         d = np.asarray(direction)
         if not np.issubdtype(d.dtype, np.integer) or d.size == 0 or d.min() < 0 or d.max() > 3:
             raise ValueError(f"direction={direction!r}; expected 0, 1, 2 or 3 (up, right, down, left)")
