@@ -132,9 +132,7 @@ def seed_given() -> Any:
 
 def frame_limit(cfg: DictConfig, controller: Any) -> int | None:
     """max_frames, capped by what the controller has to give (a replay's length)."""
-    limit = cfg.max_frames
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"max_frames must be null or an integer >= 0, got {limit!r}")
+    limit = config_int(cfg.max_frames, "max_frames", minimum=0, optional=True)
     if controller.num_frames is not None:
         limit = controller.num_frames if limit is None else min(limit, controller.num_frames)
     return limit

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controllers.scripted import ActionSequence
+from runtime.configs import is_int
 from worlds.actions import ACTIONS, NUM_ACTIONS
 
 
@@ -41,24 +42,19 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     # the fields replay relies on: the seed, whether the recording was closed, its length
     seed = meta.get("seed")
-    if not _is_int(seed):
+    if not is_int(seed):
         got = "nothing" if "seed" not in meta else repr(seed)
         raise ValueError(f"{meta_path}: 'seed' must be an integer, got {got}")
     if "complete" in meta and not isinstance(meta["complete"], bool):
         raise ValueError(f"{meta_path}: 'complete' must be true or false, got {meta['complete']!r}")
     if "num_frames" in meta:
         num_frames = meta["num_frames"]
-        if not _is_int(num_frames) or num_frames < 0:
+        if not is_int(num_frames) or num_frames < 0:
             raise ValueError(f"{meta_path}: 'num_frames' must be an integer >= 0, got {num_frames!r}")
     elif meta.get("complete") is True:
         raise ValueError(f"{meta_path}: 'num_frames' must be an integer >= 0 (the length of a closed "
                          f"recording, complete: true), got nothing")
     return meta
-
-
-def _is_int(value: Any) -> bool:
-    """An integer, and not a bool (which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_actions(path: Path, cut_tail_ok: bool = False) -> list[int]:
@@ -89,13 +85,13 @@ def read_actions(path: Path, cut_tail_ok: bool = False) -> list[int]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {line[:80]!r}")
         frame = row.get("frame")
-        if not _is_int(frame) or frame != len(actions):
+        if not is_int(frame) or frame != len(actions):
             raise ValueError(f"{where}: expected frame {len(actions)}, got {frame!r}")
         if "action" not in row and "action_id" not in row:
             raise ValueError(f"{where}: expected an action_id in 0..{NUM_ACTIONS - 1} or an action "
                              f"name in {list(ACTIONS)}, got {line[:80]!r}")
         action_id = row.get("action_id")
-        if "action_id" in row and (not _is_int(action_id) or not 0 <= action_id < NUM_ACTIONS):
+        if "action_id" in row and (not is_int(action_id) or not 0 <= action_id < NUM_ACTIONS):
             raise ValueError(f"{where}: action_id must be an integer in 0..{NUM_ACTIONS - 1}, got {action_id!r}")
         name = row.get("action")
         if "action" in row and name not in ACTIONS:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from runtime.model import ModelConfig, WorldModel
 
@@ -26,22 +25,10 @@ def save_checkpoint(path: str | Path, model: WorldModel, info: dict | None = Non
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "model_config": json.dumps(model.cfg.to_dict()), "info": json.dumps(info or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o666 & ~process_umask())  # as any file the user makes (the writer leaves it private)
+    # written by open(), so its mode is any file's the user makes (the library's own writer
+    # leaves the file private); a checkpoint is tens of MB, fine to hold in memory once
+    tmp.write_bytes(save(tensors, metadata=meta))
     tmp.replace(path)
-
-
-def process_umask() -> int:
-    """This process's umask, read without setting it (setting it, even back, would leave
-    other threads a moment with another one); 0o022 where the system does not say."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 def file_sha256(path: str | Path) -> str:

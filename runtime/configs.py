@@ -32,6 +32,11 @@ def compose_config(name: str = "config", overrides: list[str] | None = None):
         return compose(config_name=name, overrides=list(overrides or []))
 
 
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _matches(value: Any, tp: Any) -> bool:
     """Is `value` (plain YAML data) of the annotated type `tp`? Types the check does not
     know are left to the class that uses them."""
@@ -45,7 +50,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is str:
@@ -117,7 +122,7 @@ def config_int(value: Any, name: str, minimum: int | None = None, optional: bool
     `minimum`; ValueError naming `name` otherwise."""
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+    if not is_int(value) or (minimum is not None and value < minimum):
         expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
         raise ValueError(f"{name} must be {'null or ' if optional else ''}{expected}, got {value!r}")
     return value
