@@ -125,10 +125,12 @@ from runtime.sparse import AttentionConfig
 from runtime.tempcache import TempCache
 from worlds.actions import DOWN, IDLE, LEFT, RIGHT, UP
 from worlds.overworld import BatchOverworld, OverworldConfig
+from worlds.overworld.batch import Layers
 
 
 def psnr_u8(a: torch.Tensor, b: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
-    """uint8 (..., H, W, 3) pairs -> PSNR per frame (...), capped."""
+    """(..., H, W, 3) pairs of frames in [0, 255] (uint8, or a float mean of such frames) ->
+    PSNR per frame (...), capped."""
     return psnr(a, b, cap, value_range=255.0)
 
 
@@ -153,9 +155,11 @@ def ssim_u8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(-1).reshape(lead)
 
 
-def simulate(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray, creature_direction: int | None = None):
+def simulate(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray,
+             creature_direction: int | np.ndarray | None = None):
     """Ground truth: frames (B, T+1, H, W, 3) uint8 (index 0 = reset) and positions (B, T+1, 2).
-    `creature_direction`: every creature starts walking that way instead (what-if runs)."""
+    `creature_direction`: the creatures start walking that way instead, as
+    `BatchOverworld.point_creatures` takes it (what-if runs)."""
     w = BatchOverworld(world_cfg, len(seeds))
     frames = [w.reset(seeds)]
     if creature_direction is not None:
@@ -199,12 +203,12 @@ def unseen_fraction(pos: np.ndarray, view: int) -> torch.Tensor:
 
 
 def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
-    """uint8 (..., H, W, 3) pairs -> PSNR per frame (...) over the pixels where `mask`
-    (..., H, W) is true, capped; NaN for a frame with no such pixel."""
+    """(..., H, W, 3) pairs of frames in [0, 255] -> PSNR per frame (...) over the pixels
+    where `mask` (..., H, W) is true, capped; NaN for a frame with no such pixel."""
     se = ((a.float() - b.float()) / 255.0).pow(2).mean(-1)
     n = mask.sum((-2, -1))
-    mse = (se * mask).sum((-2, -1)) / n.clamp_min(1)
-    return torch.where(n > 0, psnr_of_mse(mse, cap), float("nan"))
+    err = (se * mask).sum((-2, -1)) / n.clamp_min(1)
+    return torch.where(n > 0, psnr_of_mse(err, cap), float("nan"))
 
 
 @dataclass
@@ -251,7 +255,9 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
         w.reset(seeds)
         if ways > 1:
             w.point_creatures(d)
-    pick = np.random.default_rng([seed % 2**64, 4]).integers(0, ways, size=(draws, len(seeds), world_cfg.num_creatures))
+    made = min(draws, 1) if ways == 1 else draws  # with one way every draw is the same: made once
+    pick = np.random.default_rng([seed % 2**64, 4]).integers(0, ways, size=(made, len(seeds), world_cfg.num_creatures))
+    seq, kth = np.arange(len(seeds))[:, None], np.arange(world_cfg.num_creatures)[None, :]
     means, spreads, sampled = [], [], []
     for t in range(actions.shape[1]):
         layers = []
@@ -261,26 +267,24 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
         first = layers[0]  # the ground and the player are the same in every run
         m1 = torch.from_numpy(first.ground).double()
         m2 = m1.square()
-        drawn = [first.ground.copy() for _ in range(draws)]
         for k in range(first.creatures.shape[1]):
             cover = [torch.from_numpy(x.creature_cover[:, k, ..., None]) for x in layers]
             image = [torch.from_numpy(x.creatures[:, k]).double() for x in layers]
             m1, m2 = (sum(torch.where(c, i, m1) for c, i in zip(cover, image)) / ways,
                       sum(torch.where(c, i.square(), m2) for c, i in zip(cover, image)) / ways)
-            if draws:
-                hits = np.stack([x.creature_cover[:, k] for x in layers])  # (ways, B, V, V)
-                owns = np.stack([x.creatures[:, k] for x in layers])
-                for r, frame in enumerate(drawn):
-                    way = (pick[r, :, k], np.arange(len(seeds)))  # each sequence's direction for creature k
-                    drawn[r] = np.where(hits[way][..., None], owns[way], frame)
         top = torch.from_numpy(first.player_cover[..., None])
         player = torch.from_numpy(first.player).double()
         m1, m2 = torch.where(top, player, m1), torch.where(top, player.square(), m2)
         means.append(m1.float())
         spreads.append(((m2 - m1.square()).clamp_min(0) / 255.0**2).flatten(1).mean(1).float())
-        if draws and score is not None:
-            frames = np.stack([np.where(first.player_cover[..., None], first.player, f) for f in drawn])
-            sampled.append(score(t, torch.from_numpy(frames)))
+        if made and score is not None:
+            images = np.stack([x.creatures for x in layers])  # (ways, B, K, V, V, 3)
+            covers = np.stack([x.creature_cover for x in layers])
+            # each draw: every sequence's creature k walks its drawn way (pick (B, K))
+            frames = np.stack([Layers(first.ground, images[p, seq, kth], covers[p, seq, kth], first.player,
+                                      first.player_cover).compose() for p in pick])
+            scores = score(t, torch.from_numpy(frames))  # (S, made, B)
+            sampled.append(scores.expand(-1, draws, -1))
     return DirectionOracle(torch.stack(means, 1), torch.stack(spreads, 1),
                            torch.stack(sampled, -1) if sampled else torch.zeros(0, draws, len(seeds), actions.shape[1]))
 
@@ -290,10 +294,10 @@ def frame_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return mse(a, b, value_range=255.0)
 
 
-def pooled_psnr(mse: torch.Tensor) -> torch.Tensor:
+def pooled_psnr(err: torch.Tensor) -> torch.Tensor:
     """(B, T) squared errors -> (T,) PSNR of their mean over the sequences: the score of
     the pooled error, where the average PSNR is the mean of each sequence's score."""
-    return psnr_of_mse(mse.mean(0))
+    return psnr_of_mse(err.mean(0))
 
 
 BLIND_SEED = 7 * 10**7  # the other maps of `blind_frames`: far from the evaluation's and training's seeds
@@ -603,16 +607,16 @@ def tile_psnr(frames: torch.Tensor, atlases: torch.Tensor, tile: int, skip: tupl
             ny, nx = (h - oy) // tile, (w - ox) // tile
             cells = x[:, :, oy:oy + ny * tile, ox:ox + nx * tile].reshape(b, t, ny, tile, nx, tile, 3)
             cells = cells.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, t, ny * nx, -1)  # (B, T, N, tile*tile*3)
-            mse = (torch.cdist(cells, tiles) ** 2).min(-1).values / cells.shape[-1]  # (B, T, N)
+            err = (torch.cdist(cells, tiles) ** 2).min(-1).values / cells.shape[-1]  # (B, T, N)
             keep = torch.ones(ny, nx, dtype=torch.bool)
             if skip is not None:
                 y0, x0 = oy + torch.arange(ny) * tile, ox + torch.arange(nx) * tile
                 rows = (y0 < skip[0] + tile) & (y0 + tile > skip[0])
                 cols = (x0 < skip[1] + tile) & (x0 + tile > skip[1])
                 keep = ~(rows[:, None] & cols[None, :])
-            mse = mse[..., keep.flatten()].mean(-1)  # (B, T)
-            best = mse if best is None else torch.minimum(best, mse)
-    return (10 * torch.log10(255.0**2 / best.clamp_min(1e-10))).clamp(max=60.0)
+            err = err[..., keep.flatten()].mean(-1)  # (B, T)
+            best = err if best is None else torch.minimum(best, err)
+    return psnr_of_mse(best / 255.0**2)
 
 
 def walk(rollout: Rollout, world_cfg: OverworldConfig, seeds: list[int], frames: int, seed: int) -> dict:

@@ -146,15 +146,19 @@ class BatchOverworld:
     # ---------------------------------------------------------------- render
     def render(self) -> np.ndarray:
         """Frames of the current state, (B, V, V, 3) uint8."""
-        view = self.cfg.view
-        cam = self._pos - self._player_view  # (B, 2) padded-map pixel of the view's top-left
-        atlas = self._drawn[(self.frame_index // self.cfg.water_period) % 2]  # (B, 16, T, T, 3)
-        frames = render_terrain(self._maps, atlas, cam, view)  # (B, V, V, 3)
+        cam, atlas, p = self._view()
+        frames = render_terrain(self._maps, atlas, cam, self.cfg.view)  # (B, V, V, 3)
         for k in range(self.cfg.num_creatures):
             draw_sprites(frames, *self._creature_sprite(k), self._creatures.pos[:, k] - cam)
-        p = slice(self._player_view, self._player_view + self.cfg.tile)
         frames[:, p, p] = np.where(self._opaque[:, PLAYER, ..., None], atlas[:, PLAYER], frames[:, p, p])
         return frames
+
+    def _view(self) -> tuple[np.ndarray, np.ndarray, slice]:
+        """What a render starts from: the padded-map pixel of the view's top-left (B, 2), the
+        tile images of this water phase (B, 16, T, T, 3), and the player's rows and columns."""
+        cam = self._pos - self._player_view
+        atlas = self._drawn[(self.frame_index // self.cfg.water_period) % 2]
+        return cam, atlas, slice(self._player_view, self._player_view + self.cfg.tile)
 
     def _creature_sprite(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Creature k's sprite in each world, (B, T, T, 3), and where it is opaque, (B, T, T):
@@ -168,8 +172,7 @@ class BatchOverworld:
         the ground, each creature alone and the player (`Layers`; `Layers.compose` gives
         `render`'s frames back). (For evaluation: frames mixed from other states.)"""
         b, view, k = self.batch_size, self.cfg.view, self.cfg.num_creatures
-        cam = self._pos - self._player_view
-        atlas = self._drawn[(self.frame_index // self.cfg.water_period) % 2]
+        cam, atlas, p = self._view()
         images = np.zeros((b, k, view, view, 3), dtype=np.uint8)
         covers = np.zeros((b, k, view, view), dtype=bool)
         for i in range(k):
@@ -177,7 +180,6 @@ class BatchOverworld:
             sprite, opaque = self._creature_sprite(i)
             draw_sprites(images[:, i], sprite, opaque, top_left)
             draw_sprites(covers[:, i], opaque, opaque, top_left)
-        p = slice(self._player_view, self._player_view + self.cfg.tile)
         player = np.zeros((b, view, view, 3), dtype=np.uint8)
         player_cover = np.zeros((b, view, view), dtype=bool)
         player[:, p, p] = atlas[:, PLAYER]
