@@ -379,8 +379,9 @@ def test_a_moved_view_shows_the_map_shifted():
     assert np.array_equal(moved[0, :t, : v - t], frame[0, :t, t:])  # the top row of tiles, shifted
     assert not np.array_equal(moved, frame)
     assert np.array_equal(w.render(), frame)
-    far = w.render_view_moved(np.array([[10**6, -(10**6)]]))  # kept on the map
+    far = w.render_view_moved(np.array([[10**6, -(10**6)]]))  # kept on the map: at its corner
     assert far.shape == frame.shape
+    assert np.array_equal(far, w.render_view_moved(np.array([[2 * 10**6, -2 * 10**6]])))
 
 
 def test_the_direction_oracle_knows_all_but_the_creatures_first_directions():
@@ -448,12 +449,14 @@ def test_the_layers_compose_to_the_frames():
         frames = w.step(actions[:, t])
         layers = w.render_layers()
         assert np.array_equal(layers.compose(), frames)
-        ys, xs = np.nonzero(layers.creature_cover[0, 0])
-        if len(ys):
-            shown += 1
-            top = w.creature_view_pos[0, 0]
-            assert ys.min() >= top[0] and ys.max() < top[0] + world.tile
-            assert xs.min() >= top[1] and xs.max() < top[1] + world.tile
+        for b in range(3):
+            for k in range(world.num_creatures):
+                ys, xs = np.nonzero(layers.creature_cover[b, k])
+                if len(ys):
+                    shown += 1
+                    top = w.creature_view_pos[b, k]
+                    assert ys.min() >= top[0] and ys.max() < top[0] + world.tile
+                    assert xs.min() >= top[1] and xs.max() < top[1] + world.tile
     assert shown > 0  # the box check ran
 
 
