@@ -2,8 +2,9 @@
 
 A keymap comes from config, e.g. `{right: [right, d], place: [space]}`. Key names are
 SDL's lower-case names as printed by `pygame.key.name` ("right", "w", "space", "f12",
-"escape") or a single printable character ("?"). This module does not import pygame:
-callers translate an event into its key name and typed character first.
+"escape") or a single printable character ("?"). Matching a key needs no pygame:
+callers translate an event into its key name and typed character first (pygame is
+imported only to check a keymap's names, `sdl_name`, where it is installed).
 """
 from __future__ import annotations
 

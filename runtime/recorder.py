@@ -72,8 +72,10 @@ class Recorder:
         self.closed = True
         finished = False
         try:
-            self._actions.close()
-            self._video.close()
+            try:
+                self._actions.close()
+            finally:  # the video is finished even when the action log cannot be
+                self._video.close()
             finished = True
         finally:  # a video that could not be finished (a full disk) is not called complete
             self.meta["num_frames"] = self.num_frames
