@@ -29,6 +29,14 @@ Memory steps are shared by the batch (its worlds step together). With probabilit
 contiguous context); otherwise distinct steps drawn with probability proportional to
 1/distance over the whole past of the episode, so near and far both occur. Episodes
 start with M warm-up steps so that every window has M steps behind it.
+
+With probability `start_prob` a batch is instead a *start window*: fresh worlds from
+their reset, x_0 the reset frame (its previous frames are itself, its action idle) and
+no memory keys, so the context is the reset frame alone, as when generation starts. A
+world's first steps after a reset follow rules no later window shows (every creature
+starts a new leg, so it walks straight for at least its shortest leg); windows cut from
+the middle of an episode never teach them. Start windows come from worlds of their own:
+the long episodes, and their memory, are left as they are.
 """
 from __future__ import annotations
 
@@ -52,6 +60,7 @@ class DataConfig:
     memory_frames: int = 0       # earlier frames of the trajectory given as extra context
     memory_recent_prob: float = 0.25  # memory = the steps just before the window
     prev_frames: int = 1         # previous frames each frame's tokens carry (the model's)
+    start_prob: float = 0.0      # batches that are start windows (fresh worlds from their reset, no memory)
 
     def __post_init__(self):
         if self.prev_frames < 1:
@@ -60,6 +69,8 @@ class DataConfig:
             raise ValueError(f"train.data.memory_frames={self.memory_frames!r}; expected an integer >= 0")
         if not 0.0 <= self.memory_recent_prob <= 1.0:
             raise ValueError(f"train.data.memory_recent_prob={self.memory_recent_prob!r}; expected a probability in [0, 1]")
+        if not 0.0 <= self.start_prob <= 1.0:
+            raise ValueError(f"train.data.start_prob={self.start_prob!r}; expected a probability in [0, 1]")
 
 
 class WindowStream:
@@ -71,22 +82,28 @@ class WindowStream:
         self.rng = np.random.default_rng(cfg.seed_base + 7919 * rank)
         self.rank = rank
         self.world = BatchOverworld(world_cfgs[0], cfg.env_batch)
+        self.starter = BatchOverworld(world_cfgs[0], cfg.env_batch) if cfg.start_prob > 0 else None
         self._windows_left = 0
 
-    def _new_episode(self) -> None:
+    def _fresh_worlds(self, world: BatchOverworld) -> tuple[np.ndarray, np.ndarray]:
+        """Reset `world` with new seeds and tile sets; returns (prompts, first frames)."""
         cfg = self.cfg
-        b, m = cfg.env_batch, cfg.memory_frames
-        seeds = self.rng.integers(cfg.seed_base, 2**31 - 1, size=b)
+        seeds = self.rng.integers(cfg.seed_base, 2**31 - 1, size=cfg.env_batch)
         atlases = []
-        for _ in range(b):
+        for _ in range(cfg.env_batch):
             if self.rng.random() < cfg.random_tileset_prob:
                 atlases.append(random_tileset(self.rng))
             else:
                 wc = self.world_cfgs[self.rng.integers(len(self.world_cfgs))]
                 atlases.append(build_atlas(wc.tileset))
-        self.atlases = np.stack(atlases)
-        self.prompts = np.stack([atlas_to_prompt(a) for a in self.atlases])
-        first = self.world.reset([int(s) for s in seeds], self.atlases)
+        atlases = np.stack(atlases)
+        prompts = np.stack([atlas_to_prompt(a) for a in atlases])
+        return prompts, world.reset([int(s) for s in seeds], atlases)
+
+    def _new_episode(self) -> None:
+        cfg = self.cfg
+        b, m = cfg.env_batch, cfg.memory_frames
+        self.prompts, first = self._fresh_worlds(self.world)
         steps = m + (cfg.frames + 1) * cfg.episode_windows
         self.actions = explore_actions(self.rng, b, steps)
         self._t = 0
@@ -116,7 +133,28 @@ class WindowStream:
         picked = self.rng.choice(distance, size=m, replace=False, p=p / p.sum())
         return np.sort(last + 1 - picked)
 
+    def start_window(self) -> dict[str, torch.Tensor]:
+        """A start window (see the module docstring): x_{-K} .. x_0 the reset frame, the
+        actions of x_{-1} and x_0 idle, x_1 .. x_{F-1} the worlds' first steps."""
+        f, k = self.cfg.frames, self.cfg.prev_frames
+        prompts, first = self._fresh_worlds(self.starter)
+        acts = np.zeros((self.cfg.env_batch, f + 1), dtype=np.int64)
+        acts[:, 2:] = explore_actions(self.rng, self.cfg.env_batch, f - 1)
+        frames = [first] * (k + 1)
+        creatures = [self.starter.creature_view_pos.copy()] * (k + 1)
+        for i in range(2, f + 1):
+            frames.append(self.starter.step(acts[:, i]))
+            creatures.append(self.starter.creature_view_pos.copy())
+        return {
+            "frames": torch.from_numpy(np.stack(frames, axis=1)),
+            "actions": torch.from_numpy(acts),
+            "prompt": torch.from_numpy(prompts.astype(np.float32)),
+            "creatures": torch.from_numpy(np.stack(creatures, axis=1)),
+        }
+
     def next(self) -> dict[str, torch.Tensor]:
+        if self.starter is not None and self.rng.random() < self.cfg.start_prob:
+            return self.start_window()
         if self._windows_left == 0:
             self._new_episode()
         f = self.cfg.frames

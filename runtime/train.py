@@ -447,12 +447,19 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
         prefetch_factor=4 if int(tc.workers) > 0 else None,
     )
     micro = int(tc.batch_size) // dcfg.env_batch  # >= 1: check_train_settings
-    if str(tc.attention) == "flex" and device.type == "cuda":
-        train_attn = FlexSelfAttention(dcfg.frames, mcfg.tokens_per_frame, device, dcfg.memory_frames)
-    elif str(tc.attention) in ("flex", "sdpa"):
-        train_attn = MaskedSelfAttention(teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device, dcfg.memory_frames))
-    else:
+    if str(tc.attention) not in ("flex", "sdpa"):
         raise ValueError(f"train.attention={tc.attention!r}; expected 'flex' (GPU) or 'sdpa'")
+
+    def attention_over(memory: int):
+        if str(tc.attention) == "flex" and device.type == "cuda":
+            return FlexSelfAttention(dcfg.frames, mcfg.tokens_per_frame, device, memory)
+        return MaskedSelfAttention(teacher_forcing_mask(dcfg.frames, mcfg.tokens_per_frame, device, memory))
+
+    # start windows (train.data.start_prob) carry no memory frames: their own mask
+    attn_of = {dcfg.memory_frames: attention_over(dcfg.memory_frames)}
+    if dcfg.memory_frames and dcfg.start_prob > 0:
+        attn_of[0] = attention_over(0)
+    train_attn = attn_of[dcfg.memory_frames]
     if bool(tc.compile):
         for blk in [*model.blocks, *(teacher.blocks if teacher is not None else [])]:
             blk.compile(dynamic=False)  # regional compilation: each block's forward, one code shared by all
@@ -463,10 +470,10 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
         # many times slower
         dyn = torch._dynamo.config
         limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # the older name
-        # (a distillation teacher's blocks add one entry each)
-        setattr(dyn, limit, max(getattr(dyn, limit), 6 * len(model.blocks)))
+        # (a distillation teacher's blocks add one entry each; start windows, shorter, one more each)
+        setattr(dyn, limit, max(getattr(dyn, limit), 8 * len(model.blocks)))
     eval_batch = next(iter(torch.utils.data.DataLoader(
-        WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch)})),
+        WindowDataset(world_cfgs, DataConfig(**{**asdict(dcfg), "seed_base": 17, "env_batch": min(16, dcfg.env_batch), "start_prob": 0.0})),
         batch_size=None)))
     out = Path(str(cfg.out))
     if rank == 0:
@@ -531,6 +538,7 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
         for _ in range(micro):
             batch = next(it)
             b = batch["frames"].shape[0]
+            train_attn = attn_of[batch["memory"].shape[1] if "memory" in batch else 0]
             ctx_sigma = torch.rand(b, generator=gen, device=device) * float(tc.context_noise_max)
             ctx_sigma = ctx_sigma * (torch.rand(b, generator=gen, device=device) < float(tc.context_noise_prob))
             t_tgt = sample_times(b, dcfg.frames - 1, grid, gen, device, float(tc.grid_prob))

@@ -52,11 +52,13 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- smoke runs
 
 
-@pytest.mark.parametrize("memory, focus", [(0, 0), (3, 4)])
-def test_cpu_smoke_run(tmp_path, memory, focus):
+@pytest.mark.parametrize("memory, focus, start", [(0, 0, 0.0), (3, 4, 0.0), (3, 0, 1.0)])
+def test_cpu_smoke_run(tmp_path, memory, focus, start):
+    """(start 1: every batch a start window, without the memory frames the mask expects)"""
     from runtime.train import train
 
-    cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}", f"train.focus_weight={focus}"])
+    cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}", f"train.focus_weight={focus}",
+                                 f"train.data.start_prob={start}"])
     res = train(cfg)
     assert res["steps"] == 2
     ckpt, log = tmp_path / "model.safetensors", tmp_path / "log.jsonl"
@@ -353,22 +355,28 @@ def test_memory_mask_is_the_documented_picture():
     assert torch.equal(mask_mod(0, 0, q, kv), want.repeat_interleave(3, 0).repeat_interleave(3, 1))
 
 
-@pytest.mark.parametrize("recent_prob, k", [(0.0, 1), (1.0, 1), (0.0, 3)])
-def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k):
+@pytest.mark.parametrize("recent_prob, k, start", [(0.0, 1, 0.0), (1.0, 1, 0.0), (0.0, 3, 0.0), (0.0, 2, 0.5)])
+def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k, start):
     """Memory frames, their K previous frames and actions, and the K frames before x_0
-    are the trajectory's own frames."""
+    are the trajectory's own frames; start windows between them (`start_prob`) leave
+    the trajectory as it was."""
     from runtime.data import DataConfig, WindowStream
     from worlds.overworld import load_config
 
     f, m = 4, 3
     cfg = DataConfig(env_batch=2, frames=f, episode_windows=6, memory_frames=m, memory_recent_prob=recent_prob,
-                     reset_like_prob=0.0, prev_frames=k)
+                     reset_like_prob=0.0, prev_frames=k, start_prob=start)
     stream = WindowStream([load_config("overworld")], cfg, rank=0)
     frames_seen: list[np.ndarray] = []  # every window's frames in order: one trajectory
     actions_seen: list[np.ndarray] = []  # the action that produced each of them
-    checked = earlier_checked = 0
-    for _ in range(cfg.episode_windows):
+    checked = earlier_checked = starts = 0
+    windows = 0
+    while windows < cfg.episode_windows:
         w = stream.next()
+        if "memory" not in w:  # a start window, from worlds of its own
+            starts += 1
+            continue
+        windows += 1
         index = w["memory_index"].numpy()
         assert index.shape == (m,) and (np.diff(index) > 0).all() and index.max() <= -1
         assert w["frames"].shape[1] == f + k and w["memory_prev"].shape[:3] == (2, m, k)
@@ -392,6 +400,38 @@ def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k)
                 checked += 1
     assert checked >= m * (cfg.episode_windows - 2)
     assert earlier_checked == (k - 1) * (cfg.episode_windows - 1)
+    assert (starts > 0) == (start > 0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_start_windows_are_fresh_worlds_from_their_reset(k):
+    """A start window is its worlds' reset frame (as x_{-K} .. x_0, the actions of x_{-1}
+    and x_0 idle) and then the frames those worlds show under the window's actions, with
+    no memory; its creatures are where they are drawn."""
+    from runtime.data import DataConfig, WindowStream
+    from worlds.overworld import BatchOverworld, load_config
+
+    f = 6
+    wc = load_config("overworld")
+    cfg = DataConfig(env_batch=3, frames=f, memory_frames=2, prev_frames=k, start_prob=1.0)
+    stream = WindowStream([wc], cfg, rank=0)
+    resets = []
+    reset = stream.starter.reset
+    stream.starter.reset = lambda seeds, atlases: resets.append((seeds, atlases.copy())) or reset(seeds, atlases)
+    for _ in range(2):
+        w = stream.next()
+        assert set(w) == {"frames", "actions", "prompt", "creatures"}
+        assert w["frames"].shape[1] == f + k and w["actions"].shape[1] == f + 1
+        assert (w["actions"][:, :2] == 0).all() and (w["actions"][:, 2:] != 0).any()
+        seeds, atlases = resets[-1]
+        world = BatchOverworld(wc, cfg.env_batch)
+        first = world.reset(seeds, atlases)
+        for j in range(k + 1):
+            np.testing.assert_array_equal(w["frames"][:, j].numpy(), first)
+        for i in range(2, f + 1):
+            np.testing.assert_array_equal(w["frames"][:, k + i - 1].numpy(), world.step(w["actions"][:, i].numpy()))
+            np.testing.assert_array_equal(w["creatures"][:, k + i - 1].numpy(), world.creature_view_pos)
+    assert len(resets) == 2 and resets[0][0] != resets[1][0]  # new worlds each time
 
 
 def test_k_previous_frames_at_an_episode_start_and_in_reset_like_windows():
@@ -499,6 +539,7 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     ("train.steps=many", "train.steps='many'; expected an integer"),
     ("train.data.memory_frames=-1", "train.data.memory_frames=-1; expected an integer >= 0"),
     ("train.data.memory_recent_prob=2", "train.data.memory_recent_prob=2; expected a probability in [0, 1]"),
+    ("train.data.start_prob=-0.5", "train.data.start_prob=-0.5; expected a probability in [0, 1]"),
     ("train.lr=fast", "train.lr='fast'; expected a number"),
     ("train.bf16=maybe", "train.bf16 must be true or false, got 'maybe'"),
     ("train.attention=foo", "train.attention='foo'; expected 'flex' or 'sdpa'"),
