@@ -169,7 +169,7 @@ def build(cfg: DictConfig) -> Session:
         strict_dataclass(HeadlessConfig, cfg.window, "window (headless)")
     if isinstance(cfg.record.fps, bool) or not isinstance(cfg.record.fps, (int, float)) or cfg.record.fps <= 0:
         raise ValueError(f"record.fps must be a number > 0, got {cfg.record.fps!r}")
-    config_int(cfg.seed, "seed")
+    asked_seed = config_int(cfg.seed, "seed")
     controller = build_controller(cfg)
     check_record_path(cfg.record.path, cfg.record.get("overwrite", False),
                       cfg.controller.get("path") if cfg.controller.get("kind") == "replay" else None)
@@ -196,7 +196,7 @@ def build(cfg: DictConfig) -> Session:
         more = config_mismatches(meta["config"], cfg)
         differ += more[:8] + ([f"and {len(more) - 8} more settings"] if len(more) > 8 else [])
     given = seed_given()
-    if meta and given is not None and given != str(seed):
+    if meta and given is not None and asked_seed != seed:  # as numbers: seed=+4 asks for 4
         print(f"play.py: note: seed={given} is not used: a replay plays the recording's seed, {seed}",
               file=sys.stderr, flush=True)
     if differ:
