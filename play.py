@@ -28,8 +28,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from controllers import build_controller
-from runtime.configs import (check_config_files, check_creatable, cli_errors, config_int, interruptible,
-                             storage_errors, strict_dataclass)
+from runtime.cli import cli_errors, interruptible, storage_errors
+from runtime.configs import check_config_files, check_creatable, config_int, strict_dataclass
 from runtime.engine import build_engine
 from runtime.loop import GracefulInterrupt, build_off_main_thread, run_headless
 from runtime.recorder import Recording

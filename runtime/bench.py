@@ -43,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.attention import cpu_attention_kernel
-from runtime.configs import (check_config_files, check_creatable, check_engine, check_type, cli_errors, config_int,
-                             interruptible, storage_errors)
+from runtime.cli import cli_errors, interruptible, storage_errors
+from runtime.configs import check_config_files, check_creatable, check_engine, check_type, config_int
 from runtime.evaluate import attention_cfg, check_attention
 from runtime.factory import (apply_cpu_settings, build_rollout, engine_flag, load_model, resolve_device, resolve_dtype,
                              sampler_record)

@@ -3,21 +3,18 @@
 One rule for every group: unknown keys, and values of the wrong type, are an error that
 names the key, says what is expected, and is raised once at start-up. The command-line
 tools report such errors (and a missing or unreadable file) as one line on stderr and
-exit with status 2 (`cli_errors`), not as a traceback.
+exit with status 2 (`runtime.cli.cli_errors`), not as a traceback.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import signal
-import sys
-import threading
 import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
+
+from runtime.cli import usage_exit
 
 T = TypeVar("T")
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -128,32 +125,6 @@ def config_int(value: Any, name: str, minimum: int | None = None, optional: bool
     return value
 
 
-# what a tool reports as a usage error while it starts: a bad setting, or a file that is
-# missing, unreadable or cannot be written (OSError covers a read-only place, a missing
-# directory); `cli_errors` wraps only the start (settings, files, loading), so a bug
-# further on still shows its traceback
-USAGE_ERRORS = (ValueError, OSError)
-
-# what the machine can do to a running tool's output: a full disk or quota, a place made
-# read-only or forbidden (`storage_errors`)
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-def usage_exit(prog: str, message: object) -> SystemExit:
-    """`PROG: error: MESSAGE` on stderr; the exit (status 2) for the caller to raise."""
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    return SystemExit(2)
-
-
-@contextlib.contextmanager
-def cli_errors(prog: str) -> Iterator[None]:
-    """Report a usage error raised inside as `PROG: error: MESSAGE` on stderr and exit 2."""
-    try:
-        yield
-    except USAGE_ERRORS as err:
-        raise usage_exit(prog, err) from None
-
-
 def check_config_files(prog: str, argv: list[str]) -> None:
     """Before Hydra reads them: each config file a `GROUP=OPTION` argument picks
     (conf/GROUP/OPTION.yaml, say a world of one's own) parses as YAML; otherwise one line,
@@ -177,44 +148,6 @@ def check_config_files(prog: str, argv: list[str]) -> None:
                 problem += f" ({context} from line {start.line + 1}, column {start.column + 1})"
             raise usage_exit(prog, f"{path}{where}: {problem} (a YAML syntax error; note that an unquoted # "
                              "starts a comment: quote colours)") from None
-
-
-@contextlib.contextmanager
-def storage_errors(prog: str) -> Iterator[None]:
-    """An OSError of the storage (STORAGE_ERRNOS: the disk filled, the place became
-    read-only) raised inside, once a tool runs: one line, `PROG: error: MESSAGE`, exit 2.
-    Any other error keeps its traceback."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in STORAGE_ERRNOS:
-            raise
-        raise usage_exit(prog, err) from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised wherever the program is, as Ctrl-C raises KeyboardInterrupt."""
-
-
-@contextlib.contextmanager
-def interruptible(prog: str, note: Callable[[], str] = lambda: "") -> Iterator[None]:
-    """Ctrl-C or SIGTERM inside ends the program with one line, `PROG: interrupted` (and
-    what `note()` says then, such as where what was done is), and the shell's exit code
-    for the signal (130, 143), not a traceback. Cleanup in `finally` blocks on the way
-    runs as usual."""
-    def terminate(signum, frame):
-        raise Terminated()
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminate) if main else None
-    try:
-        yield
-    except KeyboardInterrupt as err:
-        print(f"{prog}: interrupted{note()}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)) from None
-    finally:
-        if main and previous is not None:  # None: a handler from outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
 
 
 def check_engine(cfg: Any) -> None:

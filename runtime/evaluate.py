@@ -116,8 +116,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from controllers.random_agent import explore_actions
-from runtime.configs import (check_config_files, check_engine, check_type, check_writable_file, cli_errors, config_int,
-                             interruptible, storage_errors)
+from runtime.cli import cli_errors, interruptible, storage_errors
+from runtime.configs import check_config_files, check_engine, check_type, check_writable_file, config_int
 from runtime.engine import Rollout
 from runtime.factory import build_rollout, load_model, sampler_record
 from runtime.metrics import mse, psnr, psnr_of_mse

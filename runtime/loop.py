@@ -228,7 +228,7 @@ def run_headless(engine: Any, controller: Any, seed: int, max_frames: int | None
 class GracefulInterrupt:
     """Context manager: the first SIGINT or SIGTERM (Ctrl-C, `kill`, `timeout`) sets
     `requested` and `signum` (its number), so the run stops between frames and closes its
-    recording; a second one raises KeyboardInterrupt (`runtime.configs.Terminated` for
+    recording; a second one raises KeyboardInterrupt (`runtime.cli.Terminated` for
     SIGTERM, so the exit code still says which signal it was).
 
     Only installs itself on the main thread (signal handlers live there).
@@ -243,7 +243,7 @@ class GracefulInterrupt:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            from runtime.configs import Terminated
+            from runtime.cli import Terminated
 
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested = True

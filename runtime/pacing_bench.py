@@ -66,7 +66,8 @@ def main(argv: list[str]) -> dict[str, float]:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     from controllers import build_controller
-    from runtime.configs import cli_errors, compose_config, strict_dataclass
+    from runtime.cli import cli_errors
+    from runtime.configs import compose_config, strict_dataclass
     from runtime.engine import build_engine
     from runtime.loop import build_off_main_thread
     from runtime.window import Window, WindowConfig

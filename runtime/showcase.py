@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from controllers.scripted import parse_script
 from runtime.checkpoint import read_metadata
-from runtime.configs import CONF, check_type, cli_errors, config_int
+from runtime.cli import cli_errors
+from runtime.configs import CONF, check_type, config_int
 from runtime.engine import build_engine
 from runtime.factory import resolve_path
 from worlds import build_world

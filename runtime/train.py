@@ -36,7 +36,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from runtime.attention import FlexSelfAttention, MaskedSelfAttention, dense_cross_attn, teacher_forcing_mask
 from runtime.checkpoint import save_checkpoint
-from runtime.configs import check_config_files, check_type, cli_errors
+from runtime.cli import cli_errors
+from runtime.configs import check_config_files, check_type
 from runtime.data import DataConfig, WindowDataset
 from runtime.engine import to_uint8, to_unit
 from runtime.factory import resolve_device

@@ -212,7 +212,7 @@ def test_an_interrupted_tool_says_so_in_one_line(tmp_path, signum, code):
 
     program = (
         "import os, signal\n"
-        "from runtime.configs import interruptible\n"
+        "from runtime.cli import interruptible\n"
         "with interruptible('tool', lambda: ' (partial results in out/)'):\n"
         "    try:\n"
         f"        os.kill(os.getpid(), signal.{signum})\n"
