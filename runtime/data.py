@@ -35,8 +35,8 @@ their reset, x_0 the reset frame (its previous frames are itself, its action idl
 no memory keys, so the context is the reset frame alone, as when generation starts. A
 world's first steps after a reset follow rules no later window shows (every creature
 starts a new leg, so it walks straight for at least its shortest leg); windows cut from
-the middle of an episode never teach them. Start windows come from worlds of their own:
-the long episodes, and their memory, are left as they are.
+the middle of an episode never teach them. Start windows come from worlds of their own,
+so each episode's trajectory and memory frames are as without them.
 """
 from __future__ import annotations
 

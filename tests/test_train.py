@@ -74,6 +74,24 @@ def test_cpu_smoke_run(tmp_path, memory, focus, start):
     assert info["metrics"] == lines[-1]
 
 
+def test_cpu_smoke_run_mixing_start_windows_and_windows_with_memory(tmp_path):
+    """Batches of both kinds in one run (checked on the run's own stream), each with its
+    own mask, through the plain objective and self-rollout contexts."""
+    from runtime.data import DataConfig, WindowStream
+    from runtime.train import train
+    from worlds.overworld import load_config
+
+    steps, memory = 6, 3
+    cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}", "train.data.start_prob=0.5",
+                                 "train.rollout_prob=0.5", f"train.steps={steps}", f"train.eval_every={steps}",
+                                 f"train.ckpt_every={steps}"])
+    data = {k: v for k, v in dict(cfg.train.data).items()}
+    stream = WindowStream([load_config(name) for name in cfg.train.worlds], DataConfig(**data, prev_frames=tiny_config().prev_frames), rank=0)
+    kinds = ["memory" in stream.next() for _ in range(steps)]  # the batches the run (one worker, rank 0) trains on
+    assert any(kinds) and not all(kinds), kinds
+    assert train(cfg)["steps"] == steps
+
+
 def test_init_from_a_model_with_fewer_previous_frames_widens_it(tmp_path):
     """train.init from the same model with one previous frame trains a model with two: the
     checkpoint is widened (runtime.model.widen_prev_frames) and saved with the new config."""
@@ -409,7 +427,7 @@ def test_start_windows_are_fresh_worlds_from_their_reset(k):
     and x_0 idle) and then the frames those worlds show under the window's actions, with
     no memory; its creatures are where they are drawn."""
     from runtime.data import DataConfig, WindowStream
-    from worlds.overworld import BatchOverworld, load_config
+    from worlds.overworld import BatchOverworld, atlas_to_prompt, load_config
 
     f = 6
     wc = load_config("overworld")
@@ -424,10 +442,12 @@ def test_start_windows_are_fresh_worlds_from_their_reset(k):
         assert w["frames"].shape[1] == f + k and w["actions"].shape[1] == f + 1
         assert (w["actions"][:, :2] == 0).all() and (w["actions"][:, 2:] != 0).any()
         seeds, atlases = resets[-1]
+        np.testing.assert_array_equal(w["prompt"].numpy(), np.stack([atlas_to_prompt(a) for a in atlases]).astype(np.float32))
         world = BatchOverworld(wc, cfg.env_batch)
         first = world.reset(seeds, atlases)
         for j in range(k + 1):
             np.testing.assert_array_equal(w["frames"][:, j].numpy(), first)
+            np.testing.assert_array_equal(w["creatures"][:, j].numpy(), world.creature_view_pos)
         for i in range(2, f + 1):
             np.testing.assert_array_equal(w["frames"][:, k + i - 1].numpy(), world.step(w["actions"][:, i].numpy()))
             np.testing.assert_array_equal(w["creatures"][:, k + i - 1].numpy(), world.creature_view_pos)
