@@ -609,6 +609,9 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
     if progress is not None:
         progress.close()
     if world > 1:
+        # together: a process that tore its group down while rank 0 still saved could abort at
+        # exit (gloo: "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return {"steps": step, "metrics": last_metrics, "elapsed_s": time.time() - t_start}
 
