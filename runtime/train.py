@@ -460,7 +460,6 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
     attn_of = {dcfg.memory_frames: attention_over(dcfg.memory_frames)}
     if dcfg.memory_frames and dcfg.start_prob > 0:
         attn_of[0] = attention_over(0)
-    train_attn = attn_of[dcfg.memory_frames]
     if bool(tc.compile):
         for blk in [*model.blocks, *(teacher.blocks if teacher is not None else [])]:
             blk.compile(dynamic=False)  # regional compilation: each block's forward, one code shared by all
@@ -504,11 +503,12 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
             elapsed = float(shared.item())
         return elapsed
 
-    def rolled_context(batch: dict) -> torch.Tensor:
-        """The window's frames with the targets replaced by the model's own (train.rollout_mode)."""
+    def rolled_context(batch: dict, attn) -> torch.Tensor:
+        """The window's frames with the targets replaced by the model's own (train.rollout_mode);
+        `attn`: the batch's training attention (the self-rollout passes use it)."""
         if player is not None:
             return played_frames(player, model, batch, sampler, noise_seeds.getrandbits(62), device)
-        return self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, train_attn)
+        return self_rollout_frames(model, batch, rollout_passes, sampler, gen, device, attn)
 
     it = iter(loader)
     log = []
@@ -554,7 +554,7 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
                 distilled = distill_prob > 0 and pick.random() < distill_prob
                 rolled = None
                 if rollout_prob > 0 and pick.random() < rollout_prob:
-                    rolled = rolled_context(batch)
+                    rolled = rolled_context(batch, train_attn)
                     # weights cast to bf16 without gradients must not serve the forward that
                     # trains (older torch kept them in autocast's cache)
                     torch.clear_autocast_cache()

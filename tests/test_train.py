@@ -77,6 +77,8 @@ def test_cpu_smoke_run(tmp_path, memory, focus, start):
 def test_cpu_smoke_run_mixing_start_windows_and_windows_with_memory(tmp_path):
     """Batches of both kinds in one run (checked on the run's own stream), each with its
     own mask, through the plain objective and self-rollout contexts."""
+    from omegaconf import OmegaConf
+
     from runtime.data import DataConfig, WindowStream
     from runtime.train import train
     from worlds.overworld import load_config
@@ -85,8 +87,8 @@ def test_cpu_smoke_run_mixing_start_windows_and_windows_with_memory(tmp_path):
     cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}", "train.data.start_prob=0.5",
                                  "train.rollout_prob=0.5", f"train.steps={steps}", f"train.eval_every={steps}",
                                  f"train.ckpt_every={steps}"])
-    data = {k: v for k, v in dict(cfg.train.data).items()}
-    stream = WindowStream([load_config(name) for name in cfg.train.worlds], DataConfig(**data, prev_frames=tiny_config().prev_frames), rank=0)
+    data = DataConfig(**OmegaConf.to_container(cfg.train.data), prev_frames=tiny_config().prev_frames)  # as train makes it
+    stream = WindowStream([load_config(name) for name in cfg.train.worlds], data, rank=0)
     kinds = ["memory" in stream.next() for _ in range(steps)]  # the batches the run (one worker, rank 0) trains on
     assert any(kinds) and not all(kinds), kinds
     assert train(cfg)["steps"] == steps
