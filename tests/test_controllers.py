@@ -148,7 +148,6 @@ def test_replay_errors_name_path_and_line(tmp_path):
         ReplayController(ReplayConfig(path=str(rec)))
 
 
-
 def _replay_rows(tmp_path, *rows):
     """A two-frame recording whose action log is `rows` (JSON text, one a line); the controller."""
     tmp_path.mkdir(parents=True, exist_ok=True)
