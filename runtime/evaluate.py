@@ -43,9 +43,13 @@ On world seeds and action scripts never used in training (training seeds start a
                   such pixels; null if none has): where a rollout's error comes from.
                   The oracle is the best guess on the seen part too: in expected squared
                   error no model does better there than `oracle_directions_psnr_seen_H`
-    rollout_psnr_oracle_seen_H
-                  frame H with its seen part taken from the oracle and the rest from the
-                  model: the most the model's own new ground allows at frame H
+    rollout_psnr_oracle_seen_H / _mean_H
+                  frame H (and the mean over frames 1..H) with its seen part taken from
+                  the oracle and the rest from the model: the most the model's own new
+                  ground allows
+    rollout_psnr_oracle_unseen_H / _mean_H
+                  the same with the new places taken from the oracle and the seen part
+                  from the model: the most the model's own drawing of seen places allows
     map_blind_psnr_unseen_H
                   with `blind_maps` > 0, the new places of frame H guessed without the
                   map: the pixel mean over that many other maps of the world config of
@@ -289,6 +293,15 @@ def direction_oracle(world_cfg: OverworldConfig, seeds: list[int], actions: np.n
                            torch.stack(sampled, -1) if sampled else torch.zeros(0, draws, len(seeds), actions.shape[1]))
 
 
+def splice(frames: torch.Tensor, guess: torch.Tensor, seen: torch.Tensor, part: str) -> torch.Tensor:
+    """`frames` (B, T, H, W, 3) with one part taken from `guess`: "seen" the pixels that
+    `seen` (B, T, H, W) marks (places frame 0 showed), "unseen" the others. Float."""
+    if part not in ("seen", "unseen"):
+        raise ValueError(f"part={part!r}; expected 'seen' or 'unseen'")
+    take = seen if part == "seen" else ~seen
+    return torch.where(take[..., None], guess.float(), frames.float())
+
+
 def frame_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., H, W, 3) pairs of frames in [0, 255] -> mean squared error per frame (...), pixels in [0, 1]."""
     return mse(a, b, value_range=255.0)
@@ -390,7 +403,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     split = {"rollout_psnr": gen, "oracle_directions_psnr": guess}
     split = {name: (region_psnr(frames, truth[:, 1:], seen), region_psnr(frames, truth[:, 1:], ~seen))
              for name, frames in split.items()}
-    best_seen = psnr_u8(torch.where(seen[..., None], guess, gen.float()), truth[:, 1:]).mean(0)
+    best = {part: psnr_u8(splice(gen, guess, seen, part), truth[:, 1:]).mean(0) for part in ("seen", "unseen")}
     maps = int(ev.get("blind_maps", 0))
     blind = region_psnr(blind_frames(world_cfg, pos, maps), truth[:, 1:], ~seen) if maps > 0 else None
     for h in horizons:
@@ -408,7 +421,9 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
         for name, (on_seen, on_unseen) in split.items():
             res[f"{name}_seen_{h}"] = nan_mean(on_seen[:, h - 1])
             res[f"{name}_unseen_{h}"] = nan_mean(on_unseen[:, h - 1])
-        res[f"rollout_psnr_oracle_seen_{h}"] = float(best_seen[h - 1])
+        for part, scores in best.items():
+            res[f"rollout_psnr_oracle_{part}_{h}"] = float(scores[h - 1])
+            res[f"rollout_psnr_oracle_{part}_mean_{h}"] = float(scores[:h].mean())
         if blind is not None:
             res[f"map_blind_psnr_unseen_{h}"] = nan_mean(blind[:, h - 1])
         res[f"rollout_psnr_{h}"] = float(per_frame[h - 1])

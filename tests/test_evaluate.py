@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from runtime.checkpoint import save_checkpoint
 from runtime.engine import to_unit
-from runtime.evaluate import psnr_u8, run, ssim_u8
+from runtime.evaluate import psnr_u8, run, splice, ssim_u8
 from worlds.actions import IDLE
 from runtime.model import ModelConfig, WorldModel
 
@@ -28,7 +28,8 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "copy_last_idle_psnr_creatures_move", "copy_last_idle_psnr_creatures_still", "unseen_fraction_4",
         "oracle_directions_psnr_8", "oracle_directions_psnr_mean_8", "walk_stall_fraction", "walk_tile_psnr",
         "sim_walk_tile_psnr", "walk_psnr", "rollout_psnr_seen_8", "oracle_directions_psnr_seen_8",
-        "rollout_psnr_oracle_seen_8", "map_blind_psnr_unseen_8", "oracle_directions_expected_psnr_8",
+        "rollout_psnr_oracle_seen_8", "rollout_psnr_oracle_seen_mean_8", "rollout_psnr_oracle_unseen_8",
+        "rollout_psnr_oracle_unseen_mean_8", "map_blind_psnr_unseen_8", "oracle_directions_expected_psnr_8",
         "sampled_directions_psnr_8", "sampled_directions_psnr_mean_8", "rollout_psnr_sampled_seen_8",
         "rollout_psnr_pooled_8", "oracle_directions_psnr_pooled_8", "faithful_bound_psnr_pooled_8",
         "oracle_directions_expected_psnr_pooled_8"]
@@ -138,6 +139,10 @@ def test_run_on_a_tiny_random_checkpoint(tmp_path):
     # the oracle's seen part is the best guess there: spliced in, the frame scores higher
     assert res["oracle_directions_psnr_seen_8"] > res["rollout_psnr_seen_8"]
     assert res["rollout_psnr_oracle_seen_8"] > res["rollout_psnr_8"]
+    assert res["rollout_psnr_oracle_seen_mean_8"] > res["rollout_psnr_mean_8"]
+    # and so is its guess of the new places (the oracle knows the map)
+    assert res["rollout_psnr_oracle_unseen_8"] > res["rollout_psnr_8"]
+    assert res["rollout_psnr_oracle_unseen_mean_8"] > res["rollout_psnr_mean_8"]
     # so is a faithful draw's (the world's own frames, creatures walking some way)
     assert res["rollout_psnr_sampled_seen_8"] > res["rollout_psnr_8"]
     assert res["rollout_psnr_8"] < res["sampled_directions_psnr_8"] <= 60
@@ -303,6 +308,16 @@ def test_creature_step_weights_name_the_place_a_patch_shows():
             res = step_weights(gen, [(b, t, (y0, y1, x0, x1), renders, true)])
             assert res[f"creature_step_weight_{name}"] == pytest.approx(1.0, abs=1e-6), name
             assert res["creature_step_weight_true"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_splice_takes_the_named_part_from_the_guess():
+    frames = torch.zeros(1, 1, 2, 2, 3, dtype=torch.uint8)
+    guess = torch.full((1, 1, 2, 2, 3), 200.0)
+    seen = torch.tensor([[[[True, False], [False, False]]]])
+    assert splice(frames, guess, seen, "seen")[0, 0, :, :, 0].tolist() == [[200.0, 0.0], [0.0, 0.0]]
+    assert splice(frames, guess, seen, "unseen")[0, 0, :, :, 0].tolist() == [[0.0, 200.0], [200.0, 200.0]]
+    with pytest.raises(ValueError, match="part='both'"):
+        splice(frames, guess, seen, "both")
 
 
 def test_unseen_fraction_counts_what_the_first_frame_never_showed():
