@@ -312,6 +312,7 @@ def check_train_settings(tc: DictConfig) -> None:
     dc = tc.get("distill") or {}
     if not 0.0 <= number("train.distill.prob", dc.get("prob", 1.0)) <= 1.0:
         raise ValueError(f"train.distill.prob={dc.get('prob')!r}; expected a probability in [0, 1]")
+    check_type(dc.get("rolled", True), bool, "train.distill.rolled")
     if dc.get("teacher"):
         times = dc.get("times")
         try:
@@ -432,6 +433,7 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
     dc = tc.get("distill") or {}
     teacher, teacher_flow = load_teacher(dc, mcfg, device)
     distill_prob = float(dc.get("prob", 1.0)) if teacher is not None else 0.0
+    distill_rolled = bool(dc.get("rolled", True))  # false: rolled micro-batches learn the true frames instead
     player = None  # the engine's copy for train.rollout_mode=play: made before any compiling
     if float(tc.rollout_prob) > 0 and tc.rollout_mode == "play":
         player = copy.deepcopy(model).eval().requires_grad_(False).to(torch.bfloat16 if bool(tc.bf16) else torch.float32)
@@ -558,6 +560,9 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
                     # weights cast to bf16 without gradients must not serve the forward that
                     # trains (older torch kept them in autocast's cache)
                     torch.clear_autocast_cache()
+                    # train.distill.rolled=false: a rolled context trains the plain objective,
+                    # the true frames its targets, and only true contexts are distilled
+                    distilled = distilled and distill_rolled
                 if distilled:
                     # one step from time 1 learns the teacher's frames from the same noise and context;
                     # a rolled context is the teacher's too (it corrects the student where the

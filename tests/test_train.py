@@ -564,6 +564,7 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     ("train.data.start_prob=-0.5", "train.data.start_prob=-0.5; expected a probability in [0, 1]"),
     ("train.lr=fast", "train.lr='fast'; expected a number"),
     ("train.bf16=maybe", "train.bf16 must be true or false, got 'maybe'"),
+    ("train.distill.rolled=sometimes", "train.distill.rolled must be true or false, got 'sometimes'"),
     ("train.attention=foo", "train.attention='foo'; expected 'flex' or 'sdpa'"),
     ("train.worlds=[nowhere]", "world config 'nowhere' not found"),
     ("train.init=missing.safetensors", "train.init='missing.safetensors': no such checkpoint file"),
@@ -874,6 +875,46 @@ def test_distillation_with_rollouts_gives_teacher_and_student_the_models_own_fra
                                           "train.rollout_prob=1.0", "train.rollout_mode=play"]))
     assert res["steps"] == 2 and len(made) == 2
     assert all(t is m and s is m for t, s, m in zip(teacher_saw, student_saw, made))
+
+
+def test_distillation_that_skips_rolled_contexts_teaches_them_the_true_frames(tmp_path, monkeypatch):
+    """train.distill.rolled=false: a micro-batch whose context is the model's own rollout
+    is not distilled: it learns the true frames (the plain objective) from that context,
+    while the micro-batches with true contexts are distilled as before."""
+    import conftest
+
+    import runtime.train as tr
+    from runtime.checkpoint import save_checkpoint
+
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
+    made, distilled, plain = [], [], []
+    real_played, real_targets, real_forward = tr.played_frames, tr.distill_targets, tr.forward_doubled
+
+    def played(*args, **kwargs):
+        made.append(real_played(*args, **kwargs))
+        return made[-1]
+
+    def targets(teacher, batch, *args):
+        distilled.append(batch["frames"])
+        return real_targets(teacher, batch, *args)
+
+    def forward(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames=None, noisy_targets=None):
+        if noisy_targets is None:  # the plain objective: the batch's own frames are its targets
+            plain.append((batch["frames"], context_frames))
+        return real_forward(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames, noisy_targets)
+
+    monkeypatch.setattr(tr, "played_frames", played)
+    monkeypatch.setattr(tr, "distill_targets", targets)
+    monkeypatch.setattr(tr, "forward_doubled", forward)
+    common = SMOKE + [f"train.distill.teacher={teacher_path}", "train.rollout_mode=play", "train.distill.rolled=false"]
+    res = tr.train(compose_train(common + [f"out={tmp_path / 'all'}", "train.rollout_prob=1.0"]))
+    assert res["steps"] == 2 and len(made) == 2 and not distilled  # every context rolled: nothing distilled
+    assert len(plain) == 2 and all(c is m for (_, c), m in zip(plain, made))
+    assert all(not torch.equal(f[:, -1], m[:, -1]) for (f, _), m in zip(plain, made))  # targets: the true frames
+    made.clear(), plain.clear()
+    res = tr.train(compose_train(common + [f"out={tmp_path / 'none'}", "train.rollout_prob=0.0"]))
+    assert res["steps"] == 2 and not made and not plain and len(distilled) == 2  # true contexts: distilled
 
 
 def test_distillation_brings_one_step_closer_to_the_teachers_two_steps(tmp_path):
