@@ -843,9 +843,10 @@ def test_a_distillation_teacher_that_reads_other_windows_is_rejected(tmp_path):
         train(cfg)
 
 
-def test_distillation_with_rollouts_gives_teacher_and_student_the_models_own_frames(tmp_path, monkeypatch):
-    """train.distill with train.rollout_prob=1 (rollout_mode=play): the context both the
-    teacher and the student read is the engine's rollout of the model, not the true frames."""
+def record_rollouts_and_distillation(tmp_path, monkeypatch):
+    """A random teacher's checkpoint, and `train`'s rolled contexts (`played_frames`) and
+    the frames each distilled micro-batch gave its teacher (`distill_targets`) recorded
+    as they are made: (teacher path, rolled, teacher's frames)."""
     import conftest
 
     import runtime.train as tr
@@ -853,8 +854,8 @@ def test_distillation_with_rollouts_gives_teacher_and_student_the_models_own_fra
 
     teacher_path = tmp_path / "teacher.safetensors"
     save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
-    made, teacher_saw, student_saw = [], [], []
-    real_played, real_targets, real_forward = tr.played_frames, tr.distill_targets, tr.forward_doubled
+    made, teacher_saw = [], []
+    real_played, real_targets = tr.played_frames, tr.distill_targets
 
     def played(*args, **kwargs):
         made.append(real_played(*args, **kwargs))
@@ -864,12 +865,24 @@ def test_distillation_with_rollouts_gives_teacher_and_student_the_models_own_fra
         teacher_saw.append(batch["frames"])
         return real_targets(teacher, batch, *args)
 
+    monkeypatch.setattr(tr, "played_frames", played)
+    monkeypatch.setattr(tr, "distill_targets", targets)
+    return teacher_path, made, teacher_saw
+
+
+def test_distillation_with_rollouts_gives_teacher_and_student_the_models_own_frames(tmp_path, monkeypatch):
+    """train.distill with train.rollout_prob=1 (rollout_mode=play): the context both the
+    teacher and the student read is the engine's rollout of the model, not the true frames."""
+    import runtime.train as tr
+
+    teacher_path, made, teacher_saw = record_rollouts_and_distillation(tmp_path, monkeypatch)
+    student_saw = []
+    real_forward = tr.forward_doubled
+
     def forward(model, batch, *args, **kwargs):
         student_saw.append(batch["frames"])
         return real_forward(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(tr, "played_frames", played)
-    monkeypatch.setattr(tr, "distill_targets", targets)
     monkeypatch.setattr(tr, "forward_doubled", forward)
     res = tr.train(compose_train(SMOKE + [f"out={tmp_path / 'run'}", f"train.distill.teacher={teacher_path}",
                                           "train.rollout_prob=1.0", "train.rollout_mode=play"]))
@@ -881,31 +894,17 @@ def test_distillation_that_skips_rolled_contexts_teaches_them_the_true_frames(tm
     """train.distill.rolled=false: a micro-batch whose context is the model's own rollout
     is not distilled: it learns the true frames (the plain objective) from that context,
     while the micro-batches with true contexts are distilled as before."""
-    import conftest
-
     import runtime.train as tr
-    from runtime.checkpoint import save_checkpoint
 
-    teacher_path = tmp_path / "teacher.safetensors"
-    save_checkpoint(teacher_path, conftest.random_model(tiny_config()))
-    made, distilled, plain = [], [], []
-    real_played, real_targets, real_forward = tr.played_frames, tr.distill_targets, tr.forward_doubled
-
-    def played(*args, **kwargs):
-        made.append(real_played(*args, **kwargs))
-        return made[-1]
-
-    def targets(teacher, batch, *args):
-        distilled.append(batch["frames"])
-        return real_targets(teacher, batch, *args)
+    teacher_path, made, distilled = record_rollouts_and_distillation(tmp_path, monkeypatch)
+    plain = []
+    real_forward = tr.forward_doubled
 
     def forward(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames=None, noisy_targets=None):
         if noisy_targets is None:  # the plain objective: the batch's own frames are its targets
             plain.append((batch["frames"], context_frames))
         return real_forward(model, batch, ctx_sigma, t_tgt, gen, device, self_attn, context_frames, noisy_targets)
 
-    monkeypatch.setattr(tr, "played_frames", played)
-    monkeypatch.setattr(tr, "distill_targets", targets)
     monkeypatch.setattr(tr, "forward_doubled", forward)
     common = SMOKE + [f"train.distill.teacher={teacher_path}", "train.rollout_mode=play", "train.distill.rolled=false"]
     res = tr.train(compose_train(common + [f"out={tmp_path / 'all'}", "train.rollout_prob=1.0"]))
