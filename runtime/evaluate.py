@@ -50,6 +50,15 @@ On world seeds and action scripts never used in training (training seeds start a
     rollout_psnr_oracle_unseen_H / _mean_H
                   the same with the new places taken from the oracle and the seen part
                   from the model: the most the model's own drawing of seen places allows
+    rollout_error_share_unseen_H
+                  the share of frame H's squared error (summed over the sequences) on
+                  the new places
+    rollout_psnr_unseen_near_H / _far_H
+                  `rollout_psnr` over the new places within half a tile of the seen
+                  ones (mostly tiles frame 0 showed a part of) and over those beyond
+    rollout_psnr_seen_creatures_H / _seen_other_H
+                  `rollout_psnr` over the seen places within `CREATURE_MARGIN` pixels
+                  of a creature's true sprite in frame H, and over the rest of them
     map_blind_psnr_unseen_H
                   with `blind_maps` > 0, the new places of frame H guessed without the
                   map: the pixel mean over that many other maps of the world config of
@@ -213,6 +222,33 @@ def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cap: float
     n = mask.sum((-2, -1))
     err = (se * mask).sum((-2, -1)) / n.clamp_min(1)
     return torch.where(n > 0, psnr_of_mse(err, cap), float("nan"))
+
+
+def distance_from(mask: torch.Tensor, limit: int) -> torch.Tensor:
+    """(..., H, W) bool -> (..., H, W) int64: each pixel's chessboard distance in pixels to
+    the nearest marked pixel of its frame, up to `limit`; limit + 1 beyond it (and in a frame
+    with nothing marked)."""
+    grown = mask.reshape(-1, 1, *mask.shape[-2:])
+    dist = torch.where(grown, 0, limit + 1)
+    for d in range(1, limit + 1):
+        grown = F.max_pool2d(grown.float(), 3, stride=1, padding=1) > 0
+        dist = torch.where(grown & (dist > d), d, dist)
+    return dist.reshape(mask.shape)
+
+
+CREATURE_MARGIN = 3  # pixels around a creature's sprite that its misplaced drawing covers
+
+
+def creature_cover(world_cfg: OverworldConfig, seeds: list[int], actions: np.ndarray) -> torch.Tensor:
+    """(B, T, H, W) bool: where a creature covers frame t (t = 1..T) of the simulation that
+    `simulate` runs for these seeds and actions."""
+    w = BatchOverworld(world_cfg, len(seeds))
+    w.reset(seeds)
+    cover = []
+    for t in range(actions.shape[1]):
+        w.step(actions[:, t])
+        cover.append(w.render_layers().creature_cover.any(1))
+    return torch.from_numpy(np.stack(cover, 1))
 
 
 @dataclass
@@ -404,6 +440,15 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     split = {name: (region_psnr(frames, truth[:, 1:], seen), region_psnr(frames, truth[:, 1:], ~seen))
              for name, frames in split.items()}
     best = {part: psnr_u8(splice(gen, guess, seen, part), truth[:, 1:]).mean(0) for part in ("seen", "unseen")}
+    # the parts of each frame: new places near the seen ones and beyond, seen places near
+    # a creature and the rest; and the new places' share of the squared error
+    near_seen = distance_from(seen, world_cfg.tile // 2) <= world_cfg.tile // 2
+    creatures = distance_from(creature_cover(world_cfg, seeds, actions), CREATURE_MARGIN) <= CREATURE_MARGIN
+    parts = {"unseen_near": ~seen & near_seen, "unseen_far": ~seen & ~near_seen,
+             "seen_creatures": seen & creatures, "seen_other": seen & ~creatures}
+    parts = {name: region_psnr(gen, truth[:, 1:], mask) for name, mask in parts.items()}
+    se = ((gen.float() - truth[:, 1:].float()) / 255.0).pow(2).mean(-1)  # (B, T, H, W)
+    share_unseen = (se * ~seen).sum((0, 2, 3)) / se.sum((0, 2, 3)).clamp_min(1e-12)  # (T,)
     maps = int(ev.get("blind_maps", 0))
     blind = region_psnr(blind_frames(world_cfg, pos, maps), truth[:, 1:], ~seen) if maps > 0 else None
     for h in horizons:
@@ -424,6 +469,9 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
         for part, scores in best.items():
             res[f"rollout_psnr_oracle_{part}_{h}"] = float(scores[h - 1])
             res[f"rollout_psnr_oracle_{part}_mean_{h}"] = float(scores[:h].mean())
+        for name, scores in parts.items():
+            res[f"rollout_psnr_{name}_{h}"] = nan_mean(scores[:, h - 1])
+        res[f"rollout_error_share_unseen_{h}"] = float(share_unseen[h - 1])
         if blind is not None:
             res[f"map_blind_psnr_unseen_{h}"] = nan_mean(blind[:, h - 1])
         res[f"rollout_psnr_{h}"] = float(per_frame[h - 1])

@@ -32,7 +32,8 @@ KEYS = ["next_psnr", "next_ssim", "copy_last_next_psnr", "rollout_psnr_4", "roll
         "rollout_psnr_oracle_unseen_mean_8", "map_blind_psnr_unseen_8", "oracle_directions_expected_psnr_8",
         "sampled_directions_psnr_8", "sampled_directions_psnr_mean_8", "rollout_psnr_sampled_seen_8",
         "rollout_psnr_pooled_8", "oracle_directions_psnr_pooled_8", "faithful_bound_psnr_pooled_8",
-        "oracle_directions_expected_psnr_pooled_8"]
+        "oracle_directions_expected_psnr_pooled_8", "rollout_psnr_unseen_near_8", "rollout_psnr_unseen_far_8",
+        "rollout_psnr_seen_creatures_8", "rollout_psnr_seen_other_8", "rollout_error_share_unseen_8"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,6 +157,7 @@ def test_run_on_a_tiny_random_checkpoint(tmp_path):
         assert len(seeds) == 2 and seeds[0] != seeds[1], seeds
         assert np.mean(seeds) == pytest.approx(res[key], abs=1e-3)
         assert res[f"{key}_sem"] == pytest.approx(np.std(seeds, ddof=1) / np.sqrt(2), abs=1e-3)
+    assert 0 < res["rollout_error_share_unseen_8"] < 1
     json.dumps(res)  # the CLI writes it as JSON
 
 
@@ -355,6 +357,38 @@ def test_the_seen_mask_and_region_psnr_split_a_frame_into_shown_and_new_places()
     assert on_unseen.max() < 20
     pos[:, 1] = 0  # standing still: nothing is new
     assert torch.isnan(region_psnr(gen, truth, ~seen_mask(pos, 8))).all()
+
+
+def test_distance_from_counts_chessboard_steps_to_the_nearest_marked_pixel():
+    from runtime.evaluate import distance_from
+
+    mask = torch.zeros(2, 1, 7, 7, dtype=torch.bool)
+    mask[0, 0, 3, 1] = True  # the second frame has nothing marked
+    dist = distance_from(mask, 3)
+    assert dist.shape == mask.shape
+    want = torch.tensor([[max(abs(r - 3), abs(c - 1)) for c in range(7)] for r in range(7)]).clamp(max=4)
+    assert torch.equal(dist[0, 0], want)
+    assert (dist[1] == 4).all()
+    assert torch.equal(distance_from(mask, 0), torch.where(mask, 0, 1))
+
+
+def test_creature_cover_is_where_the_frames_of_a_standing_player_change():
+    """The player stands and the water keeps its phase: between two frames only the
+    creatures move, so every changed pixel lies under a creature in one of them."""
+    from dataclasses import replace
+
+    from runtime.evaluate import creature_cover, simulate
+    from worlds.overworld import load_config
+
+    world = load_config("overworld")
+    idle = np.full((2, world.water_period - 1), IDLE)
+    frames = simulate(world, [1, 2], idle)[0][:, 1:]
+    cover = creature_cover(world, [1, 2], idle)
+    assert cover.shape == frames.shape[:-1] and cover.any()
+    changed = (frames[:, 1:] != frames[:, :-1]).any(-1)
+    assert changed.any()
+    assert not (changed & ~(cover[:, 1:] | cover[:, :-1])).any()
+    assert not creature_cover(replace(world, num_creatures=0), [1, 2], idle).any()
 
 
 def test_the_map_blind_guess_knows_the_walk_and_not_the_map():
