@@ -215,10 +215,20 @@ def unseen_fraction(pos: np.ndarray, view: int) -> torch.Tensor:
     return 1 - seen_mask(pos, view).float().mean((-2, -1)).mean(0)
 
 
+def pixel_se(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3) pairs of frames in [0, 255] -> squared error per pixel (..., H, W),
+    averaged over the channels, pixels in [0, 1]."""
+    return ((a.float() - b.float()) / 255.0).pow(2).mean(-1)
+
+
 def region_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
     """(..., H, W, 3) pairs of frames in [0, 255] -> PSNR per frame (...) over the pixels
     where `mask` (..., H, W) is true, capped; NaN for a frame with no such pixel."""
-    se = ((a.float() - b.float()) / 255.0).pow(2).mean(-1)
+    return masked_psnr(pixel_se(a, b), mask, cap)
+
+
+def masked_psnr(se: torch.Tensor, mask: torch.Tensor, cap: float = 60.0) -> torch.Tensor:
+    """`region_psnr` from the squared errors `pixel_se` gives (..., H, W)."""
     n = mask.sum((-2, -1))
     err = (se * mask).sum((-2, -1)) / n.clamp_min(1)
     return torch.where(n > 0, psnr_of_mse(err, cap), float("nan"))
@@ -436,9 +446,9 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
               "oracle_directions_expected_psnr_pooled": pooled_psnr(directions.spread),
               "faithful_bound_psnr_pooled": pooled_psnr(2 * directions.spread)}
     # where the error comes from: places frame 0 showed and places it did not
-    split = {"rollout_psnr": gen, "oracle_directions_psnr": guess}
-    split = {name: (region_psnr(frames, truth[:, 1:], seen), region_psnr(frames, truth[:, 1:], ~seen))
-             for name, frames in split.items()}
+    se = pixel_se(gen, truth[:, 1:])  # (B, T, H, W): the model's error, once for every part below
+    split = {"rollout_psnr": se, "oracle_directions_psnr": pixel_se(guess, truth[:, 1:])}
+    split = {name: (masked_psnr(err, seen), masked_psnr(err, ~seen)) for name, err in split.items()}
     best = {part: psnr_u8(splice(gen, guess, seen, part), truth[:, 1:]).mean(0) for part in ("seen", "unseen")}
     # the parts of each frame: new places near the seen ones and beyond, seen places near
     # a creature and the rest; and the new places' share of the squared error
@@ -446,8 +456,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
     creatures = distance_from(creature_cover(world_cfg, seeds, actions), CREATURE_MARGIN) <= CREATURE_MARGIN
     parts = {"unseen_near": ~seen & near_seen, "unseen_far": ~seen & ~near_seen,
              "seen_creatures": seen & creatures, "seen_other": seen & ~creatures}
-    parts = {name: region_psnr(gen, truth[:, 1:], mask) for name, mask in parts.items()}
-    se = ((gen.float() - truth[:, 1:].float()) / 255.0).pow(2).mean(-1)  # (B, T, H, W)
+    parts = {name: masked_psnr(se, mask) for name, mask in parts.items()}
     share_unseen = (se * ~seen).sum((0, 2, 3)) / se.sum((0, 2, 3)).clamp_min(1e-12)  # (T,)
     maps = int(ev.get("blind_maps", 0))
     blind = region_psnr(blind_frames(world_cfg, pos, maps), truth[:, 1:], ~seen) if maps > 0 else None
