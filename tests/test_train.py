@@ -375,6 +375,26 @@ def test_memory_mask_is_the_documented_picture():
     assert torch.equal(mask_mod(0, 0, q, kv), want.repeat_interleave(3, 0).repeat_interleave(3, 1))
 
 
+def test_a_world_listed_more_often_in_train_worlds_is_drawn_more_often():
+    """`train.worlds` is a list a world's tile set is drawn from uniformly, so a name listed
+    three times in four is three quarters of the non-random worlds (stage 20 lists the
+    default world twice)."""
+    from runtime.data import DataConfig, WindowStream
+    from worlds.overworld import atlas_to_prompt, build_atlas, load_config
+
+    names = ["overworld", "overworld", "overworld", "overworld_desert"]
+    cfg = DataConfig(env_batch=64, frames=2, random_tileset_prob=0.0, start_prob=1.0)
+    stream = WindowStream([load_config(n) for n in names], cfg, rank=0)
+    prompts = torch.cat([stream.next()["prompt"] for _ in range(2)])  # 128 worlds
+    default, desert = (torch.from_numpy(atlas_to_prompt(build_atlas(load_config(n).tileset))).float()
+                       for n in ("overworld", "overworld_desert"))
+    is_default = (prompts == default).flatten(1).all(1)
+    is_desert = (prompts == desert).flatten(1).all(1)
+    assert bool((is_default ^ is_desert).all())  # every world is one of the two, never both
+    share = float(is_default.float().mean())
+    assert 0.62 < share < 0.88, share  # 0.75 expected; a list read as a set gives 0.5
+
+
 @pytest.mark.parametrize("recent_prob, k, start", [(0.0, 1, 0.0), (1.0, 1, 0.0), (0.0, 3, 0.0), (0.0, 2, 0.5)])
 def test_memory_frames_are_earlier_frames_of_the_same_trajectory(recent_prob, k, start):
     """Memory frames, their K previous frames and actions, and the K frames before x_0
