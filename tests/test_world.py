@@ -16,7 +16,7 @@ from worlds.overworld import (
 from worlds.overworld.tiles import MARKER, SPRITE_TILES, TRANSPARENT, WATER_A, blocking_table
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "world"
-WORLD_NAMES = ("overworld", "overworld_desert", "overworld_snow")
+WORLD_NAMES = ("overworld", "overworld_desert", "overworld_snow", "overworld_autumn")
 OPPOSITE = {UP: DOWN, DOWN: UP, LEFT: RIGHT, RIGHT: LEFT}
 
 
