@@ -433,7 +433,7 @@ def evaluate_model(model, cfg, world_cfg: OverworldConfig) -> dict:
 
     def faithful(t: int, frames: torch.Tensor) -> torch.Tensor:  # a draw, and its seen part with the model's new ground
         target = truth[:, t + 1].expand_as(frames)
-        spliced = torch.where(seen[:, t, ..., None], frames, gen[:, t])
+        spliced = splice(gen[:, t], frames, seen[:, t], "seen")
         return torch.stack([psnr_u8(frames, target), psnr_u8(spliced, target)])
 
     directions = direction_oracle(world_cfg, seeds, actions, int(ev.get("direction_draws", 0)), int(cfg.seed), faithful)
