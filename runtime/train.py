@@ -125,6 +125,20 @@ def focus_weights(creatures: torch.Tensor, size: int, box: int, margin: int, wei
     return (1 + weight * inside.float())[:, :, None]
 
 
+def frame_balance_weights(pred: torch.Tensor, target: torch.Tensor, power: float, floor_db: float) -> torch.Tensor:
+    """Per-frame loss weights (B, n, 1, 1, 1), without gradient: (frame MSE + floor) ** -power,
+    the MSE on the [0, 1] scale of the evaluation's PSNR (frames here are in [-1, 1]) and the
+    floor the MSE of a frame at `floor_db` dB. Plain MSE spends most of its gradient on the
+    frames with the most error (new ground no frame showed, which no model can know); the
+    evaluation averages PSNR, a log of each frame's MSE, so a dB gained on a frame with
+    little error counts as much as one on a frame with much. With power 1 and the weights
+    normalized (`weighted_mse`), the gradient is that of the mean over frames of
+    log(MSE + floor), up to a positive factor per batch; 0 gives plain MSE."""
+    with torch.no_grad():
+        mse = ((pred.float() - target.float()) ** 2).mean(dim=(2, 3, 4), keepdim=True) / 4
+        return (mse + 10.0 ** (-floor_db / 10)) ** -power
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """MSE, or with per-pixel weights normalized by their mean (the loss keeps its scale)."""
     err = (pred.float() - target) ** 2
@@ -301,6 +315,10 @@ def check_train_settings(tc: DictConfig) -> None:
             raise ValueError(f"train.{key}={tc[key]!r}; expected a probability in [0, 1]")
     if not number("train.focus_weight", tc.focus_weight) >= 0:
         raise ValueError(f"train.focus_weight={tc.focus_weight!r}; expected a number >= 0")
+    if not number("train.frame_balance", tc.frame_balance) >= 0:
+        raise ValueError(f"train.frame_balance={tc.frame_balance!r}; expected a number >= 0 (0: plain MSE, 1: the mean per-frame log-MSE)")
+    if not number("train.frame_balance_floor_db", tc.frame_balance_floor_db) > 0:
+        raise ValueError(f"train.frame_balance_floor_db={tc.frame_balance_floor_db!r}; expected a PSNR in dB > 0, e.g. 50")
     if integer("train.focus_margin", tc.focus_margin) < 0:
         raise ValueError(f"train.focus_margin={tc.focus_margin!r}; expected an integer >= 0")
     if not 0.0 <= number("train.rollout_prob", tc.rollout_prob) <= 1.0:
@@ -486,6 +504,7 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
     grid = torch.tensor(sampler.times, device=device, dtype=torch.float32)  # the sampler's times, once
     steps = int(tc.steps)
     focus_weight = float(tc.focus_weight)
+    balance, balance_floor_db = float(tc.frame_balance), float(tc.frame_balance_floor_db)
     rollout_prob, rollout_passes = float(tc.rollout_prob), int(tc.rollout_passes)
     # which micro-batches get a self-rollout context: the same on every process (under DDP a
     # step waits for the slowest process), drawn on the host (no device sync)
@@ -577,6 +596,9 @@ def train(cfg: DictConfig, checked: bool = False) -> dict:
                                               train_attn, noisy_targets=noise)
                 else:
                     pred, target = forward_doubled(ddp, batch, ctx_sigma, t_tgt, gen, device, train_attn, rolled)
+                if balance > 0:
+                    per_frame = frame_balance_weights(pred, target, balance, balance_floor_db)
+                    weights = per_frame if weights is None else weights * per_frame
                 loss = weighted_mse(pred, target, weights) / micro
             loss.backward()
             total += loss.detach()

@@ -52,13 +52,14 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- smoke runs
 
 
-@pytest.mark.parametrize("memory, focus, start", [(0, 0, 0.0), (3, 4, 0.0), (3, 0, 1.0)])
-def test_cpu_smoke_run(tmp_path, memory, focus, start):
-    """(start 1: every batch a start window, without the memory frames the mask expects)"""
+@pytest.mark.parametrize("memory, focus, start, balance", [(0, 0, 0.0, 0.0), (3, 4, 0.0, 1.0), (3, 0, 1.0, 0.0)])
+def test_cpu_smoke_run(tmp_path, memory, focus, start, balance):
+    """(start 1: every batch a start window, without the memory frames the mask expects;
+    balance: per-frame loss weights, with the creatures' weights)"""
     from runtime.train import train
 
     cfg = compose_train(SMOKE + [f"out={tmp_path}", f"train.data.memory_frames={memory}", f"train.focus_weight={focus}",
-                                 f"train.data.start_prob={start}"])
+                                 f"train.data.start_prob={start}", f"train.frame_balance={balance}"])
     res = train(cfg)
     assert res["steps"] == 2
     ckpt, log = tmp_path / "model.safetensors", tmp_path / "log.jsonl"
@@ -552,6 +553,70 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     assert weighted_mse(pred, inside_only, full) > weighted_mse(pred, inside_only, None) * 2
 
 
+def test_frame_balance_gives_the_gradient_of_the_mean_per_frame_log_mse():
+    from runtime.train import frame_balance_weights, weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 3, 8, 8, generator=g) * 2 - 1
+    # frames with very different errors: 0.5, 0.05 and 0.005 of noise
+    scale = torch.tensor([0.5, 0.05, 0.005]).repeat(2)[:, None, None, None].reshape(2, 3, 1, 1, 1)
+    start = target + scale * torch.randn(target.shape, generator=g)
+    floor_db = 50.0
+    floor = 10 ** (-floor_db / 10)
+
+    def grad_of(loss_fn):
+        pred = start.clone().requires_grad_(True)
+        loss_fn(pred).backward()
+        return pred.grad
+
+    balanced = grad_of(lambda p: weighted_mse(p, target, frame_balance_weights(p, target, 1.0, floor_db)))
+    log_mse = grad_of(lambda p: torch.log(((p - target) ** 2).mean(dim=(2, 3, 4)) / 4 + floor).mean())
+    # the same direction, a positive factor apart
+    factor = (balanced * log_mse).sum() / (log_mse * log_mse).sum()
+    assert factor > 0
+    assert torch.allclose(balanced, factor * log_mse, rtol=1e-4, atol=1e-9)
+    # plain MSE points elsewhere: its gradient follows the noisiest frames
+    plain = grad_of(lambda p: weighted_mse(p, target, None))
+    cos = (plain * log_mse).sum() / (plain.norm() * log_mse.norm())
+    assert cos < 0.5
+    # power 0 is plain MSE; the weights carry no gradient and fall with the frame's error
+    assert torch.allclose(grad_of(lambda p: weighted_mse(p, target, frame_balance_weights(p, target, 0.0, floor_db))), plain)
+    w = frame_balance_weights(start.requires_grad_(True), target, 1.0, floor_db)
+    assert not w.requires_grad and w.shape == (2, 3, 1, 1, 1)
+    assert (w[:, 0] < w[:, 1]).all() and (w[:, 1] < w[:, 2]).all()
+    # a frame far better than the floor weighs about 1 / floor, not without bound
+    exact = frame_balance_weights(target, target, 1.0, floor_db)
+    assert torch.allclose(exact, torch.full_like(exact, 1 / floor))
+
+
+def test_training_weights_each_frame_by_its_error_with_frame_balance(tmp_path, monkeypatch):
+    """train.frame_balance=1 reaches the loss: the weights are the per-frame ones times the
+    creatures' weights; without it the loss takes the creatures' weights alone."""
+    import runtime.train as tr
+
+    seen = []
+    real_mse = tr.weighted_mse
+
+    def mse(pred, target, weights):
+        seen.append((pred.detach().float(), target, weights))
+        return real_mse(pred, target, weights)
+
+    monkeypatch.setattr(tr, "weighted_mse", mse)
+    for balance in (1.0, 0.0):
+        seen.clear()
+        tr.train(compose_train(SMOKE + [f"out={tmp_path / str(balance)}", "train.focus_weight=2",
+                                        f"train.frame_balance={balance}", "train.frame_balance_floor_db=40"]))
+        assert len(seen) == 2
+        for pred, target, weights in seen:
+            per_frame = tr.frame_balance_weights(pred, target, 1.0, 40.0)
+            focus = weights.amin(dim=(2, 3, 4), keepdim=True)  # 1 away from the creatures, times the frame's weight
+            if balance:
+                assert torch.allclose(focus, per_frame, rtol=1e-5)
+                assert per_frame.flatten().unique().numel() > 1  # frames differ in error, so in weight
+            else:
+                assert torch.equal(focus, torch.ones_like(focus))
+
+
 # ----------------------------------------------------------------------------- bad settings
 
 
@@ -573,6 +638,8 @@ def test_focus_weights_grow_by_the_margin_and_keep_the_loss_scale():
     ("train.grid_prob=1.1", "train.grid_prob=1.1; expected a probability in [0, 1]"),
     ("train.focus_weight=-1", "train.focus_weight=-1; expected a number >= 0"),
     ("train.focus_margin=-2", "train.focus_margin=-2; expected an integer >= 0"),
+    ("train.frame_balance=-1", "train.frame_balance=-1; expected a number >= 0"),
+    ("train.frame_balance_floor_db=0", "train.frame_balance_floor_db=0; expected a PSNR in dB > 0"),
     ("train.rollout_prob=2", "train.rollout_prob=2; expected a probability in [0, 1]"),
     ("train.rollout_passes=0", "train.rollout_passes=0; expected an integer >= 1"),
     ("train.rollout_mode=replay", "train.rollout_mode='replay'; expected 'passes' or 'play'"),
