@@ -47,12 +47,23 @@ class Engine(Protocol):
         """Advance by `chunk_size` frames; returns (chunk_size, H, W, 3) uint8."""
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """Both engines' frames per step: at least one."""
+    if chunk_size < 1:
+        raise ValueError(f"engine.chunk_size must be >= 1, got {chunk_size}")
+
+
+def check_chunk_actions(actions: Sequence[int], chunk_size: int) -> None:
+    """A step takes one action per frame of its chunk."""
+    if len(actions) != chunk_size:
+        raise ValueError(f"expected {chunk_size} actions, got {len(actions)}")
+
+
 class SimulatorEngine:
     """The ground-truth world behind the engine interface (`engine=simulator`)."""
 
     def __init__(self, world, chunk_size: int = 1):
-        if chunk_size < 1:
-            raise ValueError(f"engine.chunk_size must be >= 1, got {chunk_size}")
+        check_chunk_size(chunk_size)
         self.world = world
         self.chunk_size = chunk_size
         self.frame_shape = (world.cfg.view, world.cfg.view, 3)
@@ -64,8 +75,7 @@ class SimulatorEngine:
         return self.world.reset(seed)
 
     def step(self, actions: Sequence[int]) -> np.ndarray:
-        if len(actions) != self.chunk_size:
-            raise ValueError(f"expected {self.chunk_size} actions, got {len(actions)}")
+        check_chunk_actions(actions, self.chunk_size)
         t0 = time.perf_counter()
         frames = np.stack([self.world.step(int(a)) for a in actions])
         self.stats.latency_ms = (time.perf_counter() - t0) * 1e3
@@ -282,8 +292,7 @@ class NeuralEngine:
     """The neural world model behind the engine interface (`engine=neural`)."""
 
     def __init__(self, world, rollout: Rollout, chunk_size: int = 1, info: dict | None = None):
-        if chunk_size < 1:
-            raise ValueError(f"engine.chunk_size must be >= 1, got {chunk_size}")
+        check_chunk_size(chunk_size)
         self.world = world
         self.rollout = rollout
         self.chunk_size = chunk_size
@@ -304,8 +313,7 @@ class NeuralEngine:
         return first
 
     def step(self, actions: Sequence[int]) -> np.ndarray:
-        if len(actions) != self.chunk_size:
-            raise ValueError(f"expected {self.chunk_size} actions, got {len(actions)}")
+        check_chunk_actions(actions, self.chunk_size)
         t0 = time.perf_counter()
         out = []
         for a in actions:

@@ -161,6 +161,23 @@ def test_chunked_engine_gives_the_same_frames():
     assert all(np.array_equal(x, y) for (_, _, x), (_, _, y) in zip(one, four))
 
 
+@pytest.mark.parametrize("engine", ["simulator", "neural"])
+def test_engines_take_one_action_per_frame_of_their_chunk(engine: str):
+    from runtime.engine import build_engine
+    from worlds import build_world
+
+    cfg = compose([f"engine={engine}", "engine.chunk_size=2", "controller=scripted"])
+    eng = build_engine(cfg, build_world(cfg.world))
+    eng.reset(0)
+    for actions in ([RIGHT], [RIGHT, RIGHT, RIGHT]):
+        with pytest.raises(ValueError, match=f"expected 2 actions, got {len(actions)}"):
+            eng.step(actions)
+    assert eng.step([RIGHT, DOWN]).shape == (2, *eng.frame_shape)
+    cfg = compose([f"engine={engine}", "engine.chunk_size=0", "controller=scripted"])
+    with pytest.raises(ValueError, match="engine.chunk_size must be"):
+        build_engine(cfg, build_world(cfg.world))
+
+
 def test_headless_runs_without_pygame(tmp_path: Path):
     code = (
         "import runpy, sys\n"
