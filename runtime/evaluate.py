@@ -257,7 +257,7 @@ def creature_cover(world_cfg: OverworldConfig, seeds: list[int], actions: np.nda
     cover = []
     for t in range(actions.shape[1]):
         w.step(actions[:, t])
-        cover.append(w.render_layers().creature_cover.any(1))
+        cover.append(w.creature_covers().any(1))
     return torch.from_numpy(np.stack(cover, 1))
 
 

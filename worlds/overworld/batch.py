@@ -167,6 +167,17 @@ class BatchOverworld:
         d = self._creatures.direction[:, k]
         return self._creature_sprites[b, d], self._creature_opaque[b, d]
 
+    def creature_covers(self) -> np.ndarray:
+        """(B, K, V, V) bool: where each creature covers what is below it in the current
+        frames (`Layers.creature_cover`), found without drawing the frames."""
+        b, view, k = self.batch_size, self.cfg.view, self.cfg.num_creatures
+        cam = self._view()[0]
+        covers = np.zeros((b, k, view, view), dtype=bool)
+        for i in range(k):
+            opaque = self._creature_sprite(i)[1]
+            draw_sprites(covers[:, i], opaque, opaque, self._creatures.pos[:, i] - cam)
+        return covers
+
     def render_layers(self) -> Layers:
         """The current frames taken apart into what `render` draws, one over the other:
         the ground, each creature alone and the player (`Layers`; `Layers.compose` gives
@@ -174,12 +185,10 @@ class BatchOverworld:
         b, view, k = self.batch_size, self.cfg.view, self.cfg.num_creatures
         cam, atlas, p = self._view()
         images = np.zeros((b, k, view, view, 3), dtype=np.uint8)
-        covers = np.zeros((b, k, view, view), dtype=bool)
+        covers = self.creature_covers()
         for i in range(k):
-            top_left = self._creatures.pos[:, i] - cam
             sprite, opaque = self._creature_sprite(i)
-            draw_sprites(images[:, i], sprite, opaque, top_left)
-            draw_sprites(covers[:, i], opaque, opaque, top_left)
+            draw_sprites(images[:, i], sprite, opaque, self._creatures.pos[:, i] - cam)
         player = np.zeros((b, view, view, 3), dtype=np.uint8)
         player_cover = np.zeros((b, view, view), dtype=bool)
         player[:, p, p] = atlas[:, PLAYER]
